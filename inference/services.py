@@ -1,0 +1,64 @@
+"""Writes to the language-model catalog."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from django.db import transaction
+
+from inference.models import LanguageModel, ModelStatus
+
+
+def model_register(
+    *,
+    name: str,
+    repo_id: str,
+    local_path: Path | str,
+    parameter_count: int | None = None,
+    hidden_size: int | None = None,
+    num_layers: int | None = None,
+    context_length: int | None = None,
+    dtype: str = "float32",
+    memory_estimate_bytes: int | None = None,
+    is_demo: bool = False,
+) -> LanguageModel:
+    """Register (or refresh) a model already on disk as ready to load."""
+    model, _ = LanguageModel.objects.update_or_create(
+        name=name,
+        defaults={
+            "repo_id": repo_id,
+            "local_path": str(local_path),
+            "parameter_count": parameter_count,
+            "hidden_size": hidden_size,
+            "num_layers": num_layers,
+            "context_length": context_length,
+            "dtype": dtype,
+            "memory_estimate_bytes": memory_estimate_bytes,
+            "status": ModelStatus.READY,
+            "status_message": "",
+            "is_demo": is_demo,
+        },
+    )
+    return model
+
+
+def model_verify_files(*, model: LanguageModel) -> bool:
+    """True when the model's folder is on disk; otherwise mark it as an error saying what is missing."""
+    present = bool(model.local_path) and (Path(model.local_path) / "config.json").is_file()
+    if not present:
+        model.status = ModelStatus.ERROR
+        model.status_message = f"Files missing: {model.local_path or '(no local path)'}"
+        model.save(update_fields=["status", "status_message", "updated_at"])
+    elif model.status == ModelStatus.ERROR:
+        model.status = ModelStatus.READY
+        model.status_message = ""
+        model.save(update_fields=["status", "status_message", "updated_at"])
+    return present
+
+
+@transaction.atomic
+def model_set_desired_loaded(*, model: LanguageModel | None) -> None:
+    """Record which model the inference process should have loaded (restored after a restart)."""
+    LanguageModel.objects.filter(desired_loaded=True).update(desired_loaded=False)
+    if model is not None:
+        LanguageModel.objects.filter(pk=model.pk).update(desired_loaded=True)

@@ -1,0 +1,1 @@
+"""The miLLM Django project."""

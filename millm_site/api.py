@@ -1,0 +1,79 @@
+"""The management API (/api): one NinjaAPI mounting each app's router, one envelope for every answer.
+
+Success: `{"success": true, "data": ..., "error": null}`; failure: `{"success": false, "data": null,
+"error": {"code", "message", "details"}}` with the documented codes (millm_site.errors).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from ninja import NinjaAPI
+from ninja.errors import AuthenticationError, HttpError
+from ninja.errors import ValidationError as NinjaValidationError
+
+from millm_site.errors import MillmError
+
+log = structlog.get_logger("millm.api")
+
+api = NinjaAPI(
+    title="miLLM management API",
+    version="1.0",
+    urls_namespace="api",
+    description="Models, SAEs, steering, profiles, monitoring and health. Every answer uses the envelope "
+    "{success, data, error}.",
+)
+
+
+def envelope(data: Any) -> dict[str, Any]:
+    return {"success": True, "data": data, "error": None}
+
+
+def error_envelope(code: str, message: str, details: dict | None = None) -> dict[str, Any]:
+    return {"success": False, "data": None, "error": {"code": code, "message": message, "details": details or {}}}
+
+
+@api.exception_handler(MillmError)
+def on_domain_error(request, exc: MillmError):
+    return api.create_response(request, error_envelope(exc.code, exc.message, exc.details), status=exc.status)
+
+
+@api.exception_handler(NinjaValidationError)
+def on_validation_error(request, exc: NinjaValidationError):
+    # Built from the error list (capped), never from str(exc): no internals leak to clients.
+    problems = [
+        {"field": ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "payload")), "message": err.get("msg", "")}
+        for err in exc.errors[:10]
+    ]
+    first = problems[0] if problems else {"field": "", "message": "invalid request"}
+    message = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
+    return api.create_response(request, error_envelope("VALIDATION_ERROR", message, {"errors": problems}), status=422)
+
+
+@api.exception_handler(AuthenticationError)
+def on_auth_error(request, exc):
+    return api.create_response(request, error_envelope("UNAUTHORIZED", "Missing or wrong API key"), status=401)
+
+
+@api.exception_handler(HttpError)
+def on_http_error(request, exc: HttpError):
+    code = "NOT_FOUND" if exc.status_code == 404 else "HTTP_ERROR"
+    return api.create_response(request, error_envelope(code, str(exc.message)), status=exc.status_code)
+
+
+@api.exception_handler(Exception)
+def on_unexpected(request, exc: Exception):
+    log.exception("api_unexpected_error", path=request.path)
+    return api.create_response(
+        request, error_envelope("INTERNAL_ERROR", "Unexpected server error; see the server log"), status=500
+    )
+
+
+def _mount_routers() -> None:
+    from monitoring.api import router as monitoring_router
+
+    api.add_router("/", monitoring_router)
+
+
+_mount_routers()

@@ -1,0 +1,62 @@
+import socket
+import time
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand
+from django.db import OperationalError, connection
+
+from inference.demo import catalog_is_empty, demo_assets_ensure
+from millm_site.embedded_redis import require_redis, start_embedded_redis
+from millm_site.env import SettingError
+from millm_site.supervisor import Child, Supervisor, python_argv
+
+
+class Command(BaseCommand):
+    help = "Serve miLLM: migrate, build the demo if the catalog is empty, then run web + inference + worker."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=settings.PORT)
+        parser.add_argument("--skip-demo", action="store_true", help="do not build demo assets")
+
+    def handle(self, *args, host: str, port: int, skip_demo: bool, **options):
+        settings.VAR_DIR.mkdir(parents=True, exist_ok=True)
+        try:
+            connection.ensure_connection()
+        except OperationalError as exc:
+            raise SettingError(f"DATABASE_URL cannot be reached: {str(exc).strip().splitlines()[0]}") from None
+        call_command("migrate", interactive=False, verbosity=0)
+        if not skip_demo and catalog_is_empty():
+            self.stdout.write(f"Catalog is empty: building the {settings.DEMO_TIER} tier demo model and SAE…")
+            model, sae = demo_assets_ensure(tier=settings.DEMO_TIER)
+            self.stdout.write(f"Registered model {model.name} and SAE {sae.name}.")
+
+        redis_process = None
+        if settings.REDIS_URL_IS_EMBEDDED:
+            redis_process = start_embedded_redis(settings.EMBEDDED_REDIS_SOCKET)
+        else:
+            require_redis(settings.REDIS_URL)
+
+        children = [
+            Child("web", python_argv("-m", "daphne", "-b", host, "-p", str(port), "millm_site.asgi:application")),
+            Child("inference", python_argv("manage.py", "run_inference")),
+            Child("worker", python_argv("-m", "celery", "-A", "millm_site", "worker", "--pool=threads",
+                                        "--concurrency=4", "--loglevel=WARNING")),
+        ]
+        try:
+            Supervisor(children, cwd=str(settings.BASE_DIR)).run(on_started=lambda: self._announce(host, port))
+        finally:
+            if redis_process is not None:
+                redis_process.terminate()
+                redis_process.wait(timeout=10)
+
+    def _announce(self, host: str, port: int) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((host, port), timeout=0.5):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        self.stdout.write(self.style.SUCCESS(f"miLLM is serving on http://{host}:{port}/  (Ctrl-C stops everything)"))

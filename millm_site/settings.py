@@ -1,0 +1,130 @@
+"""miLLM settings: everything configurable comes from the environment, with embedded defaults.
+
+The README's configuration table lists each variable. Embedded defaults: SQLite under var/, a Redis
+the supervisor starts on a unix socket under var/, demo assets under var/assets/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from millm_site.env import (
+    SettingError,
+    celery_broker_url,
+    database_from_url,
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_path,
+    env_str,
+    redis_url,
+)
+from millm_site.logging import logging_config
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = env_path("MILLM_VAR_DIR", BASE_DIR / "var")
+
+DEBUG = env_bool("DJANGO_DEBUG", False)
+SECRET_KEY = env_str("DJANGO_SECRET_KEY") or "millm-embedded-default-not-for-production"
+ALLOWED_HOSTS = [h.strip() for h in env_str("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver").split(",") if h.strip()]
+CSRF_TRUSTED_ORIGINS = [o.strip() for o in env_str("CSRF_TRUSTED_ORIGINS").split(",") if o.strip()]
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_htmx",
+    "channels",
+    "inference",
+    "steering",
+    "profiles",
+    "monitoring",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+    "millm_site.middleware.ApiKeyMiddleware",
+]
+
+ROOT_URLCONF = "millm_site.urls"
+ASGI_APPLICATION = "millm_site.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASE_URL = env_str("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'db.sqlite3'}"
+DATABASES = {"default": database_from_url("DATABASE_URL", DATABASE_URL)}
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # Several processes (web, inference, worker) share the file: wait for locks instead of failing.
+    DATABASES["default"]["OPTIONS"] = {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL;"}
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Redis carries the channel layer (web <-> inference, live pages) and Celery's broker.
+EMBEDDED_REDIS_SOCKET = VAR_DIR / "redis.sock"
+REDIS_URL_IS_EMBEDDED = not env_str("REDIS_URL")
+REDIS_URL = redis_url("REDIS_URL", env_str("REDIS_URL") or f"unix://{EMBEDDED_REDIS_SOCKET}")
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "capacity": 2000, "expiry": 30},
+    }
+}
+CELERY_BROKER_URL = celery_broker_url(REDIS_URL)
+CELERY_RESULT_BACKEND = celery_broker_url(REDIS_URL)
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+MODEL_CACHE_DIR = env_path("MODEL_CACHE_DIR", VAR_DIR / "models")
+SAE_CACHE_DIR = env_path("SAE_CACHE_DIR", VAR_DIR / "saes")
+DEMO_ASSETS_DIR = env_path("MILLM_ASSET_CACHE", VAR_DIR / "assets")
+DEMO_TIER = env_choice("MILLM_DEMO_TIER", "demo", ("demo", "test"))
+# HF_TOKEN is read from the environment where a download needs it, never stored or logged.
+
+MILLM_API_KEY = env_str("MILLM_API_KEY")
+INFERENCE_CHANNEL = env_str("MILLM_INFERENCE_CHANNEL", "inference")
+INFERENCE_TIMEOUT_S = env_float("MILLM_INFERENCE_TIMEOUT", 5.0, minimum=0.1)
+MONITOR_MAX_HZ = env_float("MILLM_MONITOR_MAX_HZ", 10.0, minimum=0.1)
+
+LOG_LEVEL = env_choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error"))
+LOG_FORMAT = env_choice("LOG_FORMAT", "console", ("console", "json"))
+LOGGING = logging_config(level=LOG_LEVEL.upper(), fmt=LOG_FORMAT)
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = VAR_DIR / "staticfiles"
+# daphne serves no static files; the ASGI app does it itself unless a proxy is put in front.
+SERVE_STATIC = env_bool("MILLM_SERVE_STATIC", True)
+
+PORT = env_int("PORT", 8000, minimum=1)
+
+__all__ = ["SettingError"]

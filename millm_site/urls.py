@@ -1,0 +1,15 @@
+"""Every HTTP route, one hop from here: pages per app, the management API, admin."""
+
+from django.contrib import admin
+from django.urls import include, path
+
+from millm_site.api import api
+
+urlpatterns = [
+    path("", include("monitoring.urls")),
+    path("models/", include("inference.urls")),
+    path("", include("steering.urls")),
+    path("profiles/", include("profiles.urls")),
+    path("api/", api.urls),
+    path("admin/", admin.site.urls),
+]

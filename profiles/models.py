@@ -1,0 +1,61 @@
+"""Saved steering settings (miStudio-compatible profiles)."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+from inference.models import LanguageModel
+from steering.models import SparseAutoencoder
+
+
+class SteeringMode(models.TextChoices):
+    ADDITIVE = "additive"
+    CLAMP = "clamp"
+
+
+class SteeringPositions(models.TextChoices):
+    ALL = "all"
+    GENERATED_ONLY = "generated_only"
+
+
+class Profile(models.Model):
+    # Addressable per request as "<model>:<profile name>" in the OpenAI `model` field.
+    name = models.SlugField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    model = models.ForeignKey(LanguageModel, null=True, blank=True, on_delete=models.SET_NULL, related_name="profiles")
+    sae = models.ForeignKey(SparseAutoencoder, null=True, blank=True, on_delete=models.SET_NULL, related_name="profiles")
+    mode = models.CharField(max_length=16, choices=SteeringMode.choices, default=SteeringMode.ADDITIVE)
+    positions = models.CharField(max_length=16, choices=SteeringPositions.choices, default=SteeringPositions.ALL)
+    is_active = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["is_active"], condition=Q(is_active=True), name="profile_single_active"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ProfileFeature(models.Model):
+    profile = models.ForeignKey(Profile, on_delete=models.CASCADE, related_name="features")
+    index = models.PositiveIntegerField()
+    strength = models.FloatField()
+    label = models.CharField(max_length=300, blank=True)
+
+    class Meta:
+        ordering = ["profile", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["profile", "index"], name="profile_feature_unique"),
+            models.CheckConstraint(condition=Q(index__gte=0), name="profile_feature_index_nonnegative"),
+            # NaN compares false both ways, so this also keeps NaN out on PostgreSQL.
+            models.CheckConstraint(condition=Q(strength__gte=-10000.0) & Q(strength__lte=10000.0),
+                                   name="profile_feature_strength_bounded"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.profile.name}#{self.index} x{self.strength}"

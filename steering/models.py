@@ -1,0 +1,84 @@
+"""The SAE catalog and the labels of their features."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+from inference.models import LanguageModel
+
+
+class SaeStatus(models.TextChoices):
+    DOWNLOADING = "downloading"
+    READY = "ready"
+    ATTACHED = "attached"
+    ERROR = "error"
+
+
+class SaeArchitecture(models.TextChoices):
+    STANDARD = "standard"
+    JUMPRELU = "jumprelu"
+    TOPK = "topk"
+
+
+class SparseAutoencoder(models.Model):
+    name = models.SlugField(max_length=120, unique=True)
+    model = models.ForeignKey(LanguageModel, on_delete=models.CASCADE, related_name="saes",
+                              help_text="The language model whose residual stream this SAE reads")
+    repo_id = models.CharField(max_length=200, help_text="HF repo id or SAELens release")
+    sae_id = models.CharField(max_length=200, blank=True, help_text="SAELens sae id / path inside the repo")
+    layer = models.PositiveIntegerField()
+    hook_name = models.CharField(max_length=120)
+    d_in = models.PositiveIntegerField()
+    d_sae = models.PositiveIntegerField()
+    architecture = models.CharField(max_length=16, choices=SaeArchitecture.choices, default=SaeArchitecture.STANDARD)
+    local_path = models.CharField(max_length=500, blank=True)
+    status = models.CharField(max_length=16, choices=SaeStatus.choices, default=SaeStatus.READY)
+    status_message = models.TextField(blank=True)
+    desired_attached = models.BooleanField(default=False)
+    is_demo = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "sparse autoencoder"
+        constraints = [
+            models.CheckConstraint(condition=Q(d_in__gt=0) & Q(d_sae__gt=0), name="sae_dims_positive"),
+            models.CheckConstraint(condition=Q(status__in=SaeStatus.values), name="sae_status_valid"),
+            models.UniqueConstraint(fields=["desired_attached"], condition=Q(desired_attached=True),
+                                    name="sae_single_desired_attached"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class LabelSource(models.TextChoices):
+    AUTO = "auto", "automatic (top activating tokens)"
+    NEURONPEDIA = "neuronpedia", "Neuronpedia export"
+    MANUAL = "manual", "edited by hand"
+    BUILTIN = "builtin", "built with the demo assets"
+
+
+class FeatureLabel(models.Model):
+    sae = models.ForeignKey(SparseAutoencoder, on_delete=models.CASCADE, related_name="labels")
+    index = models.PositiveIntegerField()
+    label = models.CharField(max_length=300)
+    description = models.TextField(blank=True)
+    source = models.CharField(max_length=16, choices=LabelSource.choices, default=LabelSource.MANUAL)
+    max_activation = models.FloatField(null=True, blank=True, help_text="Typical max activation, for relative strengths")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["sae", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["sae", "index"], name="feature_label_unique_per_sae"),
+            models.CheckConstraint(condition=Q(index__gte=0), name="feature_label_index_nonnegative"),
+        ]
+        indexes = [models.Index(fields=["sae", "label"])]
+
+    def __str__(self) -> str:
+        return f"{self.sae.name}#{self.index}: {self.label}"
+
+

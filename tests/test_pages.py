@@ -1,0 +1,42 @@
+"""Every page of the nav renders, and the feature search answers htmx with a fragment."""
+
+import pytest
+
+from inference.models import LanguageModel
+from steering.models import FeatureLabel, SparseAutoencoder
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def sae():
+    model = LanguageModel.objects.create(name="tiny", repo_id="org/tiny")
+    sae = SparseAutoencoder.objects.create(name="tiny-sae", model=model, repo_id="r", layer=1,
+                                           hook_name="blocks.1.hook_resid_post", d_in=8, d_sae=64)
+    FeatureLabel.objects.create(sae=sae, index=7, label="token ' cat'")
+    FeatureLabel.objects.create(sae=sae, index=12, label="token ' dog'")
+    return sae
+
+
+@pytest.mark.parametrize("path,title", [("/", "Overview"), ("/models/", "Models"), ("/saes/", "Sparse autoencoders"),
+                                        ("/steering/", "Steering"), ("/profiles/", "Profiles"), ("/monitor/", "Monitor")])
+def test_nav_pages_render(client, sae, path, title):
+    response = client.get(path)
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert f"<h1>{title}</h1>" in html
+    for link in ("/models/", "/saes/", "/steering/", "/profiles/", "/monitor/", "/admin/"):
+        assert f'href="{link}"' in html
+    assert "/static/vendor/htmx.min.js" in html and "/static/vendor/htmx-ext-ws.min.js" in html
+
+
+def test_feature_search_returns_a_fragment_to_htmx(client, sae):
+    response = client.get("/steering/", {"sae": sae.pk, "q": "dog"}, HTTP_HX_REQUEST="true")
+    html = response.content.decode()
+    assert "<html" not in html
+    assert "dog" in html and "cat" not in html
+
+
+def test_feature_search_by_index(client, sae):
+    html = client.get("/steering/", {"q": "7"}, HTTP_HX_REQUEST="true").content.decode()
+    assert "cat" in html and "dog" not in html
