@@ -3,6 +3,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from inference.openai_api import v1
 from millm_site.api import api
 
 urlpatterns = [
@@ -10,6 +11,7 @@ urlpatterns = [
     path("models/", include("inference.urls")),
     path("", include("steering.urls")),
     path("profiles/", include("profiles.urls")),
+    path("v1/", v1.urls),
     path("api/", api.urls),
     path("admin/", admin.site.urls),
 ]

@@ -1,0 +1,259 @@
+"""Serving /v1: resolve the model (and profile), run the request in the inference process, and
+shape what comes back as OpenAI responses or an SSE stream.
+
+The inference process answers a `generate` call on the reply channel with, in order: `started`
+(its own channel, for cancel), any number of `chunk` (text delta + tokens, coalesced), then `done`
+(finish reason, usage, steering applied) or `error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from inference.models import LanguageModel
+from inference.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIRequestError,
+    new_id,
+    now,
+    usage_body,
+)
+from profiles.models import Profile
+
+STALL_TIMEOUT_S = 120.0  # between two messages of a running generation
+
+
+@dataclass
+class Target:
+    model: LanguageModel
+    profile: Profile | None
+
+
+@dataclass
+class Generation:
+    """What one finished generation produced, gathered from the reply stream."""
+
+    text: str = ""
+    tokens: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    steering: str = "none"
+
+
+def _resolve_target(name: str) -> Target:
+    model_name, _, profile_name = name.partition(":")
+    model = LanguageModel.objects.filter(name=model_name).first()
+    if model is None:
+        raise OpenAIRequestError(f"The model '{name}' does not exist", param="model", code="model_not_found",
+                                 status=404)
+    profile = None
+    if profile_name:
+        profile = Profile.objects.filter(name=profile_name).prefetch_related("features").first()
+        if profile is None:
+            raise OpenAIRequestError(f"No steering profile named '{profile_name}'", param="model",
+                                     code="model_not_found", status=404)
+    return Target(model=model, profile=profile)
+
+
+resolve_target = sync_to_async(_resolve_target)
+
+
+def steering_payload(target: Target, inline: Any) -> dict[str, Any]:
+    """Which steering the request asks for: inline beats a profile in the model name beats the active one."""
+    if inline is not None:
+        return {"source": "inline", **inline.model_dump()}
+    if target.profile is not None:
+        profile = target.profile
+        return {"source": f"profile:{profile.name}", "mode": profile.mode, "positions": profile.positions,
+                "units": "raw",
+                "features": [{"index": f.index, "strength": f.strength} for f in profile.features.all()]}
+    return {"source": "active"}
+
+
+async def run_generation(*, model: str, prompt: str | None, messages: list | None, params: dict,
+                         steering: dict) -> AsyncIterator[dict]:
+    """Yield the inference process's reply messages for one generation; cancel it if abandoned."""
+    layer = get_channel_layer()
+    request_id = new_id("req")
+    worker_channel = None
+    try:
+        reply_channel = await layer.new_channel("inference.reply.")
+        await layer.send(settings.INFERENCE_CHANNEL, {
+            "type": "generate", "request_id": request_id, "reply_channel": reply_channel, "model": model,
+            "prompt": prompt, "messages": messages, "params": params, "steering": steering,
+        })
+    except OSError:
+        raise OpenAIRequestError("The message broker is unreachable", code="service_unavailable", status=503,
+                                 type="server_error") from None
+    wait = settings.INFERENCE_TIMEOUT_S
+    finished = False
+    try:
+        while True:
+            try:
+                message = await asyncio.wait_for(layer.receive(reply_channel), wait)
+            except TimeoutError:
+                raise OpenAIRequestError(
+                    "No inference process answered in time" if worker_channel is None
+                    else "The inference process stopped answering", code="service_unavailable", status=503,
+                    type="server_error") from None
+            kind = message["type"]
+            if kind == "started":
+                worker_channel, wait = message["worker_channel"], STALL_TIMEOUT_S
+            elif kind == "error":
+                finished = True
+                raise OpenAIRequestError(message.get("message", "generation failed"), param=message.get("param"),
+                                         code=message.get("code"), status=int(message.get("status", 500)),
+                                         type=message.get("error_type", "invalid_request_error"))
+            yield message
+            if kind == "done":
+                finished = True
+                return
+    finally:
+        if not finished and worker_channel is not None:
+            # The client went away (or timed out): free the batch row.
+            await layer.send(worker_channel, {"type": "cancel", "request_id": request_id})
+
+
+async def collect(stream: AsyncIterator[dict]) -> Generation:
+    result = Generation()
+    pieces: list[str] = []
+    async for message in stream:
+        if message["type"] == "chunk":
+            pieces.append(message["text"])
+            result.tokens.extend(message.get("tokens", ()))
+        elif message["type"] == "started":
+            result.prompt_tokens = message.get("prompt_tokens", 0)
+        elif message["type"] == "done":
+            result.finish_reason = message["finish_reason"]
+            result.prompt_tokens = message["usage"]["prompt_tokens"]
+            result.completion_tokens = message["usage"]["completion_tokens"]
+            result.steering = message.get("steering", "none")
+    result.text = "".join(pieces)
+    return result
+
+
+def chat_logprobs(tokens: list[dict]) -> dict[str, Any]:
+    return {"content": [{"token": t["text"], "logprob": t["logprob"], "bytes": list(t["text"].encode()),
+                         "top_logprobs": [{"token": alt["text"], "logprob": alt["logprob"],
+                                           "bytes": list(alt["text"].encode())} for alt in t.get("top_logprobs", [])]}
+                        for t in tokens],
+            "refusal": None}
+
+
+def completion_logprobs(tokens: list[dict]) -> dict[str, Any]:
+    offsets, position = [], 0
+    for t in tokens:
+        offsets.append(position)
+        position += len(t["text"])
+    return {"tokens": [t["text"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
+            "top_logprobs": [{alt["text"]: alt["logprob"] for alt in t.get("top_logprobs", [])} for t in tokens],
+            "text_offset": offsets}
+
+
+async def chat_completion(req: ChatCompletionRequest) -> tuple[dict | AsyncIterator[str], str]:
+    """Returns (body or SSE line iterator, steering label for the X-miLLM-Steering header)."""
+    req.refuse_unsupported()
+    target = await resolve_target(req.model)
+    steering = steering_payload(target, req.steering)
+    stream = run_generation(model=target.model.name, prompt=None, messages=req.chat_messages(),
+                            params=req.params(), steering=steering)
+    if req.stream:
+        first = await anext(stream)  # errors before the first byte still get a proper status code
+        return _chat_sse(req, first, stream), _steering_label(first)
+    result = await collect(stream)
+    body = {
+        "id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": req.model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "finish_reason": result.finish_reason,
+                     "message": {"role": "assistant", "content": result.text, "refusal": None},
+                     "logprobs": chat_logprobs(result.tokens) if req.logprobs else None}],
+        "usage": usage_body(result.prompt_tokens, result.completion_tokens),
+    }
+    return body, result.steering
+
+
+async def text_completion(req: CompletionRequest) -> tuple[dict | AsyncIterator[str], str]:
+    req.refuse_unsupported()
+    target = await resolve_target(req.model)
+    steering = steering_payload(target, req.steering)
+    stream = run_generation(model=target.model.name, prompt=req.prompt, messages=None, params=req.params(),
+                            steering=steering)
+    if req.stream:
+        first = await anext(stream)
+        return _completion_sse(req, first, stream), _steering_label(first)
+    result = await collect(stream)
+    body = {
+        "id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": req.model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason,
+                     "logprobs": completion_logprobs(result.tokens) if req.logprobs is not None else None}],
+        "usage": usage_body(result.prompt_tokens, result.completion_tokens),
+    }
+    return body, result.steering
+
+
+def _steering_label(started: dict) -> str:
+    return started.get("steering", "none")
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def _chat_sse(req: ChatCompletionRequest, started: dict, stream: AsyncIterator[dict]) -> AsyncIterator[str]:
+    base = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": req.model,
+            "system_fingerprint": None}
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                     "finish_reason": None, "logprobs": None}]})
+    try:
+        async for message in stream:
+            if message["type"] == "chunk" and message["text"]:
+                logprobs = chat_logprobs(message.get("tokens", [])) if req.logprobs else None
+                yield _sse({**base, "choices": [{"index": 0, "delta": {"content": message["text"]},
+                                                 "finish_reason": None, "logprobs": logprobs}]})
+            elif message["type"] == "done":
+                final = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": message["finish_reason"],
+                                              "logprobs": None}], "millm_steering": message.get("steering", "none")}
+                yield _sse(final)
+                if include_usage:
+                    usage = message["usage"]
+                    yield _sse({**base, "choices": [],
+                                "usage": usage_body(usage["prompt_tokens"], usage["completion_tokens"])})
+    except OpenAIRequestError as exc:
+        yield _sse(exc.body())
+    yield _sse("[DONE]")
+
+
+async def _completion_sse(req: CompletionRequest, started: dict, stream: AsyncIterator[dict]) -> AsyncIterator[str]:
+    base = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": req.model,
+            "system_fingerprint": None}
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    try:
+        async for message in stream:
+            if message["type"] == "chunk" and message["text"]:
+                logprobs = completion_logprobs(message.get("tokens", [])) if req.logprobs is not None else None
+                yield _sse({**base, "choices": [{"index": 0, "text": message["text"], "finish_reason": None,
+                                                 "logprobs": logprobs}]})
+            elif message["type"] == "done":
+                yield _sse({**base, "choices": [{"index": 0, "text": "", "finish_reason": message["finish_reason"],
+                                                 "logprobs": None}], "millm_steering": message.get("steering", "none")})
+                if include_usage:
+                    usage = message["usage"]
+                    yield _sse({**base, "choices": [],
+                                "usage": usage_body(usage["prompt_tokens"], usage["completion_tokens"])})
+    except OpenAIRequestError as exc:
+        yield _sse(exc.body())
+    yield _sse("[DONE]")
+
+
