@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from asgiref.sync import sync_to_async
 from django.db import transaction
 
+from inference.client import inference_call
 from inference.models import LanguageModel, ModelStatus
+from inference.selectors import model_get
 
 
 def model_register(
@@ -62,3 +65,20 @@ def model_set_desired_loaded(*, model: LanguageModel | None) -> None:
     LanguageModel.objects.filter(desired_loaded=True).update(desired_loaded=False)
     if model is not None:
         LanguageModel.objects.filter(pk=model.pk).update(desired_loaded=True)
+
+
+LOAD_TIMEOUT_S = 900.0
+
+
+async def model_load_request(*, name: str, dtype: str | None = None, quantization: str | None = None) -> LanguageModel:
+    """Ask the inference process to load a model; returns its catalog row once loaded (or raises)."""
+    await sync_to_async(model_get)(name=name)  # MODEL_NOT_FOUND before bothering the inference process
+    await inference_call("load_model", {"model": name, "dtype": dtype, "quantization": quantization},
+                         timeout=LOAD_TIMEOUT_S)
+    return await sync_to_async(model_get)(name=name)
+
+
+async def model_unload_request(*, name: str) -> LanguageModel:
+    await sync_to_async(model_get)(name=name)
+    await inference_call("unload_model", {"model": name}, timeout=60)
+    return await sync_to_async(model_get)(name=name)

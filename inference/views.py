@@ -1,7 +1,31 @@
 from django.shortcuts import render
+from django.views.decorators.http import require_POST
 
+from inference import services
 from inference.selectors import model_list
+from millm_site.errors import MillmError
 
 
 def models_page(request):
     return render(request, "inference/models.html", {"models": model_list(), "nav": "models"})
+
+
+@require_POST
+async def model_load_action(request, name: str):
+    return await _row_after(request, services.model_load_request(name=name))
+
+
+@require_POST
+async def model_unload_action(request, name: str):
+    return await _row_after(request, services.model_unload_request(name=name))
+
+
+async def _row_after(request, action):
+    try:
+        model = await action
+    except MillmError as exc:
+        response = render(request, "partials/error.html", {"message": exc.message}, status=200)
+        response["HX-Retarget"] = "#action-error"
+        response["HX-Reswap"] = "outerHTML"
+        return response
+    return render(request, "inference/_model_row.html", {"m": model})
