@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import ASSET_CACHE
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
@@ -28,7 +30,8 @@ class LiveStack:
         self.url = f"http://127.0.0.1:{self.port}"
         self.var_dir = var_dir
         stack_env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
-        stack_env.update({"MILLM_VAR_DIR": str(var_dir), "MILLM_DEMO_TIER": "test", **(env or {})})
+        stack_env.update({"MILLM_VAR_DIR": str(var_dir), "MILLM_ASSET_CACHE": str(ASSET_CACHE), "MILLM_DEMO_TIER": "test",
+                          **(env or {})})
         self.log = open(var_dir.parent / "serve.log", "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "manage.py", "serve", "--port", str(self.port), *extra_args],

@@ -10,6 +10,7 @@ import time
 
 import httpx
 import psutil
+import pytest
 import websockets
 
 
@@ -43,6 +44,19 @@ def test_websocket_streams_events_as_json_and_html(live_stack):
             first = json.loads(await asyncio.wait_for(as_json.recv(), 5))
             assert first == {"kind": "connected", "payload": {"group": "progress"}}
             assert 'id="progress-log"' in await asyncio.wait_for(as_html.recv(), 5)
+
+    asyncio.run(scenario())
+
+
+def test_websocket_from_a_foreign_origin_is_refused(live_stack):
+    ws_url = live_stack.url.replace("http", "ws")
+
+    async def scenario():
+        with pytest.raises(websockets.exceptions.InvalidStatus):
+            async with websockets.connect(f"{ws_url}/ws/monitor/", origin="http://evil.example"):
+                pass
+        async with websockets.connect(f"{ws_url}/ws/monitor/?format=json", origin=live_stack.url) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5))["kind"] == "connected"
 
     asyncio.run(scenario())
 

@@ -1,0 +1,44 @@
+"""The pages in real Chromium: htmx and its ws extension load from static/ and work."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent.parent / "test-artifacts"
+
+pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield browser
+        browser.close()
+
+
+def test_feature_search_and_live_status_in_chromium(live_stack, browser):
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{live_stack.url}/steering/")
+    # The ws extension connected to /ws/system/ and swapped the status dot out of band.
+    page.wait_for_selector("#system-status.status-live", timeout=10_000)
+    rows_before = page.locator("tr.feature-row").count()
+    assert rows_before > 1
+    page.fill("#feature-query", "7")
+    page.wait_for_function("document.querySelectorAll('tr.feature-row').length === 1", timeout=10_000)
+    assert page.locator("tr.feature-row td").first.inner_text() == "7"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "steering-search.png"), full_page=True)
+    assert errors == []
+    page.close()
