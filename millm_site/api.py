@@ -73,9 +73,11 @@ def on_unexpected(request, exc: Exception):
 def _mount_routers() -> None:
     from inference.api import router as models_router
     from monitoring.api import router as monitoring_router
+    from profiles.api import router as profiles_router
 
     api.add_router("/", monitoring_router)
     api.add_router("/models", models_router)
+    api.add_router("/profiles", profiles_router)
 
 
 _mount_routers()

@@ -1,10 +1,122 @@
-"""Writes to steering profiles."""
+"""Writes to steering profiles: create/update, activate, import and export (miStudio JSON)."""
 
 from __future__ import annotations
 
-from django.db import transaction
+from typing import Any
 
-from profiles.models import Profile
+from django.db import transaction
+from pydantic import ValidationError
+
+from inference.models import LanguageModel
+from millm_site.errors import Conflict, InvalidFeatureIndex, ProfileNotFound, ValidationFailed
+from profiles.models import Profile, ProfileFeature
+from profiles.schemas import ProfileFile
+from steering.models import SparseAutoencoder
+
+
+def profile_get(*, name: str) -> Profile:
+    try:
+        return Profile.objects.select_related("model", "sae").prefetch_related("features").get(name=name)
+    except Profile.DoesNotExist:
+        raise ProfileNotFound(f"No profile named {name!r}", details={"name": name}) from None
+
+
+def _check_features(features: list[dict[str, Any]], sae: SparseAutoencoder | None) -> None:
+    seen: set[int] = set()
+    for position, feature in enumerate(features):
+        index = feature["index"]
+        if index in seen:
+            raise ValidationFailed(f"features[{position}].index: feature {index} is listed twice",
+                                   details={"field": f"features[{position}].index"})
+        seen.add(index)
+        if sae is not None and index >= sae.d_sae:
+            raise InvalidFeatureIndex(f"features[{position}].index: {index} is outside 0..{sae.d_sae - 1} "
+                                      f"for SAE {sae.name}", details={"field": f"features[{position}].index"})
+
+
+@transaction.atomic
+def profile_save(*, name: str, description: str = "", model: LanguageModel | None = None,
+                 sae: SparseAutoencoder | None = None, mode: str = "additive", positions: str = "all",
+                 features: list[dict[str, Any]], replace: bool = False) -> Profile:
+    """Create (or, with replace, overwrite) a profile and its features in one transaction."""
+    if sae is not None and model is not None and sae.model_id != model.pk:
+        raise ValidationFailed(f"sae: SAE {sae.name} belongs to model {sae.model.name}, not {model.name}",
+                               details={"field": "sae"})
+    _check_features(features, sae)
+    profile = Profile.objects.filter(name=name).first()
+    if profile is not None and not replace:
+        raise Conflict(f"A profile named {name!r} already exists", details={"field": "name"})
+    if profile is None:
+        profile = Profile(name=name)
+    profile.description, profile.model, profile.sae = description, model, sae
+    profile.mode, profile.positions = mode, positions
+    profile.save()
+    profile.features.all().delete()
+    ProfileFeature.objects.bulk_create([
+        ProfileFeature(profile=profile, index=f["index"], strength=f["strength"], label=f.get("label", ""))
+        for f in features
+    ])
+    return profile
+
+
+def profile_import(*, data: Any, replace: bool = False) -> Profile:
+    """Import a miStudio profile file; a bad file is refused whole, naming the field."""
+    try:
+        parsed = ProfileFile.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(p) for p in error["loc"]) or "(file)"
+        raise ValidationFailed(f"{field}: {error['msg']}", details={"field": field}) from None
+    model = _find_model(parsed)
+    sae = _find_sae(parsed, model)
+    return profile_save(name=parsed.name, description=parsed.description, model=model, sae=sae, mode=parsed.mode,
+                        positions=parsed.positions, features=[f.model_dump() for f in parsed.features],
+                        replace=replace)
+
+
+def _find_model(parsed: ProfileFile) -> LanguageModel | None:
+    if parsed.model is None:
+        return None
+    lookup = {"name": parsed.model.name} if parsed.model.name else {"repo_id": parsed.model.repo_id}
+    model = LanguageModel.objects.filter(**lookup).first()
+    if model is None:
+        raise ValidationFailed(f"model.repo_id: no model {parsed.model.name or parsed.model.repo_id!r} in the catalog",
+                               details={"field": "model.repo_id"})
+    return model
+
+
+def _find_sae(parsed: ProfileFile, model: LanguageModel | None) -> SparseAutoencoder | None:
+    if parsed.sae is None:
+        return None
+    saes = SparseAutoencoder.objects.filter(repo_id=parsed.sae.repo_id, layer=parsed.sae.layer)
+    if parsed.sae.name:
+        saes = SparseAutoencoder.objects.filter(name=parsed.sae.name)
+    if model is not None:
+        saes = saes.filter(model=model)
+    sae = saes.select_related("model").first()
+    if sae is None:
+        raise ValidationFailed(f"sae.repo_id: no SAE {parsed.sae.repo_id!r} at layer {parsed.sae.layer} "
+                               f"for {model.name if model else 'any model'} in the catalog",
+                               details={"field": "sae.repo_id"})
+    return sae
+
+
+def profile_export(*, profile: Profile) -> dict[str, Any]:
+    return {
+        "version": "1.0",
+        "name": profile.name,
+        "description": profile.description,
+        "model": ({"repo_id": profile.model.repo_id, "name": profile.model.name,
+                   "quantization": profile.model.quantization.upper() if profile.model.quantization != "none" else None}
+                  if profile.model else None),
+        "sae": ({"repo_id": profile.sae.repo_id, "layer": profile.sae.layer, "sae_id": profile.sae.sae_id,
+                 "name": profile.sae.name} if profile.sae else None),
+        "features": [{"index": f.index, "strength": f.strength, "label": f.label} for f in profile.features.all()],
+        "mode": profile.mode,
+        "positions": profile.positions,
+        "created_at": profile.created_at.isoformat().replace("+00:00", "Z"),
+        "updated_at": profile.updated_at.isoformat().replace("+00:00", "Z"),
+    }
 
 
 @transaction.atomic
@@ -21,3 +133,7 @@ def profile_deactivate(*, profile: Profile) -> Profile:
         profile.is_active = False
         profile.save(update_fields=["is_active", "updated_at"])
     return profile
+
+
+def profile_delete(*, profile: Profile) -> None:
+    profile.delete()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.db.models import Count, Q, QuerySet
 
+from millm_site.errors import SaeNotFound
 from steering.models import FeatureLabel, SparseAutoencoder
 
 
@@ -21,3 +22,10 @@ def feature_search(*, sae: SparseAutoencoder, query: str = "", limit: int = 50) 
             match |= Q(index=int(query))
         labels = labels.filter(match)
     return labels.order_by("index")[:limit]
+
+
+def sae_get(*, name: str) -> SparseAutoencoder:
+    try:
+        return SparseAutoencoder.objects.select_related("model").get(name=name)
+    except SparseAutoencoder.DoesNotExist:
+        raise SaeNotFound(f"No SAE named {name!r}", details={"name": name}) from None

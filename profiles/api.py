@@ -1,0 +1,96 @@
+"""/api/profiles: CRUD, activate/deactivate, import/export in the miStudio JSON format."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from ninja import Body, Router, Schema
+from pydantic import Field
+
+from inference.selectors import model_get
+from millm_site.api import envelope
+from profiles import services
+from profiles.models import Profile
+from profiles.schemas import ProfileFeatureFile
+from steering.selectors import sae_get
+
+router = Router(tags=["profiles"])
+
+
+class ProfileIn(Schema):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[-a-zA-Z0-9_]+$")
+    description: str = ""
+    model: str | None = None  # catalog name
+    sae: str | None = None  # catalog name
+    mode: Literal["additive", "clamp"] = "additive"
+    positions: Literal["all", "generated_only"] = "all"
+    features: list[ProfileFeatureFile] = Field(default_factory=list, max_length=1024)
+
+
+def _save(payload: ProfileIn, *, replace: bool) -> dict[str, Any]:
+    model = model_get(name=payload.model) if payload.model else None
+    sae = sae_get(name=payload.sae) if payload.sae else None
+    profile = services.profile_save(name=payload.name, description=payload.description, model=model, sae=sae,
+                                    mode=payload.mode, positions=payload.positions,
+                                    features=[f.model_dump() for f in payload.features], replace=replace)
+    return profile_data(services.profile_get(name=profile.name))
+
+
+def profile_data(profile: Profile) -> dict[str, Any]:
+    return {**services.profile_export(profile=profile), "is_active": profile.is_active,
+            "model_name": profile.model.name if profile.model else None,
+            "sae_name": profile.sae.name if profile.sae else None}
+
+
+@router.get("", summary="List profiles")
+def list_profiles(request):
+    profiles = Profile.objects.select_related("model", "sae").prefetch_related("features")
+    return envelope([profile_data(p) for p in profiles])
+
+
+@router.post("", summary="Create a profile")
+def create_profile(request, payload: ProfileIn):
+    return envelope(_save(payload, replace=False))
+
+
+@router.post("/import", summary="Import a miStudio profile file (refused whole if anything is wrong)")
+def import_profile(request, payload: dict[str, Any] = Body(...), replace: bool = False):  # noqa: B008
+    profile = services.profile_import(data=payload, replace=replace)
+    return envelope(profile_data(services.profile_get(name=profile.name)))
+
+
+@router.get("/{name}", summary="One profile")
+def get_profile(request, name: str):
+    return envelope(profile_data(services.profile_get(name=name)))
+
+
+@router.put("/{name}", summary="Replace a profile")
+def replace_profile(request, name: str, payload: ProfileIn):
+    services.profile_get(name=name)
+    if payload.name != name:
+        payload.name = name
+    return envelope(_save(payload, replace=True))
+
+
+@router.delete("/{name}", summary="Delete a profile")
+def delete_profile(request, name: str):
+    services.profile_delete(profile=services.profile_get(name=name))
+    return envelope({"deleted": name})
+
+
+@router.get("/{name}/export", summary="The profile as a miStudio JSON file")
+def export_profile(request, name: str):
+    return services.profile_export(profile=services.profile_get(name=name))
+
+
+@router.post("/{name}/activate", summary="Make this the active profile (applied to every /v1 request)")
+def activate_profile(request, name: str):
+    profile = services.profile_activate(profile=services.profile_get(name=name))
+    return envelope(profile_data(profile))
+
+
+@router.post("/{name}/deactivate", summary="Stop applying this profile")
+def deactivate_profile(request, name: str):
+    profile = services.profile_deactivate(profile=services.profile_get(name=name))
+    return envelope(profile_data(profile))
+

@@ -1,0 +1,46 @@
+"""The miStudio-compatible profile file (DESIGN.md "Profile file"), validated whole before any write."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STRENGTH = 10000.0  # the database's bound (profiles.models); the engine applies its own at steering time
+
+
+class ProfileFeatureFile(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    index: int = Field(ge=0)
+    strength: float = Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)
+    label: str = Field(default="", max_length=300)
+
+
+class ProfileModelRef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    repo_id: str = Field(min_length=1)
+    quantization: str | None = None
+    name: str | None = None  # miLLM's catalog name, when exported by miLLM
+
+
+class ProfileSaeRef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    repo_id: str = Field(min_length=1)
+    layer: int = Field(ge=0)
+    sae_id: str | None = None
+    name: str | None = None
+
+
+class ProfileFile(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    version: Literal["1.0"]
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[-a-zA-Z0-9_]+$")
+    description: str = ""
+    model: ProfileModelRef | None = None
+    sae: ProfileSaeRef | None = None
+    features: list[ProfileFeatureFile] = Field(default_factory=list, max_length=1024)
+    mode: Literal["additive", "clamp"] = "additive"
+    positions: Literal["all", "generated_only"] = "all"
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
