@@ -6,6 +6,9 @@ the model ran with.
 
 from __future__ import annotations
 
+import base64
+import struct
+
 import structlog
 from asgiref.sync import sync_to_async
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
@@ -72,6 +75,11 @@ def on_unexpected(request, exc: Exception):
                                              type="server_error"))
 
 
+def base64_floats(vector: list[float]) -> str:
+    """OpenAI's base64 embedding: little-endian float32, what the official clients decode."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
 def _respond(body, steering: str) -> HttpResponse:
     if isinstance(body, dict):
         response: HttpResponse = JsonResponse(body)
@@ -113,11 +121,10 @@ async def completions(request, payload: CompletionRequest):
 @v1.post("/embeddings", summary="Embeddings from the loaded model's hidden states")
 async def embeddings(request, payload: EmbeddingRequest):
     target = await openai_serving.resolve_target(payload.model)
-    if payload.encoding_format != "float":
-        raise OpenAIRequestError("only encoding_format 'float' is supported", param="encoding_format")
     if payload.dimensions is not None:
         raise OpenAIRequestError("dimensions is not supported", param="dimensions")
     reply = await inference_call("embed", {"model": target.model.name, "texts": payload.input}, timeout=120)
-    data = [{"object": "embedding", "index": i, "embedding": vector} for i, vector in enumerate(reply["vectors"])]
+    encode = base64_floats if payload.encoding_format == "base64" else list
+    data = [{"object": "embedding", "index": i, "embedding": encode(vector)} for i, vector in enumerate(reply["vectors"])]
     usage = {"prompt_tokens": reply["prompt_tokens"], "total_tokens": reply["prompt_tokens"]}
     return _respond({"object": "list", "data": data, "model": payload.model, "usage": usage}, "none")

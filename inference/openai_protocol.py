@@ -66,6 +66,7 @@ class SamplingFields(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     steering: InlineSteering | None = None
+    ignore_eos: bool = False  # miLLM extension for benchmarks: generate exactly max_tokens
 
     @field_validator("stop")
     @classmethod
@@ -88,7 +89,7 @@ class SamplingFields(BaseModel):
 
     def sampling_params(self, *, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> dict[str, Any]:
         return {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                "stop": self.stop, "logprobs": logprobs, "top_logprobs": top_logprobs}
+                "stop": self.stop, "logprobs": logprobs, "top_logprobs": top_logprobs, "ignore_eos": self.ignore_eos}
 
 
 class ChatMessage(BaseModel):

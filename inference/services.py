@@ -9,7 +9,8 @@ from django.db import transaction
 
 from inference.client import inference_call
 from inference.models import LanguageModel, ModelStatus
-from inference.selectors import model_get
+from inference.selectors import model_as_dict, model_get
+from millm_site.events import event_publish_sync
 
 
 def model_register(
@@ -82,3 +83,18 @@ async def model_unload_request(*, name: str) -> LanguageModel:
     await sync_to_async(model_get)(name=name)
     await inference_call("unload_model", {"model": name}, timeout=60)
     return await sync_to_async(model_get)(name=name)
+
+
+def model_set_status(*, name: str, status: str, message: str = "", loaded: bool | None = None) -> LanguageModel:
+    """Record a model's status (and, with `loaded`, the desired state) and tell the live pages."""
+    with transaction.atomic():
+        if loaded:
+            LanguageModel.objects.filter(desired_loaded=True).exclude(name=name).update(desired_loaded=False)
+            LanguageModel.objects.filter(status=ModelStatus.LOADED).exclude(name=name).update(status=ModelStatus.READY)
+        model = LanguageModel.objects.get(name=name)
+        model.status, model.status_message = status, message[:2000]
+        if loaded is not None:
+            model.desired_loaded = loaded
+        model.save()
+    event_publish_sync("progress", "model_status", model_as_dict(model))
+    return model

@@ -92,7 +92,8 @@ REDIS_URL = redis_url("REDIS_URL", env_str("REDIS_URL") or f"unix://{EMBEDDED_RE
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "capacity": 2000, "expiry": 30},
+        # socket_timeout=None: redis-py 8 defaults it to 5 s, which breaks the blocking BZPOPMIN of receive().
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None}], "capacity": 2000, "expiry": 30},
     }
 }
 CELERY_BROKER_URL = celery_broker_url(REDIS_URL)

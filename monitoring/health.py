@@ -41,8 +41,7 @@ async def health_report() -> dict[str, Any]:
     if broker:
         try:
             pong = await inference_call("ping", timeout=min(settings.INFERENCE_TIMEOUT_S, 2.0))
-            inference = {"up": True, "pid": pong.get("pid"), "loaded_model": pong.get("loaded_model"),
-                         "uptime_s": pong.get("uptime_s")}
+            inference = {"up": True, **{k: v for k, v in pong.items() if k != "type"}}
         except MillmError as exc:
             inference = {"up": False, "reason": exc.message}
     status = "ok" if database and broker and inference["up"] else ("down" if not database else "degraded")

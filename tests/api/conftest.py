@@ -2,7 +2,7 @@ import asyncio
 import threading
 
 import pytest
-from channels.layers import get_channel_layer
+from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 
 from inference.worker import InferenceWorker
@@ -16,7 +16,9 @@ def inference_worker():
     holder = {}
 
     async def main():
-        worker = InferenceWorker(channel_layer=get_channel_layer(), channel_name=settings.INFERENCE_CHANNEL)
+        # Its own layer: one layer instance must not receive from two event loops (the test client has one).
+        layer = RedisChannelLayer(**settings.CHANNEL_LAYERS["default"]["CONFIG"])
+        worker = InferenceWorker(channel_layer=layer, channel_name=settings.INFERENCE_CHANNEL)
         holder["worker"] = worker
         ready.set()
         await worker.serve_until_stopped()

@@ -11,6 +11,7 @@ class FeatureLabel:
     index: int
     label: str
     description: str = ""
+    max_activation: float | None = None  # typical max activation: the unit of "max_activation" strengths
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class BuiltSAE:
     d_sae: int
     architecture: str  # "standard", "jumprelu", "topk"
     labels: tuple[FeatureLabel, ...] = field(default_factory=tuple)
+    residual_norm: float | None = None  # median L2 norm of the hooked residual: the unit of "residual_norm"
 
 
 @dataclass(frozen=True)

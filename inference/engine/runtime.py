@@ -1,0 +1,165 @@
+"""Everything the inference process holds, behind one object: the loaded model and its scheduler,
+the SAE hook, and the active steering. No Django here; `inference/worker.py` drives it.
+
+Blocking methods (load, attach) are meant for a worker thread; model surgery runs on the
+scheduler's loop thread between forward passes (`scheduler.call`), so no request sees half a change.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from inference.engine.chat import build_chat_prompt
+from inference.engine.embeddings import EmbeddingResult
+from inference.engine.generation import GenerationRequest, RequestHandle
+from inference.engine.loading import LoadedModel, load_model
+from inference.engine.sae import SaeWeights, load_sae
+from inference.engine.sae_hook import SaeHook
+from inference.engine.sampling import InvalidRequestError, SamplingParams
+from inference.engine.scheduler import GenerationScheduler
+from inference.engine.steering import CompiledSteering, SteeringFeature, SteeringSpec
+
+
+class RuntimeRefusal(Exception):
+    """A runtime refusal with an API error code (MODEL_NOT_LOADED, SAE_NOT_ATTACHED, ...)."""
+
+    def __init__(self, code: str, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+@dataclass(frozen=True)
+class Submitted:
+    handle: RequestHandle
+    steering_label: str  # "none", "active", "profile:<name>", "inline"
+    prompt_text: str
+
+
+def steering_spec(payload: dict[str, Any]) -> SteeringSpec:
+    return SteeringSpec(
+        features=tuple(SteeringFeature(int(f["index"]), float(f["strength"])) for f in payload.get("features", ())),
+        mode=payload.get("mode", "additive"),
+        positions=payload.get("positions", "all"),
+    )
+
+
+class EngineRuntime:
+    def __init__(self, *, max_batch_size: int = 16) -> None:
+        self.max_batch_size = max_batch_size
+        self.loaded: LoadedModel | None = None
+        self.model_name: str | None = None
+        self.scheduler: GenerationScheduler | None = None
+        self.hook = SaeHook()
+        self.sae_name: str | None = None
+        self.active_steering: CompiledSteering | None = None
+        self.active_label = "none"
+        self._lock = threading.RLock()  # load/unload/attach never interleave
+
+    # --- model -------------------------------------------------------------------------------
+
+    def load(self, *, name: str, path: str, dtype: str = "float32", quantization: str | None = None,
+             gguf_file: str | None = None) -> LoadedModel:
+        with self._lock:
+            self.unload()
+            loaded = load_model(path, dtype=dtype, quantization=quantization, gguf_file=gguf_file or None)
+            self.loaded, self.model_name = loaded, name
+            self.scheduler = GenerationScheduler(loaded, max_batch_size=self.max_batch_size,
+                                                 interceptors=[self.hook]).start()
+            return loaded
+
+    def unload(self) -> None:
+        with self._lock:
+            if self.scheduler is not None:
+                self.scheduler.stop(drain_timeout_s=0.0)
+                self.scheduler = None
+            self.hook.detach()
+            self.sae_name, self.active_steering, self.active_label = None, None, "none"
+            if self.loaded is not None:
+                self.loaded.unload()
+            self.loaded, self.model_name = None, None
+            gc.collect()
+
+    def require_model(self, name: str | None = None) -> GenerationScheduler:
+        if self.scheduler is None or self.loaded is None:
+            raise RuntimeRefusal("MODEL_NOT_LOADED", "No model is loaded: load one with POST /api/models/{name}/load")
+        if name is not None and name != self.model_name:
+            raise RuntimeRefusal("MODEL_NOT_LOADED", f"Model {name!r} is not loaded (loaded: {self.model_name!r})")
+        return self.scheduler
+
+    # --- SAE and steering --------------------------------------------------------------------
+
+    def attach_sae(self, *, name: str, path: str) -> SaeWeights:
+        with self._lock:
+            scheduler = self.require_model()
+            sae = load_sae(path)  # slow I/O off the loop thread; validation happens in attach
+            attached = scheduler.call(lambda: self.hook.attach(self.loaded.model, sae)).result()
+            self.sae_name, self.active_steering, self.active_label = name, None, "none"
+            return attached
+
+    def detach_sae(self) -> None:
+        with self._lock:
+            if self.scheduler is not None:
+                self.scheduler.call(self.hook.detach).result()
+            else:
+                self.hook.detach()
+            self.sae_name, self.active_steering, self.active_label = None, None, "none"
+
+    def compile(self, payload: dict[str, Any]) -> CompiledSteering | None:
+        spec = steering_spec(payload)
+        if not spec.features:
+            return None
+        if not self.hook.attached:
+            raise RuntimeRefusal("SAE_NOT_ATTACHED", "No SAE is attached: attach one before steering its features")
+        return self.hook.compile(spec)
+
+    def set_active_steering(self, payload: dict[str, Any], *, label: str) -> None:
+        compiled = self.compile(payload)
+        self.active_steering = compiled
+        self.active_label = label if compiled is not None else "none"
+
+    def resolve_steering(self, payload: dict[str, Any] | None) -> tuple[CompiledSteering | None, str]:
+        source = (payload or {}).get("source", "active")
+        if source == "active":
+            return self.active_steering, self.active_label
+        compiled = self.compile(payload)
+        return compiled, source if compiled is not None else "none"
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def submit(self, *, request_id: str, model: str | None, prompt: str | None, messages: list | None,
+               params: dict[str, Any], steering: dict[str, Any] | None, monitor: bool = False) -> Submitted:
+        scheduler = self.require_model(model)
+        compiled, label = self.resolve_steering(steering)
+        sampling = SamplingParams(**{k: v for k, v in params.items() if v is not None})
+        if messages is not None:
+            chat = build_chat_prompt(self.loaded.tokenizer, messages)
+            request = GenerationRequest(prompt=chat.token_ids, params=sampling, steering=compiled, monitor=monitor,
+                                        request_id=request_id, prompt_param="messages")
+            prompt_text = chat.text
+        else:
+            if prompt is None:
+                raise InvalidRequestError(param="prompt", message="prompt is required")
+            request = GenerationRequest(prompt=prompt, params=sampling, steering=compiled, monitor=monitor,
+                                        request_id=request_id)
+            prompt_text = prompt
+        return Submitted(handle=scheduler.submit(request), steering_label=label, prompt_text=prompt_text)
+
+    def embed(self, *, model: str | None, texts: list[str]) -> EmbeddingResult:
+        return self.require_model(model).embed(texts)
+
+    def status(self) -> dict[str, Any]:
+        scheduler = self.scheduler.status() if self.scheduler is not None else None
+        return {
+            "loaded_model": self.model_name,
+            "attached_sae": self.sae_name,
+            "steering": self.active_label,
+            "queue_depth": scheduler.queued if scheduler else 0,
+            "active_requests": scheduler.active if scheduler else 0,
+            "tokens_per_second": round(scheduler.tokens_per_second, 2) if scheduler else 0.0,
+            "requests_total": scheduler.requests_total if scheduler else 0,
+            "tokens_total": scheduler.tokens_total if scheduler else 0,
+            "memory_bytes": self.loaded.memory_bytes if self.loaded else 0,
+        }
