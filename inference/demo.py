@@ -61,11 +61,12 @@ def demo_assets_register(*, assets: DemoAssets, tier: str) -> tuple[LanguageMode
         d_sae=built_sae.d_sae,
         architecture=built_sae.architecture,
         local_path=built_sae.local_path,
+        residual_norm=built_sae.residual_norm,
         is_demo=True,
     )
     feature_labels_replace(
         sae=sae,
-        labels=[(fl.index, fl.label, fl.description, None) for fl in built_sae.labels],
+        labels=[(fl.index, fl.label, fl.description, fl.max_activation) for fl in built_sae.labels],
         source=LabelSource.BUILTIN,
     )
     return model, sae

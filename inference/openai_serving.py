@@ -27,7 +27,10 @@ from inference.openai_protocol import (
     now,
     usage_body,
 )
+from millm_site.errors import MillmError
 from profiles.models import Profile
+from steering.steering_services import attached_sae
+from steering.units import strengths_to_raw
 
 STALL_TIMEOUT_S = 120.0  # between two messages of a running generation
 
@@ -68,16 +71,27 @@ def _resolve_target(name: str) -> Target:
 resolve_target = sync_to_async(_resolve_target)
 
 
-def steering_payload(target: Target, inline: Any) -> dict[str, Any]:
+def _steering_payload(target: Target, inline: Any) -> dict[str, Any]:
     """Which steering the request asks for: inline beats a profile in the model name beats the active one."""
     if inline is not None:
-        return {"source": "inline", **inline.model_dump()}
+        features = [f.model_dump() for f in inline.features]
+        if inline.units != "raw" and features:
+            sae = attached_sae()
+            if sae is None:
+                raise OpenAIRequestError("steering: no SAE is attached", param="steering", code="sae_not_attached")
+            try:
+                features = strengths_to_raw(sae=sae, features=features, units=inline.units)
+            except MillmError as exc:
+                raise OpenAIRequestError(exc.message, param="steering.units") from None
+        return {"source": "inline", "features": features, "mode": inline.mode, "positions": inline.positions}
     if target.profile is not None:
         profile = target.profile
         return {"source": f"profile:{profile.name}", "mode": profile.mode, "positions": profile.positions,
-                "units": "raw",
                 "features": [{"index": f.index, "strength": f.strength} for f in profile.features.all()]}
     return {"source": "active"}
+
+
+steering_payload = sync_to_async(_steering_payload)
 
 
 async def run_generation(*, model: str, prompt: str | None, messages: list | None, params: dict,
@@ -164,7 +178,7 @@ async def chat_completion(req: ChatCompletionRequest) -> tuple[dict | AsyncItera
     """Returns (body or SSE line iterator, steering label for the X-miLLM-Steering header)."""
     req.refuse_unsupported()
     target = await resolve_target(req.model)
-    steering = steering_payload(target, req.steering)
+    steering = await steering_payload(target, req.steering)
     stream = run_generation(model=target.model.name, prompt=None, messages=req.chat_messages(),
                             params=req.params(), steering=steering)
     if req.stream:
@@ -185,7 +199,7 @@ async def chat_completion(req: ChatCompletionRequest) -> tuple[dict | AsyncItera
 async def text_completion(req: CompletionRequest) -> tuple[dict | AsyncIterator[str], str]:
     req.refuse_unsupported()
     target = await resolve_target(req.model)
-    steering = steering_payload(target, req.steering)
+    steering = await steering_payload(target, req.steering)
     stream = run_generation(model=target.model.name, prompt=req.prompt, messages=None, params=req.params(),
                             steering=steering)
     if req.stream:

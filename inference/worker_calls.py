@@ -22,6 +22,7 @@ from inference.models import LanguageModel, ModelStatus
 from inference.services import model_set_status
 from steering.models import SaeStatus, SparseAutoencoder, SteeringState
 from steering.services import sae_detach_all_marks, sae_set_status
+from steering.steering_services import steering_state_engine_spec
 
 if TYPE_CHECKING:
     from inference.worker import InferenceWorker
@@ -86,12 +87,10 @@ class WorkerCalls:
             if reply.get("type") == "error":
                 log.warning("restore_attach_failed", sae=sae.name, reason=reply["message"])
                 return
-            state = await db(SteeringState.current)()
-            if state.features and state.sae_id == sae.pk:
-                await self.call_set_steering({"steering": {"features": state.features, "mode": state.mode,
-                                                           "positions": state.positions},
-                                              "label": f"profile:{state.source_profile}" if state.source_profile
-                                              else "active"})
+            state = await db(lambda: SteeringState.objects.select_related("sae").get_or_create(pk=1)[0])()
+            spec = await db(steering_state_engine_spec)(state) if state.sae_id == sae.pk else None
+            if spec is not None:
+                await self.call_set_steering({"steering": spec[0], "label": spec[1]})
         log.info("desired_state_restored", model=model.name, sae=sae.name if sae else None)
 
     async def shutdown(self) -> None:

@@ -74,10 +74,13 @@ def _mount_routers() -> None:
     from inference.api import router as models_router
     from monitoring.api import router as monitoring_router
     from profiles.api import router as profiles_router
+    from steering.api import saes_router, steering_router
 
     api.add_router("/", monitoring_router)
     api.add_router("/models", models_router)
     api.add_router("/profiles", profiles_router)
+    api.add_router("/saes", saes_router)
+    api.add_router("/steering", steering_router)
 
 
 _mount_routers()

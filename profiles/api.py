@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from asgiref.sync import sync_to_async
 from ninja import Body, Router, Schema
 from pydantic import Field
 
@@ -84,13 +85,13 @@ def export_profile(request, name: str):
 
 
 @router.post("/{name}/activate", summary="Make this the active profile (applied to every /v1 request)")
-def activate_profile(request, name: str):
-    profile = services.profile_activate(profile=services.profile_get(name=name))
-    return envelope(profile_data(profile))
+async def activate_profile(request, name: str):
+    profile = await services.profile_activate_and_apply(name=name)
+    return envelope(await sync_to_async(profile_data)(profile))
 
 
-@router.post("/{name}/deactivate", summary="Stop applying this profile")
-def deactivate_profile(request, name: str):
-    profile = services.profile_deactivate(profile=services.profile_get(name=name))
-    return envelope(profile_data(profile))
+@router.post("/{name}/deactivate", summary="Stop applying this profile (clears the active steering)")
+async def deactivate_profile(request, name: str):
+    profile = await services.profile_deactivate_and_clear(name=name)
+    return envelope(await sync_to_async(profile_data)(profile))
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.db import transaction
 from pydantic import ValidationError
 
 from inference.models import LanguageModel
-from millm_site.errors import Conflict, InvalidFeatureIndex, ProfileNotFound, ValidationFailed
+from millm_site.errors import Conflict, InvalidFeatureIndex, ProfileNotFound, SaeNotAttached, ValidationFailed
 from profiles.models import Profile, ProfileFeature
 from profiles.schemas import ProfileFile
 from steering.models import SparseAutoencoder
@@ -137,3 +138,25 @@ def profile_deactivate(*, profile: Profile) -> Profile:
 
 def profile_delete(*, profile: Profile) -> None:
     profile.delete()
+
+
+async def profile_activate_and_apply(*, name: str) -> Profile:
+    """Apply the profile's steering in the inference process, then mark it active (nothing half-done)."""
+    from steering.steering_services import attached_sae, steering_apply
+
+    profile = await sync_to_async(profile_get)(name=name)
+    sae = await sync_to_async(attached_sae)()
+    if profile.sae_id is not None and (sae is None or sae.pk != profile.sae_id):
+        raise SaeNotAttached(f"Profile {name} steers SAE {profile.sae.name}, which is not attached")
+    features = [{"index": f.index, "strength": f.strength} for f in profile.features.all()]
+    await steering_apply(features=features, mode=profile.mode, positions=profile.positions, source_profile=name)
+    return await sync_to_async(profile_activate)(profile=profile)
+
+
+async def profile_deactivate_and_clear(*, name: str) -> Profile:
+    from steering.steering_services import steering_clear
+
+    profile = await sync_to_async(profile_get)(name=name)
+    if profile.is_active:
+        await steering_clear()
+    return await sync_to_async(profile_deactivate)(profile=profile)

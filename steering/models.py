@@ -33,6 +33,8 @@ class SparseAutoencoder(models.Model):
     d_sae = models.PositiveIntegerField()
     architecture = models.CharField(max_length=16, choices=SaeArchitecture.choices, default=SaeArchitecture.STANDARD)
     local_path = models.CharField(max_length=500, blank=True)
+    residual_norm = models.FloatField(null=True, blank=True,
+                                      help_text="Median L2 norm of the hooked residual: the unit of relative strengths")
     status = models.CharField(max_length=16, choices=SaeStatus.choices, default=SaeStatus.READY)
     status_message = models.TextField(blank=True)
     desired_attached = models.BooleanField(default=False)
@@ -82,3 +84,32 @@ class FeatureLabel(models.Model):
         return f"{self.sae.name}#{self.index}: {self.label}"
 
 
+
+
+class SteeringState(models.Model):
+    """The steering applied to every /v1 request (a singleton row, pk=1): restored after a restart.
+
+    Activating a profile copies its features here (`source_profile` names it); `/api/steering`
+    edits it directly. A request's own steering (inline or `<model>:<profile>`) overrides it.
+    """
+
+    sae = models.ForeignKey(SparseAutoencoder, null=True, blank=True, on_delete=models.SET_NULL,
+                            related_name="+")
+    mode = models.CharField(max_length=16, default="additive")
+    positions = models.CharField(max_length=16, default="all")
+    units = models.CharField(max_length=16, default="raw")
+    features = models.JSONField(default=list, blank=True)  # [{"index": int, "strength": float}]
+    source_profile = models.CharField(max_length=100, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "active steering"
+        verbose_name_plural = "active steering"
+
+    def __str__(self) -> str:
+        return f"{len(self.features)} feature(s){' from ' + self.source_profile if self.source_profile else ''}"
+
+    @classmethod
+    def current(cls) -> SteeringState:
+        state, _ = cls.objects.get_or_create(pk=1)
+        return state

@@ -9,6 +9,7 @@ from django.db import transaction
 
 from inference.models import LanguageModel
 from millm_site.errors import ValidationFailed
+from millm_site.events import event_publish_sync
 from steering.models import FeatureLabel, LabelSource, SaeStatus, SparseAutoencoder
 
 
@@ -24,6 +25,7 @@ def sae_register(
     d_sae: int,
     architecture: str,
     local_path: Path | str,
+    residual_norm: float | None = None,
     is_demo: bool = False,
 ) -> SparseAutoencoder:
     """Register (or refresh) an SAE already on disk, checked against the model it reads."""
@@ -48,6 +50,7 @@ def sae_register(
             "d_sae": d_sae,
             "architecture": architecture,
             "local_path": str(local_path),
+            "residual_norm": residual_norm,
             "status": SaeStatus.READY,
             "status_message": "",
             "is_demo": is_demo,
@@ -86,3 +89,24 @@ def feature_labels_replace(
         batch_size=1000,
     )
     return len(rows) - len(manual & {index for index, *_ in rows})
+
+
+def sae_set_status(*, name: str, status: str, message: str = "", attached: bool | None = None) -> SparseAutoencoder:
+    """Record an SAE's status (and, with `attached`, the desired state) and tell the live pages."""
+    with transaction.atomic():
+        if attached:
+            SparseAutoencoder.objects.exclude(name=name).filter(desired_attached=True).update(desired_attached=False)
+            SparseAutoencoder.objects.exclude(name=name).filter(status=SaeStatus.ATTACHED).update(status=SaeStatus.READY)
+        sae = SparseAutoencoder.objects.get(name=name)
+        sae.status, sae.status_message = status, message[:2000]
+        if attached is not None:
+            sae.desired_attached = attached
+        sae.save()
+    event_publish_sync("progress", "sae_status", {"name": sae.name, "status": sae.status,
+                                                  "status_message": sae.status_message, "layer": sae.layer})
+    return sae
+
+
+def sae_detach_all_marks() -> None:
+    """After a model unload nothing is attached any more (the desired state is kept for a reload)."""
+    SparseAutoencoder.objects.filter(status=SaeStatus.ATTACHED).update(status=SaeStatus.READY)

@@ -50,14 +50,10 @@ def test_export_then_import_gives_the_same_profile(client, catalog):
     assert imported["mode"] == "clamp" and imported["positions"] == "generated_only"
 
 
-def test_activation_is_exclusive(client, catalog):
+def test_activating_a_profile_whose_sae_is_not_attached_changes_nothing(client, catalog):
     post(client, "/api/profiles", LOUD)
-    post(client, "/api/profiles", {**LOUD, "name": "quiet"})
-    client.post("/api/profiles/loud/activate")
-    client.post("/api/profiles/quiet/activate")
-    states = {p["name"]: p["is_active"] for p in client.get("/api/profiles").json()["data"]}
-    assert states == {"loud": False, "quiet": True}
-    client.post("/api/profiles/quiet/deactivate")
+    response = client.post("/api/profiles/loud/activate")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "SAE_NOT_ATTACHED"
     assert not Profile.objects.filter(is_active=True).exists()
 
 

@@ -1,0 +1,137 @@
+"""/api/saes (catalog, attach/detach, features, labels) and /api/steering (the active steering)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from asgiref.sync import sync_to_async
+from ninja import Body, Router, Schema
+from pydantic import Field
+
+from inference.client import inference_call
+from inference.openai_protocol import OpenAIRequestError
+from inference.openai_serving import collect, run_generation
+from millm_site.api import envelope
+from millm_site.errors import InferenceUnavailable, MillmError, SaeNotAttached, ValidationFailed
+from steering import selectors, services, steering_services
+from steering.labels_import import parse_labels
+from steering.models import LabelSource, SparseAutoencoder
+from steering.units import strengths_to_raw
+
+saes_router = Router(tags=["saes"])
+steering_router = Router(tags=["steering"])
+
+
+def sae_as_dict(sae: SparseAutoencoder) -> dict[str, Any]:
+    return {"name": sae.name, "model": sae.model.name, "repo_id": sae.repo_id, "sae_id": sae.sae_id,
+            "layer": sae.layer, "hook_name": sae.hook_name, "d_in": sae.d_in, "d_sae": sae.d_sae,
+            "architecture": sae.architecture, "local_path": sae.local_path, "residual_norm": sae.residual_norm,
+            "status": sae.status, "status_message": sae.status_message, "desired_attached": sae.desired_attached}
+
+
+@saes_router.get("", summary="List SAEs")
+def list_saes(request):
+    return envelope([sae_as_dict(s) for s in selectors.sae_list()])
+
+
+@saes_router.get("/{name}", summary="One SAE")
+def get_sae(request, name: str):
+    return envelope(sae_as_dict(selectors.sae_get(name=name)))
+
+
+@saes_router.post("/{name}/attach", summary="Attach the SAE to the loaded model (at its hook layer)")
+async def attach_sae(request, name: str):
+    await sync_to_async(selectors.sae_get)(name=name)
+    await inference_call("attach_sae", {"sae": name}, timeout=600)
+    return envelope(sae_as_dict(await sync_to_async(selectors.sae_get)(name=name)))
+
+
+@saes_router.post("/{name}/detach", summary="Detach the SAE (steering stops)")
+async def detach_sae(request, name: str):
+    await sync_to_async(selectors.sae_get)(name=name)
+    await inference_call("detach_sae", {"sae": name}, timeout=60)
+    return envelope(sae_as_dict(await sync_to_async(selectors.sae_get)(name=name)))
+
+
+@saes_router.get("/{name}/features", summary="Find features by label text or index")
+def sae_features(request, name: str, q: str = "", limit: int = Field(50, ge=1, le=1000)):
+    sae = selectors.sae_get(name=name)
+    labels = selectors.feature_search(sae=sae, query=q, limit=limit)
+    return envelope([{"index": f.index, "label": f.label, "description": f.description, "source": f.source,
+                      "max_activation": f.max_activation} for f in labels])
+
+
+class LabelFile(Schema):
+    content: str = Field(min_length=1, description="Neuronpedia explanations export: JSON list or CSV text")
+
+
+@saes_router.post("/{name}/labels/import", summary="Import labels (Neuronpedia JSON/CSV); hand edits are kept")
+def import_labels(request, name: str, payload: LabelFile):
+    sae = selectors.sae_get(name=name)
+    count = services.feature_labels_replace(sae=sae, labels=parse_labels(payload.content),
+                                            source=LabelSource.NEURONPEDIA)
+    return envelope({"imported": count})
+
+
+class SteeringFeatureIn(Schema):
+    index: int
+    strength: float
+
+
+class SteeringIn(Schema):
+    features: list[SteeringFeatureIn] = Field(default_factory=list, max_length=256)
+    mode: Literal["additive", "clamp"] = "additive"
+    positions: Literal["all", "generated_only"] = "all"
+    units: Literal["raw", "max_activation", "residual_norm"] = Field(
+        "raw", description="raw activation units, or multiples of the feature's typical max activation, "
+        "or of the hooked residual stream's median norm")
+
+
+@steering_router.get("", summary="The active steering")
+async def get_steering(request):
+    return envelope(await steering_services.steering_current())
+
+
+@steering_router.put("", summary="Set the active steering (applied to every /v1 request)")
+async def set_steering(request, payload: SteeringIn = Body(...)):  # noqa: B008
+    features = [f.model_dump() for f in payload.features]
+    return envelope(await steering_services.steering_apply(features=features, mode=payload.mode,
+                                                           positions=payload.positions, units=payload.units))
+
+
+@steering_router.delete("", summary="Clear the active steering")
+async def clear_steering(request):
+    return envelope(await steering_services.steering_clear())
+
+
+class CompareIn(SteeringIn):
+    prompt: str = Field(min_length=1, max_length=20000)
+    max_tokens: int = Field(48, ge=1, le=1024)
+    chat: bool = True
+
+
+@steering_router.post("/compare", summary="Answer one prompt steered and unsteered, side by side (greedy)")
+async def compare(request, payload: CompareIn):
+    sae = await sync_to_async(steering_services.attached_sae)()
+    if sae is None:
+        raise SaeNotAttached("No SAE is attached: attach one before steering its features")
+    features = steering_services.steering_validate(sae=sae, features=[f.model_dump() for f in payload.features],
+                                                   mode=payload.mode, positions=payload.positions,
+                                                   units=payload.units)
+    raw = await sync_to_async(strengths_to_raw)(sae=sae, features=features, units=payload.units)
+    messages = [{"role": "user", "content": payload.prompt}] if payload.chat else None
+    prompt = None if payload.chat else payload.prompt
+    params = {"max_tokens": payload.max_tokens, "temperature": 0.0}
+    runs = {}
+    for key, steering in (("unsteered", {"source": "inline", "features": []}),
+                          ("steered", {"source": "inline", "features": raw, "mode": payload.mode,
+                                       "positions": payload.positions})):
+        try:
+            result = await collect(run_generation(model=sae.model.name, prompt=prompt, messages=messages,
+                                                  params=params, steering=steering))
+        except OpenAIRequestError as exc:
+            error = InferenceUnavailable if exc.status == 503 else ValidationFailed if exc.status < 500 else MillmError
+            raise error(exc.message) from None
+        runs[key] = {"text": result.text, "completion_tokens": result.completion_tokens,
+                     "finish_reason": result.finish_reason}
+    return envelope({**runs, "features": raw, "mode": payload.mode})

@@ -1,0 +1,104 @@
+"""The active steering: validated here against the catalog, applied by the inference process, then saved.
+
+Order matters for "nothing half-saved": validate → the inference process compiles and applies (it
+may refuse, e.g. out of memory) → only then the database row changes and the pages hear of it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from asgiref.sync import sync_to_async
+
+from inference.client import inference_call
+from millm_site.errors import InvalidFeatureIndex, SaeNotAttached, ValidationFailed
+from millm_site.events import event_publish
+from steering.models import SaeStatus, SparseAutoencoder, SteeringState
+from steering.units import strengths_to_raw
+
+MAX_ABS_STRENGTH = 1000.0  # the engine's bound (inference.engine.steering.MAX_ABS_STRENGTH)
+MODES = ("additive", "clamp")
+POSITIONS = ("all", "generated_only")
+UNITS = ("raw", "max_activation", "residual_norm")
+
+
+def attached_sae() -> SparseAutoencoder | None:
+    return SparseAutoencoder.objects.select_related("model").filter(status=SaeStatus.ATTACHED).first()
+
+
+def steering_validate(*, sae: SparseAutoencoder | None, features: list[dict[str, Any]], mode: str = "additive",
+                      positions: str = "all", units: str = "raw") -> list[dict[str, Any]]:
+    """Check a steering request against the attached SAE; returns the normalised feature list."""
+    if mode not in MODES:
+        raise ValidationFailed(f"mode: must be one of {', '.join(MODES)}", details={"field": "mode"})
+    if positions not in POSITIONS:
+        raise ValidationFailed(f"positions: must be one of {', '.join(POSITIONS)}", details={"field": "positions"})
+    if units not in UNITS:
+        raise ValidationFailed(f"units: must be one of {', '.join(UNITS)}", details={"field": "units"})
+    if features and sae is None:
+        raise SaeNotAttached("No SAE is attached: attach one before steering its features")
+    seen: set[int] = set()
+    normalised = []
+    for position, feature in enumerate(features):
+        index, strength = feature.get("index"), feature.get("strength")
+        field = f"features[{position}]"
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ValidationFailed(f"{field}.index: must be an integer", details={"field": f"{field}.index"})
+        if not 0 <= index < sae.d_sae:
+            raise InvalidFeatureIndex(f"{field}.index: {index} is outside 0..{sae.d_sae - 1} for SAE {sae.name}",
+                                      details={"field": f"{field}.index", "d_sae": sae.d_sae})
+        if isinstance(strength, bool) or not isinstance(strength, int | float) or not math.isfinite(strength):
+            raise ValidationFailed(f"{field}.strength: must be a finite number", details={"field": f"{field}.strength"})
+        if abs(strength) > MAX_ABS_STRENGTH:
+            raise ValidationFailed(f"{field}.strength: {strength} exceeds ±{MAX_ABS_STRENGTH:g}",
+                                   details={"field": f"{field}.strength"})
+        if index in seen:
+            raise ValidationFailed(f"{field}.index: feature {index} is listed twice", details={"field": f"{field}.index"})
+        seen.add(index)
+        normalised.append({"index": index, "strength": float(strength)})
+    return normalised
+
+
+def steering_data(state: SteeringState) -> dict[str, Any]:
+    return {"sae": state.sae.name if state.sae else None, "mode": state.mode, "positions": state.positions,
+            "units": state.units, "features": state.features, "source_profile": state.source_profile or None,
+            "updated_at": state.updated_at.isoformat() if state.updated_at else None}
+
+
+async def steering_apply(*, features: list[dict[str, Any]], mode: str = "additive", positions: str = "all",
+                         units: str = "raw", source_profile: str = "") -> dict[str, Any]:
+    sae = await sync_to_async(attached_sae)()
+    normalised = steering_validate(sae=sae, features=features, mode=mode, positions=positions, units=units)
+    raw = await sync_to_async(strengths_to_raw)(sae=sae, features=normalised, units=units) if sae else []
+    label = f"profile:{source_profile}" if source_profile else "active"
+    await inference_call("set_steering", {"steering": {"features": raw, "mode": mode, "positions": positions},
+                                          "label": label}, timeout=60)
+
+    def save() -> dict[str, Any]:
+        state = SteeringState.current()
+        state.sae, state.features, state.mode, state.positions, state.units = sae, normalised, mode, positions, units
+        state.source_profile = source_profile
+        state.save()
+        return steering_data(state)
+
+    data = await sync_to_async(save)()
+    await event_publish("monitoring", "steering_changed", data)
+    return data
+
+
+async def steering_clear() -> dict[str, Any]:
+    return await steering_apply(features=[])
+
+
+async def steering_current() -> dict[str, Any]:
+    return await sync_to_async(lambda: steering_data(SteeringState.current()))()
+
+
+def steering_state_engine_spec(state: SteeringState) -> tuple[dict[str, Any], str] | None:
+    """What the inference process must apply for the saved state (raw strengths), with its label."""
+    if not state.features or state.sae is None:
+        return None
+    raw = strengths_to_raw(sae=state.sae, features=state.features, units=state.units)
+    label = f"profile:{state.source_profile}" if state.source_profile else "active"
+    return {"features": raw, "mode": state.mode, "positions": state.positions}, label
