@@ -42,7 +42,7 @@ class InlineSteering(BaseModel):
     features: list[SteeringFeatureIn] = Field(default_factory=list, max_length=256)
     mode: Literal["additive", "clamp"] = "additive"
     positions: Literal["all", "generated_only"] = "all"
-    units: Literal["raw", "relative"] = "raw"
+    units: Literal["raw", "max_activation", "residual_norm"] = "raw"
 
 
 class StreamOptions(BaseModel):

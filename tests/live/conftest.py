@@ -69,9 +69,16 @@ class LiveStack:
         return self.process.returncode
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def live_stack(tmp_path_factory):
+    """One stack for all live tests; each module puts it in the state it needs (load, attach, ...)."""
     stack = LiveStack(tmp_path_factory.mktemp("stack") / "var")
     stack.wait_healthy()
     yield stack
     stack.stop()
+
+
+def load_tiny(stack: LiveStack) -> None:
+    response = httpx.post(f"{stack.url}/api/models/tiny-llama/load", timeout=300)
+    assert response.status_code == 200, response.text
+    assert response.json()["data"]["status"] == "loaded"

@@ -9,12 +9,12 @@ import httpx
 import openai
 import pytest
 
+from tests.live.conftest import load_tiny
+
 
 @pytest.fixture(scope="module")
 def served(live_stack):
-    response = httpx.post(f"{live_stack.url}/api/models/tiny-llama/load", timeout=300)
-    assert response.status_code == 200, response.text
-    assert response.json()["data"]["status"] == "loaded"
+    load_tiny(live_stack)
     return live_stack
 
 
