@@ -5,18 +5,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from asgiref.sync import sync_to_async
-from ninja import Body, Router, Schema
+from ninja import Body, Query, Router, Schema
 from pydantic import Field
 
 from inference.client import inference_call
-from inference.openai_protocol import OpenAIRequestError
-from inference.openai_serving import collect, run_generation
 from millm_site.api import envelope
-from millm_site.errors import InferenceUnavailable, MillmError, SaeNotAttached, ValidationFailed
 from steering import selectors, services, steering_services
 from steering.labels_import import parse_labels
 from steering.models import LabelSource, SparseAutoencoder
-from steering.units import strengths_to_raw
 
 saes_router = Router(tags=["saes"])
 steering_router = Router(tags=["steering"])
@@ -54,7 +50,7 @@ async def detach_sae(request, name: str):
 
 
 @saes_router.get("/{name}/features", summary="Find features by label text or index")
-def sae_features(request, name: str, q: str = "", limit: int = Field(50, ge=1, le=1000)):
+def sae_features(request, name: str, q: str = "", limit: int = Query(50, ge=1, le=1000)):  # noqa: B008
     sae = selectors.sae_get(name=name)
     labels = selectors.feature_search(sae=sae, query=q, limit=limit)
     return envelope([{"index": f.index, "label": f.label, "description": f.description, "source": f.source,
@@ -112,26 +108,7 @@ class CompareIn(SteeringIn):
 
 @steering_router.post("/compare", summary="Answer one prompt steered and unsteered, side by side (greedy)")
 async def compare(request, payload: CompareIn):
-    sae = await sync_to_async(steering_services.attached_sae)()
-    if sae is None:
-        raise SaeNotAttached("No SAE is attached: attach one before steering its features")
-    features = steering_services.steering_validate(sae=sae, features=[f.model_dump() for f in payload.features],
-                                                   mode=payload.mode, positions=payload.positions,
-                                                   units=payload.units)
-    raw = await sync_to_async(strengths_to_raw)(sae=sae, features=features, units=payload.units)
-    messages = [{"role": "user", "content": payload.prompt}] if payload.chat else None
-    prompt = None if payload.chat else payload.prompt
-    params = {"max_tokens": payload.max_tokens, "temperature": 0.0}
-    runs = {}
-    for key, steering in (("unsteered", {"source": "inline", "features": []}),
-                          ("steered", {"source": "inline", "features": raw, "mode": payload.mode,
-                                       "positions": payload.positions})):
-        try:
-            result = await collect(run_generation(model=sae.model.name, prompt=prompt, messages=messages,
-                                                  params=params, steering=steering))
-        except OpenAIRequestError as exc:
-            error = InferenceUnavailable if exc.status == 503 else ValidationFailed if exc.status < 500 else MillmError
-            raise error(exc.message) from None
-        runs[key] = {"text": result.text, "completion_tokens": result.completion_tokens,
-                     "finish_reason": result.finish_reason}
-    return envelope({**runs, "features": raw, "mode": payload.mode})
+    return envelope(await steering_services.steering_compare(
+        prompt=payload.prompt, chat=payload.chat, max_tokens=payload.max_tokens,
+        features=[f.model_dump() for f in payload.features], mode=payload.mode, positions=payload.positions,
+        units=payload.units))

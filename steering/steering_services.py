@@ -12,7 +12,13 @@ from typing import Any
 from asgiref.sync import sync_to_async
 
 from inference.client import inference_call
-from millm_site.errors import InvalidFeatureIndex, SaeNotAttached, ValidationFailed
+from millm_site.errors import (
+    InferenceUnavailable,
+    InvalidFeatureIndex,
+    MillmError,
+    SaeNotAttached,
+    ValidationFailed,
+)
 from millm_site.events import event_publish
 from steering.models import SaeStatus, SparseAutoencoder, SteeringState
 from steering.units import strengths_to_raw
@@ -102,3 +108,32 @@ def steering_state_engine_spec(state: SteeringState) -> tuple[dict[str, Any], st
     raw = strengths_to_raw(sae=state.sae, features=state.features, units=state.units)
     label = f"profile:{state.source_profile}" if state.source_profile else "active"
     return {"features": raw, "mode": state.mode, "positions": state.positions}, label
+
+
+async def steering_compare(*, prompt: str, features: list[dict[str, Any]], chat: bool = True, max_tokens: int = 48,
+                           mode: str = "additive", positions: str = "all", units: str = "raw") -> dict[str, Any]:
+    """The same prompt answered greedily without and with the given steering (the active one is ignored)."""
+    # Imported here: openai_serving reads the attached SAE from this module.
+    from inference.openai_protocol import OpenAIRequestError
+    from inference.openai_serving import collect, run_generation
+
+    sae = await sync_to_async(attached_sae)()
+    if sae is None:
+        raise SaeNotAttached("No SAE is attached: attach one before steering its features")
+    normalised = steering_validate(sae=sae, features=features, mode=mode, positions=positions, units=units)
+    raw = await sync_to_async(strengths_to_raw)(sae=sae, features=normalised, units=units)
+    messages = [{"role": "user", "content": prompt}] if chat else None
+    runs: dict[str, Any] = {}
+    for key, steering in (("unsteered", {"source": "inline", "features": []}),
+                          ("steered", {"source": "inline", "features": raw, "mode": mode, "positions": positions})):
+        try:
+            result = await collect(run_generation(model=sae.model.name, prompt=None if chat else prompt,
+                                                  messages=messages, params={"max_tokens": max_tokens,
+                                                                             "temperature": 0.0},
+                                                  steering=steering))
+        except OpenAIRequestError as exc:
+            error = InferenceUnavailable if exc.status == 503 else ValidationFailed if exc.status < 500 else MillmError
+            raise error(exc.message) from None
+        runs[key] = {"text": result.text, "completion_tokens": result.completion_tokens,
+                     "finish_reason": result.finish_reason}
+    return {**runs, "features": raw, "mode": mode}

@@ -42,3 +42,28 @@ def test_feature_search_and_live_status_in_chromium(live_stack, browser):
     page.screenshot(path=str(ARTIFACTS / "steering-search.png"), full_page=True)
     assert errors == []
     page.close()
+
+
+def test_attach_and_compare_steering_in_chromium(live_stack, browser):
+    from tests.live.conftest import load_tiny
+
+    load_tiny(live_stack)
+    page = browser.new_page()
+    page.goto(f"{live_stack.url}/saes/")
+    page.click("#sae-tiny-llama-layer_2 button:has-text('Attach')")
+    page.wait_for_selector("#sae-tiny-llama-layer_2 .badge-attached", timeout=60_000)
+    page.goto(f"{live_stack.url}/steering/")
+    page.fill("#feature-query", "cat")
+    page.wait_for_function("document.querySelectorAll('tr.feature-row').length === 1", timeout=10_000)
+    page.click("tr.feature-row button:has-text('Steer')")
+    page.wait_for_selector("#steer-7")
+    page.fill("#steer-7 input.strength", "80")
+    page.fill("textarea[name=prompt]", "Hello!")
+    page.click("button:has-text('Compare')")
+    page.wait_for_selector(".compare .steered pre", timeout=60_000)
+    steered = page.inner_text(".compare .steered pre")
+    unsteered = page.inner_text(".compare .card:not(.steered) pre")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "steering-compare.png"), full_page=True)
+    assert "cat" in steered and "cat" not in unsteered
+    page.close()
