@@ -17,7 +17,10 @@ import websockets
 def children_by_name(stack) -> dict[str, psutil.Process]:
     found = {}
     for child in psutil.Process(stack.process.pid).children(recursive=False):
-        cmd = " ".join(child.cmdline())
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:  # a killed child is a zombie until the supervisor reaps it
+            continue
         for name, marker in (("web", "daphne"), ("inference", "run_inference"), ("worker", "celery"),
                              ("redis", "redis-server")):
             if marker in cmd:

@@ -9,10 +9,10 @@ import time
 
 import httpx
 import openai
-import psutil
 import pytest
 
 from tests.live.conftest import load_tiny
+from tests.live.test_serve import children_by_name
 
 CAT = 7  # the test tier's feature for the token ' cat' (inference/engine/assets/tiny.py)
 SAE = "tiny-llama-layer_2"
@@ -136,8 +136,7 @@ def test_nan_inline_strength_is_a_400(steered_stack):
 def test_active_steering_survives_an_inference_restart(client, steered_stack):
     put_steering(steered_stack, {"features": [{"index": CAT, "strength": 80.0}]})
     steered, _ = greedy(client)
-    inference = next(c for c in psutil.Process(steered_stack.process.pid).children()
-                     if "run_inference" in " ".join(c.cmdline()))
+    inference = children_by_name(steered_stack)["inference"]
     os.kill(inference.pid, signal.SIGKILL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
