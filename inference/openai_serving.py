@@ -32,7 +32,8 @@ from profiles.models import Profile
 from steering.steering_services import attached_sae
 from steering.units import strengths_to_raw
 
-STALL_TIMEOUT_S = 120.0  # between two messages of a running generation
+LIVENESS_CHECK_S = 1.0  # silence on a running generation after which its process is pinged
+LIVENESS_TIMEOUT_S = 3.0  # no pong within this: the process is gone
 
 
 @dataclass
@@ -94,9 +95,29 @@ def _steering_payload(target: Target, inline: Any) -> dict[str, Any]:
 steering_payload = sync_to_async(_steering_payload)
 
 
+def _unavailable(message: str) -> OpenAIRequestError:
+    return OpenAIRequestError(message, code="service_unavailable", status=503, type="server_error")
+
+
+async def _worker_alive(layer, worker_channel: str) -> bool:
+    """Ping the process running our generation on its own channel: silence is normal, death is not."""
+    reply_channel = await layer.new_channel("inference.reply.")
+    await layer.send(worker_channel, {"type": "ping", "reply_channel": reply_channel})
+    pong = asyncio.ensure_future(layer.receive(reply_channel))
+    done, _ = await asyncio.wait({pong}, timeout=LIVENESS_TIMEOUT_S)
+    if not done:
+        pong.cancel()
+    return bool(done)
+
+
 async def run_generation(*, model: str, prompt: str | None, messages: list | None, params: dict,
                          steering: dict) -> AsyncIterator[dict]:
-    """Yield the inference process's reply messages for one generation; cancel it if abandoned."""
+    """Yield the inference process's reply messages for one generation; cancel it if abandoned.
+
+    A receive is never cancelled mid-flight (that could drop a message): it is awaited in slices,
+    and after a silent slice the process running the generation is pinged, so a crash mid-stream
+    becomes a clean 503 within seconds instead of a hang.
+    """
     layer = get_channel_layer()
     request_id = new_id("req")
     worker_channel = None
@@ -107,22 +128,25 @@ async def run_generation(*, model: str, prompt: str | None, messages: list | Non
             "prompt": prompt, "messages": messages, "params": params, "steering": steering,
         })
     except OSError:
-        raise OpenAIRequestError("The message broker is unreachable", code="service_unavailable", status=503,
-                                 type="server_error") from None
-    wait = settings.INFERENCE_TIMEOUT_S
+        raise _unavailable("The message broker is unreachable") from None
     finished = False
+    pending: asyncio.Future | None = None
+    silent_s = 0.0
     try:
         while True:
-            try:
-                message = await asyncio.wait_for(layer.receive(reply_channel), wait)
-            except TimeoutError:
-                raise OpenAIRequestError(
-                    "No inference process answered in time" if worker_channel is None
-                    else "The inference process stopped answering", code="service_unavailable", status=503,
-                    type="server_error") from None
+            pending = pending or asyncio.ensure_future(layer.receive(reply_channel))
+            done, _ = await asyncio.wait({pending}, timeout=LIVENESS_CHECK_S)
+            if not done:
+                silent_s += LIVENESS_CHECK_S
+                if worker_channel is None and silent_s >= settings.INFERENCE_TIMEOUT_S:
+                    raise _unavailable("No inference process answered in time")
+                if worker_channel is not None and not await _worker_alive(layer, worker_channel):
+                    raise _unavailable("The inference process stopped during the generation; retry the request")
+                continue
+            message, pending, silent_s = pending.result(), None, 0.0
             kind = message["type"]
             if kind == "started":
-                worker_channel, wait = message["worker_channel"], STALL_TIMEOUT_S
+                worker_channel = message["worker_channel"]
             elif kind == "error":
                 finished = True
                 raise OpenAIRequestError(message.get("message", "generation failed"), param=message.get("param"),
@@ -133,6 +157,8 @@ async def run_generation(*, model: str, prompt: str | None, messages: list | Non
                 finished = True
                 return
     finally:
+        if pending is not None:
+            pending.cancel()
         if not finished and worker_channel is not None:
             # The client went away (or timed out): free the batch row.
             await layer.send(worker_channel, {"type": "cancel", "request_id": request_id})

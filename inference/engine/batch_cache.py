@@ -53,10 +53,6 @@ class BatchKVCache:
         self.device = device
         self._refresh()
 
-    @classmethod
-    def from_prefill(cls, cache: DynamicCache, attention_mask: torch.Tensor, pads: list[int]) -> BatchKVCache:
-        return cls(cache, pads, attention_mask.shape[1], attention_mask.device)
-
     @property
     def batch_size(self) -> int:
         return len(self.pads)

@@ -99,7 +99,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a local HF folder (or a .gguf file, or a folder plus gguf_file) for inference."""
     started = time.perf_counter()
-    folder, gguf_file = _resolve_source(Path(path_or_folder), gguf_file)
+    folder = Path(path_or_folder)
+    if folder.suffix == ".gguf" and gguf_file is None:
+        folder, gguf_file = folder.parent, folder.name
     if dtype not in DTYPES:
         raise UnsupportedConfigurationError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if quantization is not None:
@@ -113,6 +115,7 @@ def load_model(
                 "a GGUF file is dequantized when it loads and cannot be re-quantized with Q4/Q8; "
                 "load it as float32/float16/bfloat16, or quantize a safetensors checkpoint"
             )
+    _check_source(folder, gguf_file)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kwargs: dict[str, Any] = {
         "dtype": DTYPES[dtype],
@@ -156,9 +159,7 @@ def load_model(
     )
 
 
-def _resolve_source(path: Path, gguf_file: str | None) -> tuple[Path, str | None]:
-    if path.suffix == ".gguf" and gguf_file is None:
-        path, gguf_file = path.parent, path.name
+def _check_source(path: Path, gguf_file: str | None) -> None:
     if not path.is_dir():
         raise ModelNotFoundError(f"model folder {path.name!r} does not exist; download the model first")
     if gguf_file is not None:
@@ -166,7 +167,6 @@ def _resolve_source(path: Path, gguf_file: str | None) -> tuple[Path, str | None
             raise ModelNotFoundError(f"GGUF file {gguf_file!r} is not in the model folder")
     elif not (path / "config.json").is_file():
         raise InvalidModelError(f"{path.name!r} holds no config.json: not a transformers model folder")
-    return path, gguf_file
 
 
 def _quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:

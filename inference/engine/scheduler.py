@@ -84,6 +84,7 @@ class GenerationScheduler:
         self._throughput: collections.deque[tuple[float, int]] = collections.deque(maxlen=8192)
         self.requests_total = 0
         self.tokens_total = 0
+        self._created = time.monotonic()
 
     # --- lifecycle ---
 
@@ -164,21 +165,17 @@ class GenerationScheduler:
         return self.call(lambda: embed(self.loaded, texts, **kwargs)).result()
 
     def add_interceptor(self, interceptor: ForwardInterceptor) -> None:
-        self._interceptors = (
-            *self._interceptors,
-            interceptor,
-        )  # swapped whole: the loop reads it once a step
+        # The tuple is swapped whole: the loop reads it once per forward pass, never half-updated.
+        self._interceptors = (*self._interceptors, interceptor)
 
     def remove_interceptor(self, interceptor: ForwardInterceptor) -> None:
         self._interceptors = tuple(i for i in self._interceptors if i is not interceptor)
 
     def status(self) -> SchedulerStatus:
         now = time.monotonic()
-        recent = [(t, n) for t, n in list(self._throughput) if now - t <= THROUGHPUT_WINDOW_S]
-        rate = 0.0
-        if recent:
-            span = max(now - recent[0][0], 1e-3)
-            rate = sum(n for _, n in recent) / span
+        recent = sum(n for t, n in list(self._throughput) if now - t <= THROUGHPUT_WINDOW_S)
+        # Over the whole window (or the time since start): a single fast step is not a rate.
+        rate = recent / max(min(THROUGHPUT_WINDOW_S, now - self._created), 1e-3)
         return SchedulerStatus(
             running=self.running,
             queued=len(self._intake),
@@ -211,7 +208,9 @@ class GenerationScheduler:
     # --- loop thread ---
 
     def _run(self) -> None:
-        with torch.inference_mode():
+        # no_grad rather than inference_mode: tensors that management calls create here (SAE
+        # weights, statistics) stay ordinary tensors that other threads may update in place.
+        with torch.no_grad():
             while True:
                 with self._lock:
                     while not (
@@ -254,7 +253,7 @@ class GenerationScheduler:
         self._batch.set_context(None)
         try:
             future.set_result(fn())
-        except BaseException as exc:  # handed to the caller, never kills the loop
+        except Exception as exc:  # handed to the caller, never kills the loop
             future.set_exception(exc)
 
     def _reap_cancelled(self) -> None:

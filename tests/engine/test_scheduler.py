@@ -308,9 +308,26 @@ def test_async_batches_deliver_the_same_events(scheduler):
             events.extend(batch)
         return events
 
-    events = asyncio.run(asyncio.wait_for(consume(), TIMEOUT_S))
+    async def consume_and_cancel():
+        handle = scheduler.submit(
+            GenerationRequest(PROMPTS[3], SamplingParams(max_tokens=900, temperature=0, ignore_eos=True))
+        )
+        batches = [batch async for batch in _cancel_after_first(handle)]
+        return batches[-1][-1]
+
+    async def both():
+        return await asyncio.gather(consume(), consume_and_cancel())
+
+    events, cancelled = asyncio.run(asyncio.wait_for(both(), TIMEOUT_S))
     assert isinstance(events[-1], FinishEvent)
     assert ids_of(events[:-1]) == ids_of(expected)
+    assert cancelled.finish_reason == "cancelled" and cancelled.usage.completion_tokens < 900
+
+
+async def _cancel_after_first(handle):
+    async for batch in handle.batches():
+        yield batch
+        handle.cancel()
 
 
 def test_status_embed_and_concurrent_submitters(scheduler, tiny):
@@ -382,4 +399,43 @@ def test_sliding_window_layers_batch_like_solo_runs(tiny):
                                        do_sample=False, eos_token_id=None)[0, ids.shape[1]:].tolist()  # fmt: skip
         assert solo[0] == reference
     finally:
+        engine.stop()
+
+
+def test_sae_hook_steers_and_monitors_each_row_on_its_own(tiny, test_tier_assets):
+    import json
+
+    from inference.engine.sae import load_sae
+    from inference.engine.sae_hook import FeatureCapture, SaeHook
+    from inference.engine.steering import SteeringFeature, SteeringSpec
+
+    manifest = json.loads((test_tier_assets.model.local_path.parent / "manifest.json").read_text())
+    feature = manifest["features"][0]
+    hook = SaeHook()
+    engine = GenerationScheduler(tiny, interceptors=[hook]).start()
+    try:
+        sae = load_sae(test_tier_assets.sae.local_path)
+        engine.call(lambda: hook.attach(tiny.model, sae)).result(timeout=TIMEOUT_S)
+        strength = 3 * manifest["residual_norm_median"]
+        steering = hook.compile(SteeringSpec((SteeringFeature(feature["index"], strength),)))
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        plain = text_of(collect(engine.submit(GenerationRequest("The city", params)))[0])
+        steered = text_of(collect(engine.submit(GenerationRequest("The city", params, steering=steering)))[0])
+        assert steered.count(feature["token"]) > plain.count(feature["token"])
+
+        handles = [
+            engine.submit(
+                GenerationRequest("The city", params, steering=steering if i % 2 else None, monitor=i == 3)
+            )
+            for i in range(6)
+        ]
+        results = [collect(h)[0] for h in handles]
+        assert [text_of(r) for r in results] == [steered if i % 2 else plain for i in range(6)]
+        captures = [t.captures for t in results[3]]
+        assert all(len(c) == 1 and isinstance(c[0], FeatureCapture) for c in captures)
+        assert captures[0][0].generated == [False] * handles[3].prompt_tokens  # prefill: the prompt
+        assert [c[0].generated for c in captures[1:]] == [[True]] * 11  # then one generated input each
+        assert all(t.captures == () for r in results[:3] for t in r)
+    finally:
+        engine.call(hook.detach).result(timeout=TIMEOUT_S)
         engine.stop()

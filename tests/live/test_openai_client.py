@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import httpx
@@ -57,8 +59,8 @@ def test_text_completion_and_logprobs(client):
     assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
 
 
-def test_async_client_concurrent_greedy_requests_match_alone(served):
-    prompts = [f"Story number {i} about the moon" for i in range(8)]
+def test_16_concurrent_streamed_greedy_requests_match_alone(served):
+    prompts = [f"Story number {i} about the moon" for i in range(16)]
     sync = openai.OpenAI(base_url=f"{served.url}/v1", api_key="x", max_retries=0)
     alone = [sync.completions.create(model="tiny-llama", prompt=p, max_tokens=16, temperature=0).choices[0].text
              for p in prompts]
@@ -111,3 +113,27 @@ def test_client_disconnect_cancels_the_generation(client, served):
         time.sleep(0.1)
     assert health["active_requests"] == 0
     assert health["tokens_total"] - before < 600, "the abandoned generation ran on instead of being cancelled"
+
+
+def test_killing_the_inference_process_mid_stream_gives_a_clean_error_then_recovers(client, served):
+    from tests.live.test_serve import children_by_name
+
+    victim = children_by_name(served)["inference"]
+    stream = client.completions.create(model="tiny-llama", prompt="Once", max_tokens=900, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunks)
+    os.kill(victim.pid, signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(openai.APIError, match="inference process stopped"):
+        for _ in chunks:
+            pass
+    assert time.monotonic() - started < 15
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        inference = httpx.get(f"{served.url}/api/health").json()["data"]["inference"]
+        if inference["up"] and inference.get("pid") != victim.pid and inference.get("loaded_model") == "tiny-llama":
+            break
+        time.sleep(0.3)
+    reply = client.completions.create(model="tiny-llama", prompt="The moon", max_tokens=5, temperature=0)
+    assert reply.usage.completion_tokens >= 1
