@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 
 from inference import services
-from inference.models import LanguageModel
+from inference.models import Download, LanguageModel
 
 
 @admin.register(LanguageModel)
@@ -19,3 +19,11 @@ class LanguageModelAdmin(admin.ModelAdmin):
         broken = sum(1 for ok in results if not ok)
         level = messages.WARNING if broken else messages.SUCCESS
         self.message_user(request, f"{len(results) - broken} model(s) present, {broken} missing.", level)
+
+
+@admin.register(Download)
+class DownloadAdmin(admin.ModelAdmin):
+    list_display = ("id", "kind", "repo_id", "revision", "status", "bytes_done", "bytes_total", "created_at")
+    list_filter = ("kind", "status")
+    search_fields = ("repo_id", "error_message")
+    readonly_fields = [f.name for f in Download._meta.fields]

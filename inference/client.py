@@ -19,7 +19,9 @@ async def inference_call(kind: str, payload: dict[str, Any] | None = None, *, ti
     layer = get_channel_layer()
     wait = settings.INFERENCE_TIMEOUT_S if timeout is None else timeout
     try:
-        reply_channel = await layer.new_channel("inference.reply.")
+        # The default prefix matters: channels-redis runs one receive loop per layer, for one prefix, so a
+        # reply channel with its own prefix would starve while a WebSocket consumer holds that loop.
+        reply_channel = await layer.new_channel()
         await layer.send(settings.INFERENCE_CHANNEL, {"type": kind, "reply_channel": reply_channel, **(payload or {})})
         reply = await asyncio.wait_for(layer.receive(reply_channel), wait)
     except TimeoutError:

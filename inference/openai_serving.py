@@ -28,6 +28,7 @@ from inference.openai_protocol import (
     usage_body,
 )
 from millm_site.errors import MillmError
+from monitoring.live import activation_publisher
 from profiles.models import Profile
 from steering.steering_services import attached_sae
 from steering.units import strengths_to_raw
@@ -48,6 +49,7 @@ class Generation:
 
     text: str = ""
     tokens: list[dict[str, Any]] = field(default_factory=list)
+    frames: list[dict[str, Any]] = field(default_factory=list)  # per-token features, when monitored
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -101,7 +103,7 @@ def _unavailable(message: str) -> OpenAIRequestError:
 
 async def _worker_alive(layer, worker_channel: str) -> bool:
     """Ping the process running our generation on its own channel: silence is normal, death is not."""
-    reply_channel = await layer.new_channel("inference.reply.")
+    reply_channel = await layer.new_channel()
     await layer.send(worker_channel, {"type": "ping", "reply_channel": reply_channel})
     pong = asyncio.ensure_future(layer.receive(reply_channel))
     done, _ = await asyncio.wait({pong}, timeout=LIVENESS_TIMEOUT_S)
@@ -111,7 +113,7 @@ async def _worker_alive(layer, worker_channel: str) -> bool:
 
 
 async def run_generation(*, model: str, prompt: str | None, messages: list | None, params: dict,
-                         steering: dict) -> AsyncIterator[dict]:
+                         steering: dict, monitor: bool | None = None) -> AsyncIterator[dict]:
     """Yield the inference process's reply messages for one generation; cancel it if abandoned.
 
     A receive is never cancelled mid-flight (that could drop a message): it is awaited in slices,
@@ -122,10 +124,10 @@ async def run_generation(*, model: str, prompt: str | None, messages: list | Non
     request_id = new_id("req")
     worker_channel = None
     try:
-        reply_channel = await layer.new_channel("inference.reply.")
+        reply_channel = await layer.new_channel()
         await layer.send(settings.INFERENCE_CHANNEL, {
             "type": "generate", "request_id": request_id, "reply_channel": reply_channel, "model": model,
-            "prompt": prompt, "messages": messages, "params": params, "steering": steering,
+            "prompt": prompt, "messages": messages, "params": params, "steering": steering, "monitor": monitor,
         })
     except OSError:
         raise _unavailable("The message broker is unreachable") from None
@@ -145,6 +147,10 @@ async def run_generation(*, model: str, prompt: str | None, messages: list | Non
                 continue
             message, pending, silent_s = pending.result(), None, 0.0
             kind = message["type"]
+            if kind == "chunk" and message.get("frames"):
+                for frame in message["frames"]:
+                    frame["request_id"] = request_id
+                await activation_publisher().offer(list(message["frames"]))
             if kind == "started":
                 worker_channel = message["worker_channel"]
             elif kind == "error":
@@ -171,6 +177,7 @@ async def collect(stream: AsyncIterator[dict]) -> Generation:
         if message["type"] == "chunk":
             pieces.append(message["text"])
             result.tokens.extend(message.get("tokens", ()))
+            result.frames.extend(message.get("frames", ()))
         elif message["type"] == "started":
             result.prompt_tokens = message.get("prompt_tokens", 0)
         elif message["type"] == "done":

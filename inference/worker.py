@@ -34,7 +34,7 @@ class InferenceWorker:
         self.in_flight: set[asyncio.Task] = set()
 
     async def serve_until_stopped(self, *, restore: bool = False) -> None:
-        self.own_channel = await self.layer.new_channel("inference.worker.")
+        self.own_channel = await self.layer.new_channel()
         if restore:
             await self.calls.restore_desired_state()
         log.info("inference_ready", channel=self.channel_name, pid=os.getpid())

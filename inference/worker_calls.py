@@ -172,6 +172,20 @@ class WorkerCalls:
         result = await in_thread(self.runtime.embed, model=message.get("model"), texts=message["texts"])
         return {"type": "embeddings", "vectors": result.embeddings, "prompt_tokens": result.total_tokens}
 
+    async def call_configure_monitoring(self, message: dict) -> dict[str, Any]:
+        settings = await in_thread(self.runtime.configure_monitoring, enabled=message.get("enabled"),
+                                   top_k=message.get("top_k"), features=message.get("features"))
+        return {"type": "monitoring", "enabled": settings.enabled, "top_k": settings.top_k,
+                "features": list(settings.features), "active": self.runtime.hook.attached}
+
+    async def call_statistics(self, message: dict) -> dict[str, Any]:
+        return {"type": "statistics", **self.runtime.statistics(top=int(message.get("top", 20)),
+                                                                by=message.get("by", "mean"))}
+
+    async def call_reset_statistics(self, message: dict) -> dict[str, Any]:
+        self.runtime.reset_statistics()
+        return {"type": "statistics_reset"}
+
     async def call_cancel(self, message: dict) -> None:
         handle = self.handles.get(message["request_id"])
         if handle is not None:
@@ -184,7 +198,7 @@ class WorkerCalls:
         submitted = self.runtime.submit(
             request_id=message["request_id"], model=message.get("model"), prompt=message.get("prompt"),
             messages=message.get("messages"), params=message.get("params", {}), steering=message.get("steering"),
-            monitor=bool(message.get("monitor")))
+            monitor=message.get("monitor"))
         handle = submitted.handle
         self.handles[handle.request_id] = handle
         finished = False
@@ -197,9 +211,11 @@ class WorkerCalls:
                 sent_at = time.monotonic()
                 tokens = [e for e in events if isinstance(e, TokenEvent)]
                 if tokens:
-                    await self.worker.send(reply_channel, {
-                        "type": "chunk", "text": "".join(t.text_delta for t in tokens),
-                        "tokens": [self._token_dict(t, wants_logprobs) for t in tokens]})
+                    chunk = {"type": "chunk", "text": "".join(t.text_delta for t in tokens),
+                             "tokens": [self._token_dict(t, wants_logprobs) for t in tokens]}
+                    if submitted.frames is not None:
+                        chunk["frames"] = [f for t in tokens for f in submitted.frames.frames(t.token_id, t.captures)]
+                    await self.worker.send(reply_channel, chunk)
                 finish = events[-1] if isinstance(events[-1], FinishEvent) else None
                 if finish is not None:
                     finished = True

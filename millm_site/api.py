@@ -72,11 +72,19 @@ def on_unexpected(request, exc: Exception):
 
 def _mount_routers() -> None:
     from inference.api import router as models_router
+    from inference.download_api import catalog_deletes_mount
+    from inference.download_api import router as downloads_router
     from monitoring.api import router as monitoring_router
+    from monitoring.monitor_api import inspect_router
+    from monitoring.monitor_api import monitoring_router as live_monitoring_router
     from profiles.api import router as profiles_router
     from steering.api import saes_router, steering_router
 
+    api.add_router("/", downloads_router)  # first: its models/download must win over models/{name}
+    catalog_deletes_mount(models_router=models_router, saes_router=saes_router)
     api.add_router("/", monitoring_router)
+    api.add_router("/", inspect_router)
+    api.add_router("/monitoring", live_monitoring_router)
     api.add_router("/models", models_router)
     api.add_router("/profiles", profiles_router)
     api.add_router("/saes", saes_router)

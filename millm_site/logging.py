@@ -37,5 +37,6 @@ def logging_config(*, level: str, fmt: str) -> dict:
             "django": {"handlers": ["console"], "level": level, "propagate": False},
             "daphne": {"handlers": ["console"], "level": "WARNING", "propagate": False},
             "httpx": {"level": "WARNING"},
+            "httpx2": {"level": "WARNING"},  # huggingface_hub 2.x logs every request through it
         },
     }

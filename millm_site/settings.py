@@ -105,12 +105,21 @@ MODEL_CACHE_DIR = env_path("MODEL_CACHE_DIR", VAR_DIR / "models")
 SAE_CACHE_DIR = env_path("SAE_CACHE_DIR", VAR_DIR / "saes")
 DEMO_ASSETS_DIR = env_path("MILLM_ASSET_CACHE", VAR_DIR / "assets")
 DEMO_TIER = env_choice("MILLM_DEMO_TIER", "demo", ("demo", "test"))
+# Passed as `endpoint=` to huggingface_hub: its own HF_ENDPOINT is frozen when it is first imported.
+HF_ENDPOINT = env_str("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+DOWNLOAD_MIN_FREE_BYTES = env_int("MILLM_DOWNLOAD_MIN_FREE_BYTES", 512 * 1024**2, minimum=0)
 # HF_TOKEN is read from the environment where a download needs it, never stored or logged.
 
 MILLM_API_KEY = env_str("MILLM_API_KEY")
 INFERENCE_CHANNEL = env_str("MILLM_INFERENCE_CHANNEL", "inference")
 INFERENCE_TIMEOUT_S = env_float("MILLM_INFERENCE_TIMEOUT", 5.0, minimum=0.1)
 MONITOR_MAX_HZ = env_float("MILLM_MONITOR_MAX_HZ", 10.0, minimum=0.1)
+HISTORY_RETENTION_DAYS = env_int("MILLM_HISTORY_RETENTION_DAYS", 30, minimum=0)  # 0 keeps history forever
+SYSTEM_INTERVAL_S = env_float("MILLM_SYSTEM_INTERVAL", 2.0, minimum=0.2)
+ALERT_LATENCY_P99_MS = env_float("MILLM_ALERT_LATENCY_P99_MS", 10_000.0, minimum=1.0)
+ALERT_ERROR_RATE = env_float("MILLM_ALERT_ERROR_RATE", 0.1, minimum=0.001)  # a fraction of requests
+ALERT_MEMORY_PERCENT = env_float("MILLM_ALERT_MEMORY_PERCENT", 90.0, minimum=1.0)
+ALERT_COOLDOWN_S = env_float("MILLM_ALERT_COOLDOWN_S", 300.0, minimum=0.0)
 
 LOG_LEVEL = env_choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error"))
 LOG_FORMAT = env_choice("LOG_FORMAT", "console", ("console", "json"))

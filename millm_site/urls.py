@@ -5,6 +5,7 @@ from django.urls import include, path
 
 from inference.openai_api import v1
 from millm_site.api import api
+from monitoring.views import metrics_endpoint
 
 urlpatterns = [
     path("", include("monitoring.urls")),
@@ -13,5 +14,6 @@ urlpatterns = [
     path("profiles/", include("profiles.urls")),
     path("v1/", v1.urls),
     path("api/", api.urls),
+    path("metrics", metrics_endpoint, name="metrics"),  # Prometheus; outside /api, so no API key
     path("admin/", admin.site.urls),
 ]

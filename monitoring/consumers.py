@@ -9,6 +9,8 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.template import TemplateDoesNotExist
 from django.template.loader import render_to_string
 
+from monitoring.system_status import system_publisher
+
 
 class EventStreamConsumer(AsyncWebsocketConsumer):
     group: str = ""
@@ -46,7 +48,23 @@ class MonitorConsumer(EventStreamConsumer):
 
 
 class SystemConsumer(EventStreamConsumer):
+    """The system feed: the first client starts this process's status publisher, the last one stops it."""
+
     group = "system"
+    joined = False
+
+    async def connect(self) -> None:
+        await super().connect()
+        system_publisher.join(self.channel_name)
+        self.joined = True
+        if system_publisher.last_status is not None:  # a late joiner sees numbers now, not after an interval
+            await self.send_event("system_status", system_publisher.last_status)
+
+    async def disconnect(self, code: int) -> None:
+        if self.joined:  # a connect that failed half-way never joined
+            system_publisher.leave(self.channel_name)
+            self.joined = False
+        await super().disconnect(code)
 
 
 class ProgressConsumer(EventStreamConsumer):

@@ -14,9 +14,9 @@ class RequestStatus(models.TextChoices):
 class RequestRecord(models.Model):
     request_id = models.CharField(max_length=64, unique=True)
     endpoint = models.CharField(max_length=32)  # "chat.completions", "completions", "inspect"
-    model_name = models.CharField(max_length=100, db_index=True)
-    profile_name = models.CharField(max_length=100, blank=True, db_index=True)
-    status = models.CharField(max_length=16, choices=RequestStatus.choices, db_index=True)
+    model_name = models.CharField(max_length=100)
+    profile_name = models.CharField(max_length=100, blank=True)
+    status = models.CharField(max_length=16, choices=RequestStatus.choices)
     prompt = models.TextField()
     output = models.TextField(blank=True)
     parameters = models.JSONField(default=dict)
@@ -30,7 +30,16 @@ class RequestRecord(models.Model):
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
-        ordering = ["-created_at"]
+        # "-id" breaks ties between rows written in the same instant, so pages never overlap.
+        ordering = ["-created_at", "-id"]
+        # History pages filter by one column and sort newest first: (column, created_at) serves both,
+        # and its prefix serves the plain filter; created_at alone serves the unfiltered page and retention.
+        indexes = [
+            models.Index(fields=["model_name", "-created_at"], name="history_model_recent"),
+            models.Index(fields=["profile_name", "-created_at"], name="history_profile_recent"),
+            models.Index(fields=["status", "-created_at"], name="history_status_recent"),
+            models.Index(fields=["endpoint", "-created_at"], name="history_endpoint_recent"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.request_id} ({self.model_name}, {self.status})"

@@ -6,4 +6,8 @@ app_name = "monitoring"
 urlpatterns = [
     path("", views.home_page, name="home"),
     path("monitor/", views.monitor_page, name="monitor"),
+    path("history/", views.history_list_page, name="history"),
+    path("history/export", views.history_export_download, name="history-export"),
+    path("history/<str:request_id>/", views.history_detail_page, name="history-detail"),
+    path("system/", views.system_page, name="system"),
 ]

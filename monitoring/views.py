@@ -1,8 +1,32 @@
+"""Overview, Monitor, History and System pages, and /metrics: thin views over selectors and services."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+import psutil
+from django.conf import settings
+from django.http import HttpResponse
 from django.shortcuts import render
+from django.views.decorators.http import require_GET
 
 from inference.selectors import model_list
+from millm_site.errors import NotFound
+from monitoring.forms import HistoryFilterForm
+from monitoring.history_export import history_export_response
+from monitoring.history_selectors import (
+    history_choices,
+    history_page,
+    history_record_get,
+    token_feature_table,
+)
+from monitoring.metrics import CONTENT_TYPE, registry
 from monitoring.models import RequestRecord
+from monitoring.system_status import inference_ping, system_publisher
 from steering.selectors import sae_list
+
+HISTORY_PAGE_SIZE = 50
+METRICS_PING_TIMEOUT_S = 1.0  # a scrape must answer even when the inference process does not
 
 
 def home_page(request):
@@ -13,3 +37,49 @@ def home_page(request):
 def monitor_page(request):
     recent = RequestRecord.objects.all()[:20]
     return render(request, "monitoring/monitor.html", {"recent": recent, "nav": "monitor"})
+
+
+def history_list_page(request):
+    """The history table; an htmx request aimed at the table body gets only its rows (and the pager row)."""
+    form = HistoryFilterForm(request.GET)
+    filters = form.filters()
+    page = history_page(filters=filters, page=form.page_number(), page_size=HISTORY_PAGE_SIZE)
+    if page.page > page.pages:  # filters narrowed the results under the page asked for: show the last one
+        page = history_page(filters=filters, page=page.pages, page_size=HISTORY_PAGE_SIZE)
+    context = {"form": form, "filters": filters, "page": page, "query": urlencode(filters.as_query()),
+               "nav": "history"}
+    if request.htmx and request.htmx.target == "history-rows":
+        return render(request, "monitoring/_history_rows.html", context)
+    context["choices"] = history_choices()
+    return render(request, "monitoring/history.html", context)
+
+
+def history_detail_page(request, request_id: str):
+    try:
+        record = history_record_get(request_id=request_id)
+    except NotFound as exc:
+        return render(request, "monitoring/history_missing.html", {"message": exc.message, "nav": "history"},
+                      status=404)
+    context = {"r": record, "table": token_feature_table(record.token_features), "nav": "history"}
+    return render(request, "monitoring/history_detail.html", context)
+
+
+@require_GET
+def history_export_download(request):
+    fmt = request.GET.get("format", "csv")
+    return history_export_response(filters=HistoryFilterForm(request.GET).filters(),
+                                   fmt=fmt if fmt in ("csv", "json") else "csv")
+
+
+def system_page(request):
+    context = {"status": system_publisher.last_status, "alerts": list(system_publisher.alerts),
+               "interval_s": settings.SYSTEM_INTERVAL_S, "nav": "system"}
+    return render(request, "monitoring/system.html", context)
+
+
+@require_GET
+async def metrics_endpoint(request):
+    """Prometheus scrape target; see monitoring/metrics.py for what is counted and where."""
+    pong = await inference_ping(timeout=min(settings.INFERENCE_TIMEOUT_S, METRICS_PING_TIMEOUT_S))
+    text = registry.exposition(inference=pong, process_rss_bytes=psutil.Process().memory_info().rss)
+    return HttpResponse(text, content_type=CONTENT_TYPE)

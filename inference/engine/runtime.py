@@ -8,12 +8,17 @@ scheduler's loop thread between forward passes (`scheduler.call`), so no request
 from __future__ import annotations
 
 import gc
+import math
 import threading
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from inference.engine.activation_frames import FrameBuilder
 from inference.engine.chat import build_chat_prompt
 from inference.engine.embeddings import EmbeddingResult
+from inference.engine.feature_stats import METRICS
 from inference.engine.generation import GenerationRequest, RequestHandle
 from inference.engine.loading import LoadedModel, load_model
 from inference.engine.sae import SaeWeights, load_sae
@@ -36,6 +41,14 @@ class Submitted:
     handle: RequestHandle
     steering_label: str  # "none", "active", "profile:<name>", "inline"
     prompt_text: str
+    frames: FrameBuilder | None  # set when the request is monitored
+
+
+@dataclass
+class MonitoringSettings:
+    enabled: bool = True  # monitor every request while an SAE is attached
+    top_k: int = 10
+    features: tuple[int, ...] = ()  # always reported, whatever their rank
 
 
 def steering_spec(payload: dict[str, Any]) -> SteeringSpec:
@@ -56,6 +69,7 @@ class EngineRuntime:
         self.sae_name: str | None = None
         self.active_steering: CompiledSteering | None = None
         self.active_label = "none"
+        self.monitoring = MonitoringSettings()
         self._lock = threading.RLock()  # load/unload/attach never interleave
 
     # --- model -------------------------------------------------------------------------------
@@ -97,6 +111,8 @@ class EngineRuntime:
             sae = load_sae(path)  # slow I/O off the loop thread; validation happens in attach
             attached = scheduler.call(lambda: self.hook.attach(self.loaded.model, sae)).result()
             self.sae_name, self.active_steering, self.active_label = name, None, "none"
+            monitored = [i for i in self.monitoring.features if i < attached.d_sae]
+            scheduler.call(lambda: self.hook.set_monitored_features(monitored)).result()
             return attached
 
     def detach_sae(self) -> None:
@@ -130,22 +146,61 @@ class EngineRuntime:
     # --- requests ----------------------------------------------------------------------------
 
     def submit(self, *, request_id: str, model: str | None, prompt: str | None, messages: list | None,
-               params: dict[str, Any], steering: dict[str, Any] | None, monitor: bool = False) -> Submitted:
+               params: dict[str, Any], steering: dict[str, Any] | None, monitor: bool | None = None) -> Submitted:
+        """Queue a generation; `monitor` None follows the monitoring settings."""
         scheduler = self.require_model(model)
         compiled, label = self.resolve_steering(steering)
         sampling = SamplingParams(**{k: v for k, v in params.items() if v is not None})
+        tokenizer = self.loaded.tokenizer
         if messages is not None:
-            chat = build_chat_prompt(self.loaded.tokenizer, messages)
-            request = GenerationRequest(prompt=chat.token_ids, params=sampling, steering=compiled, monitor=monitor,
-                                        request_id=request_id, prompt_param="messages")
-            prompt_text = chat.text
+            chat = build_chat_prompt(tokenizer, messages)
+            prompt_ids, prompt_text, prompt_param = list(chat.token_ids), chat.text, "messages"
         else:
-            if prompt is None:
+            if not prompt:
                 raise InvalidRequestError(param="prompt", message="prompt is required")
-            request = GenerationRequest(prompt=prompt, params=sampling, steering=compiled, monitor=monitor,
-                                        request_id=request_id)
-            prompt_text = prompt
-        return Submitted(handle=scheduler.submit(request), steering_label=label, prompt_text=prompt_text)
+            # Tokenized here, the way the scheduler would, so monitoring frames know every prompt token.
+            prompt_ids, prompt_text, prompt_param = list(tokenizer(prompt)["input_ids"]), prompt, "prompt"
+        monitored = (self.monitoring.enabled if monitor is None else monitor) and self.hook.attached
+        request = GenerationRequest(prompt=prompt_ids, params=sampling, steering=compiled, monitor=monitored,
+                                    request_id=request_id, prompt_param=prompt_param)
+        frames = FrameBuilder(prompt_ids, lambda token_id: tokenizer.decode([token_id])) if monitored else None
+        return Submitted(handle=scheduler.submit(request), steering_label=label, prompt_text=prompt_text,
+                         frames=frames)
+
+    def configure_monitoring(self, *, enabled: bool | None = None, top_k: int | None = None,
+                             features: list[int] | None = None) -> MonitoringSettings:
+        if top_k is not None:
+            if not 1 <= top_k <= 100:
+                raise InvalidRequestError(param="top_k", message="top_k must be between 1 and 100")
+            self.monitoring.top_k = self.hook.top_k = top_k
+        if features is not None:
+            if self.hook.attached:
+                self.require_model().call(lambda: self.hook.set_monitored_features(list(features))).result()
+            self.monitoring.features = tuple(features)
+        if enabled is not None:
+            self.monitoring.enabled = enabled
+        return self.monitoring
+
+    def statistics(self, *, top: int = 20, by: str = "mean") -> dict[str, Any]:
+        stats = self.hook.statistics
+        if stats is None:
+            raise RuntimeRefusal("SAE_NOT_ATTACHED", "No SAE is attached: no feature statistics")
+        if by not in METRICS:
+            raise InvalidRequestError(param="by", message=f"by must be one of {', '.join(METRICS)}")
+        best = stats.top(top, by=by)
+        columns = {name: stats.metric(name).index_select(0, torch.tensor(best.indices, dtype=torch.long,
+                                                                            device=stats.device)).tolist()
+                   for name in ("mean", "std", "min", "max", "active_ratio")}
+        def finite(value: float) -> float | None:  # min/max of a never-seen feature are ±inf: not JSON
+            return value if math.isfinite(value) else None
+
+        return {"total_tokens": stats.total_tokens, "by": by,
+                "top": [{"index": index, "value": finite(value), **{name: finite(columns[name][n]) for name in columns}}
+                        for n, (index, value) in enumerate(zip(best.indices, best.values, strict=True))]}
+
+    def reset_statistics(self) -> None:
+        if self.hook.statistics is not None:
+            self.hook.statistics.reset()
 
     def embed(self, *, model: str | None, texts: list[str]) -> EmbeddingResult:
         return self.require_model(model).embed(texts)
@@ -162,4 +217,6 @@ class EngineRuntime:
             "requests_total": scheduler.requests_total if scheduler else 0,
             "tokens_total": scheduler.tokens_total if scheduler else 0,
             "memory_bytes": self.loaded.memory_bytes if self.loaded else 0,
+            "monitoring": {"enabled": self.monitoring.enabled, "top_k": self.monitoring.top_k,
+                           "features": list(self.monitoring.features), "active": self.hook.attached},
         }
