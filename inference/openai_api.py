@@ -80,14 +80,15 @@ def base64_floats(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
-def _respond(body, steering: str) -> HttpResponse:
+def _respond(body, headers: dict[str, str]) -> HttpResponse:
     if isinstance(body, dict):
         response: HttpResponse = JsonResponse(body)
     else:
         response = StreamingHttpResponse(body, content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"
-    response["X-miLLM-Steering"] = steering
+    for name, value in headers.items():
+        response[name] = value
     return response
 
 
@@ -108,14 +109,14 @@ async def list_models(request):
 
 @v1.post("/chat/completions", summary="Chat completion (SSE when stream: true)")
 async def chat_completions(request, payload: ChatCompletionRequest):
-    body, steering = await openai_serving.chat_completion(payload)
-    return _respond(body, steering)
+    body, headers = await openai_serving.chat_completion(payload)
+    return _respond(body, headers)
 
 
 @v1.post("/completions", summary="Text completion (SSE when stream: true)")
 async def completions(request, payload: CompletionRequest):
-    body, steering = await openai_serving.text_completion(payload)
-    return _respond(body, steering)
+    body, headers = await openai_serving.text_completion(payload)
+    return _respond(body, headers)
 
 
 @v1.post("/embeddings", summary="Embeddings from the loaded model's hidden states")
@@ -127,4 +128,4 @@ async def embeddings(request, payload: EmbeddingRequest):
     encode = base64_floats if payload.encoding_format == "base64" else list
     data = [{"object": "embedding", "index": i, "embedding": encode(vector)} for i, vector in enumerate(reply["vectors"])]
     usage = {"prompt_tokens": reply["prompt_tokens"], "total_tokens": reply["prompt_tokens"]}
-    return _respond({"object": "list", "data": data, "model": payload.model, "usage": usage}, "none")
+    return _respond({"object": "list", "data": data, "model": payload.model, "usage": usage}, {"X-miLLM-Steering": "none"})

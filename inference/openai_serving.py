@@ -27,6 +27,7 @@ from inference.openai_protocol import (
     now,
     usage_body,
 )
+from inference.request_tracking import RequestTracker
 from millm_site.errors import MillmError
 from monitoring.live import activation_publisher
 from profiles.models import Profile
@@ -113,7 +114,8 @@ async def _worker_alive(layer, worker_channel: str) -> bool:
 
 
 async def run_generation(*, model: str, prompt: str | None, messages: list | None, params: dict,
-                         steering: dict, monitor: bool | None = None) -> AsyncIterator[dict]:
+                         steering: dict, monitor: bool | None = None,
+                         tracker: RequestTracker | None = None) -> AsyncIterator[dict]:
     """Yield the inference process's reply messages for one generation; cancel it if abandoned.
 
     A receive is never cancelled mid-flight (that could drop a message): it is awaited in slices,
@@ -122,6 +124,11 @@ async def run_generation(*, model: str, prompt: str | None, messages: list | Non
     """
     layer = get_channel_layer()
     request_id = new_id("req")
+    tracker = tracker or RequestTracker(endpoint="internal", model=model)
+    tracker.request_id = request_id
+    tracker.params = params
+    tracker.steering = steering
+    tracker.prompt = prompt if prompt is not None else json.dumps(messages)
     worker_channel = None
     try:
         reply_channel = await layer.new_channel()
@@ -130,6 +137,7 @@ async def run_generation(*, model: str, prompt: str | None, messages: list | Non
             "prompt": prompt, "messages": messages, "params": params, "steering": steering, "monitor": monitor,
         })
     except OSError:
+        await tracker.finish("error", "the message broker is unreachable")
         raise _unavailable("The message broker is unreachable") from None
     finished = False
     pending: asyncio.Future | None = None
@@ -141,11 +149,14 @@ async def run_generation(*, model: str, prompt: str | None, messages: list | Non
             if not done:
                 silent_s += LIVENESS_CHECK_S
                 if worker_channel is None and silent_s >= settings.INFERENCE_TIMEOUT_S:
+                    await tracker.finish("error", "no inference process answered")
                     raise _unavailable("No inference process answered in time")
                 if worker_channel is not None and not await _worker_alive(layer, worker_channel):
+                    await tracker.finish("error", "the inference process stopped")
                     raise _unavailable("The inference process stopped during the generation; retry the request")
                 continue
             message, pending, silent_s = pending.result(), None, 0.0
+            tracker.see(message)
             kind = message["type"]
             if kind == "chunk" and message.get("frames"):
                 for frame in message["frames"]:
@@ -155,19 +166,23 @@ async def run_generation(*, model: str, prompt: str | None, messages: list | Non
                 worker_channel = message["worker_channel"]
             elif kind == "error":
                 finished = True
+                await tracker.finish("error", message.get("message", ""))
                 raise OpenAIRequestError(message.get("message", "generation failed"), param=message.get("param"),
                                          code=message.get("code"), status=int(message.get("status", 500)),
                                          type=message.get("error_type", "invalid_request_error"))
-            yield message
             if kind == "done":
                 finished = True
+                await tracker.finish("completed")
+            yield message
+            if finished:
                 return
     finally:
         if pending is not None:
             pending.cancel()
-        if not finished and worker_channel is not None:
-            # The client went away (or timed out): free the batch row.
-            await layer.send(worker_channel, {"type": "cancel", "request_id": request_id})
+        if not finished:
+            await tracker.finish("cancelled", "the client went away")
+            if worker_channel is not None:  # free the batch row
+                await layer.send(worker_channel, {"type": "cancel", "request_id": request_id})
 
 
 async def collect(stream: AsyncIterator[dict]) -> Generation:
@@ -207,16 +222,18 @@ def completion_logprobs(tokens: list[dict]) -> dict[str, Any]:
             "text_offset": offsets}
 
 
-async def chat_completion(req: ChatCompletionRequest) -> tuple[dict | AsyncIterator[str], str]:
-    """Returns (body or SSE line iterator, steering label for the X-miLLM-Steering header)."""
+async def chat_completion(req: ChatCompletionRequest) -> tuple[dict | AsyncIterator[str], dict[str, str]]:
+    """Returns (body or SSE line iterator, response headers: X-miLLM-Steering, X-Request-Id)."""
     req.refuse_unsupported()
     target = await resolve_target(req.model)
     steering = await steering_payload(target, req.steering)
+    tracker = RequestTracker(endpoint="chat.completions", model=target.model.name,
+                             profile=target.profile.name if target.profile else "")
     stream = run_generation(model=target.model.name, prompt=None, messages=req.chat_messages(),
-                            params=req.params(), steering=steering)
+                            params=req.params(), steering=steering, tracker=tracker)
     if req.stream:
         first = await anext(stream)  # errors before the first byte still get a proper status code
-        return _chat_sse(req, first, stream), _steering_label(first)
+        return _chat_sse(req, first, stream), _headers(first.get("steering", "none"), tracker)
     result = await collect(stream)
     body = {
         "id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": req.model,
@@ -226,18 +243,20 @@ async def chat_completion(req: ChatCompletionRequest) -> tuple[dict | AsyncItera
                      "logprobs": chat_logprobs(result.tokens) if req.logprobs else None}],
         "usage": usage_body(result.prompt_tokens, result.completion_tokens),
     }
-    return body, result.steering
+    return body, _headers(result.steering, tracker)
 
 
-async def text_completion(req: CompletionRequest) -> tuple[dict | AsyncIterator[str], str]:
+async def text_completion(req: CompletionRequest) -> tuple[dict | AsyncIterator[str], dict[str, str]]:
     req.refuse_unsupported()
     target = await resolve_target(req.model)
     steering = await steering_payload(target, req.steering)
+    tracker = RequestTracker(endpoint="completions", model=target.model.name,
+                             profile=target.profile.name if target.profile else "")
     stream = run_generation(model=target.model.name, prompt=req.prompt, messages=None, params=req.params(),
-                            steering=steering)
+                            steering=steering, tracker=tracker)
     if req.stream:
         first = await anext(stream)
-        return _completion_sse(req, first, stream), _steering_label(first)
+        return _completion_sse(req, first, stream), _headers(first.get("steering", "none"), tracker)
     result = await collect(stream)
     body = {
         "id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": req.model,
@@ -246,11 +265,12 @@ async def text_completion(req: CompletionRequest) -> tuple[dict | AsyncIterator[
                      "logprobs": completion_logprobs(result.tokens) if req.logprobs is not None else None}],
         "usage": usage_body(result.prompt_tokens, result.completion_tokens),
     }
-    return body, result.steering
+    return body, _headers(result.steering, tracker)
 
 
-def _steering_label(started: dict) -> str:
-    return started.get("steering", "none")
+def _headers(steering_label: str, tracker: RequestTracker) -> dict[str, str]:
+    """Which steering ran, and the id under which the request is in the history."""
+    return {"X-miLLM-Steering": steering_label, "X-Request-Id": tracker.request_id}
 
 
 def _sse(data: dict | str) -> str:

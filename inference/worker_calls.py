@@ -205,7 +205,8 @@ class WorkerCalls:
         try:
             await self.worker.send(reply_channel, {
                 "type": "started", "worker_channel": self.worker.own_channel, "request_id": handle.request_id,
-                "prompt_tokens": handle.prompt_tokens, "steering": submitted.steering_label})
+                "prompt_tokens": handle.prompt_tokens, "steering": submitted.steering_label,
+                "prompt_text": submitted.prompt_text})
             wants_logprobs = bool(message.get("params", {}).get("logprobs"))
             async for events in handle.batches():
                 sent_at = time.monotonic()

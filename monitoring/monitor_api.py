@@ -14,6 +14,7 @@ from pydantic import Field
 from inference.client import inference_call
 from inference.openai_protocol import OpenAIRequestError
 from inference.openai_serving import collect, run_generation
+from inference.request_tracking import RequestTracker
 from millm_site.api import envelope
 from millm_site.errors import (
     InferenceUnavailable,
@@ -109,7 +110,8 @@ async def inspect(request, payload: InspectIn):
     try:
         result = await collect(run_generation(model=model, prompt=payload.text, messages=None,
                                               params={"max_tokens": 1, "temperature": 0.0},
-                                              steering={"source": "inline", "features": []}, monitor=True))
+                                              steering={"source": "inline", "features": []}, monitor=True,
+                                              tracker=RequestTracker(endpoint="inspect", model=model)))
     except OpenAIRequestError as exc:
         error = InferenceUnavailable if exc.status == 503 else ValidationFailed if exc.status < 500 else MillmError
         raise error(exc.message) from None

@@ -116,6 +116,7 @@ async def steering_compare(*, prompt: str, features: list[dict[str, Any]], chat:
     # Imported here: openai_serving reads the attached SAE from this module.
     from inference.openai_protocol import OpenAIRequestError
     from inference.openai_serving import collect, run_generation
+    from inference.request_tracking import RequestTracker
 
     sae = await sync_to_async(attached_sae)()
     if sae is None:
@@ -130,7 +131,8 @@ async def steering_compare(*, prompt: str, features: list[dict[str, Any]], chat:
             result = await collect(run_generation(model=sae.model.name, prompt=None if chat else prompt,
                                                   messages=messages, params={"max_tokens": max_tokens,
                                                                              "temperature": 0.0},
-                                                  steering=steering))
+                                                  steering=steering,
+                                                  tracker=RequestTracker(endpoint="compare", model=sae.model.name)))
         except OpenAIRequestError as exc:
             error = InferenceUnavailable if exc.status == 503 else ValidationFailed if exc.status < 500 else MillmError
             raise error(exc.message) from None

@@ -92,3 +92,35 @@ def test_configure_top_k_and_always_reported_features(monitored_stack):
     httpx.post(f"{url}/api/monitoring/configure", json={"top_k": 10, "features": []})
     bad = httpx.post(f"{url}/api/monitoring/configure", json={"top_k": 0})
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "VALIDATION_ERROR"
+
+
+def test_streamed_frames_match_the_stored_history(monitored_stack):
+    url = monitored_stack.url
+
+    async def scenario():
+        frames: list[dict] = []
+        async with websockets.connect(url.replace("http", "ws") + "/ws/monitor/?format=json") as ws:
+            await ws.recv()
+            async with httpx.AsyncClient(timeout=60) as client, client.stream(
+                    "POST", f"{url}/v1/chat/completions", json={
+                        "model": "tiny-llama", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 12,
+                        "temperature": 0, "stream": True}) as response:
+                request_id = response.headers["x-request-id"]
+                async for _ in response.aiter_lines():
+                    pass
+            while True:
+                try:
+                    event = json.loads(await asyncio.wait_for(ws.recv(), 1.5))
+                except TimeoutError:
+                    return request_id, frames
+                if event["kind"] == "activation_update":
+                    frames.extend(f for f in event["payload"]["frames"] if f["request_id"] == request_id)
+
+    request_id, frames = asyncio.run(scenario())
+    record = httpx.get(f"{url}/api/monitoring/history/{request_id}").json()["data"]
+    stored = {(f["position"], f["type"]): f for f in record["token_features"]}
+    assert frames and len(stored) == len(frames)
+    for frame in frames:
+        match = stored[(frame["position"], frame["type"])]
+        assert match["token"] == frame["token"] and match["features"] == frame["features"]
+    assert record["status"] == "completed" and record["completion_tokens"] >= 1

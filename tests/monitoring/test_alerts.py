@@ -77,7 +77,7 @@ def test_alert_messages_name_value_and_threshold():
     assert alert_message(Check("latency_p99_ms", 1234.0, 1000.0, "red")) == "p99 latency 1234 ms (threshold 1000 ms)"
 
 
-def test_publisher_tick_publishes_status_then_alerts_once(caplog):
+def test_publisher_tick_publishes_status_then_alerts_once():
     published: list[tuple[str, str, dict]] = []
 
     async def publish(group, kind, payload):
