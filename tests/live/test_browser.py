@@ -67,3 +67,34 @@ def test_attach_and_compare_steering_in_chromium(live_stack, browser):
     page.screenshot(path=str(ARTIFACTS / "steering-compare.png"), full_page=True)
     assert "cat" in steered and "cat" not in unsteered
     page.close()
+
+
+def test_monitor_page_shows_a_requests_tokens_and_features_within_2s(live_stack, browser):
+    import time
+
+    import httpx
+    import openai
+
+    from tests.live.conftest import load_tiny
+
+    load_tiny(live_stack)
+    assert httpx.post(f"{live_stack.url}/api/saes/tiny-llama-layer_2/attach", timeout=300).status_code == 200
+    page = browser.new_page()
+    page.goto(f"{live_stack.url}/monitor/")
+    page.wait_for_selector("#system-status.status-live, #system-status[class*='status-']", timeout=10_000)
+    page.wait_for_timeout(300)  # the monitor socket connects alongside the system one
+    client = openai.OpenAI(base_url=f"{live_stack.url}/v1", api_key="x", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "The cat sat by the river"}], max_tokens=8,
+        temperature=0)
+    request_id = raw.headers["x-request-id"]
+    answered = time.monotonic()
+    page.wait_for_selector(f".frame[data-request='{request_id}']", timeout=2_000)
+    frame_count = page.locator(f".frame[data-request='{request_id}']").count()
+    assert time.monotonic() - answered < 2.0
+    assert frame_count >= 8
+    cat_row = page.locator(f".frame[data-request='{request_id}']:has(code.frame-token:text-is(' cat'))").first
+    assert "#7" in cat_row.inner_text() and "cat" in cat_row.inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "monitor-live.png"), full_page=True)
+    page.close()

@@ -56,8 +56,8 @@ def test_system_page_updates_live_in_chromium(live_stack):
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto(f"{live_stack.url}/system/")
         page.wait_for_selector("#system-live .light", timeout=10_000)  # the first system_status fragment
-        first = page.inner_text("#system-live p.muted:last-of-type")
-        page.wait_for_function(f"!document.querySelector('#system-live').innerText.includes({first!r})",
+        first = page.inner_text("#system-asof")
+        page.wait_for_function(f"document.querySelector('#system-asof').innerText !== {first!r}",
                                timeout=10_000)  # a later sample replaced it
         assert page.locator("#system-status.status-live").count() == 1
         assert page.locator("#system-live polyline").get_attribute("points")
