@@ -8,6 +8,7 @@ request keeps the positions and token ids straight.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ class FrameBuilder:
     def frames(self, token_id: int, captures: Sequence[Any]) -> list[dict[str, Any]]:
         """Frames for the captures of the pass that produced `token_id` (then remember the token)."""
         frames = []
+        produced_at = time.time()  # for the token -> WebSocket lag benchmark
         for capture in captures:
             if not isinstance(capture, FeatureCapture):
                 continue
@@ -38,6 +40,7 @@ class FrameBuilder:
                 for index, values in capture.monitored.items():
                     features[str(index)] = round(values[n], 4)
                 frames.append({"position": position, "type": "generated" if generated else "prompt",
-                               "token": self.decode_token(input_id), "token_id": input_id, "features": features})
+                               "token": self.decode_token(input_id), "token_id": input_id, "features": features,
+                               "produced_at": produced_at})
         self.generated_ids.append(token_id)
         return frames
