@@ -237,7 +237,6 @@ async def chat_completion(req: ChatCompletionRequest) -> tuple[dict | AsyncItera
     result = await collect(stream)
     body = {
         "id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": req.model,
-        "system_fingerprint": None,
         "choices": [{"index": 0, "finish_reason": result.finish_reason,
                      "message": {"role": "assistant", "content": result.text, "refusal": None},
                      "logprobs": chat_logprobs(result.tokens) if req.logprobs else None}],
@@ -260,7 +259,6 @@ async def text_completion(req: CompletionRequest) -> tuple[dict | AsyncIterator[
     result = await collect(stream)
     body = {
         "id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": req.model,
-        "system_fingerprint": None,
         "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason,
                      "logprobs": completion_logprobs(result.tokens) if req.logprobs is not None else None}],
         "usage": usage_body(result.prompt_tokens, result.completion_tokens),
@@ -278,8 +276,7 @@ def _sse(data: dict | str) -> str:
 
 
 async def _chat_sse(req: ChatCompletionRequest, started: dict, stream: AsyncIterator[dict]) -> AsyncIterator[str]:
-    base = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": req.model,
-            "system_fingerprint": None}
+    base = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": req.model}
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                      "finish_reason": None, "logprobs": None}]})
@@ -303,8 +300,7 @@ async def _chat_sse(req: ChatCompletionRequest, started: dict, stream: AsyncIter
 
 
 async def _completion_sse(req: CompletionRequest, started: dict, stream: AsyncIterator[dict]) -> AsyncIterator[str]:
-    base = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": req.model,
-            "system_fingerprint": None}
+    base = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": req.model}
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     try:
         async for message in stream:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -52,7 +53,8 @@ def request_record_create(
     if status not in RequestStatus.values:
         raise ValidationFailed(f"status must be one of {', '.join(RequestStatus.values)}", details={"status": status})
     record = RequestRecord.objects.create(
-        request_id=_fit(request_id, "request_id"),
+        # A missing id must not collide with another (request_id is unique) and lose the record.
+        request_id=_fit(request_id or f"req-{uuid.uuid4().hex}", "request_id"),
         endpoint=_fit(endpoint, "endpoint"),
         model_name=_fit(model_name, "model_name"),
         profile_name=_fit(profile_name, "profile_name"),

@@ -112,6 +112,7 @@ def history_choices() -> dict[str, list[str]]:
 class TokenFeatureRow:
     position: int
     token: str
+    kind: str  # "prompt" or "generated" (empty when the frame did not say)
     cells: list[tuple[float | None, float]]  # (value, shade 0..1 relative to the table's peak)
 
 
@@ -124,20 +125,21 @@ class TokenFeatureTable:
 
 def token_feature_table(token_features: list[dict[str, Any]], *, max_columns: int = 24) -> TokenFeatureTable:
     """Tokens as rows, the strongest features (by peak value over the request) as columns."""
-    per_token: list[tuple[int, str, dict[int, float]]] = []
+    per_token: list[tuple[int, str, str, dict[int, float]]] = []
     peaks: dict[int, float] = {}
     for i, frame in enumerate(token_features or []):
         # Stored JSON turns integer keys into strings; accept both.
         features = {int(k): float(v) for k, v in (frame.get("features") or {}).items()}
-        per_token.append((int(frame.get("position", i)), str(frame.get("token", "")), features))
+        per_token.append((int(frame.get("position", i)), str(frame.get("token", "")), str(frame.get("type", "")),
+                          features))
         for index, value in features.items():
             peaks[index] = max(peaks.get(index, value), value)
     ranked = sorted(peaks, key=lambda index: (-peaks[index], index))
     columns = ranked[:max_columns]
     peak = max((peaks[c] for c in columns), default=0.0)
     scale = peak if peak > 0 else 1.0
-    rows = [TokenFeatureRow(position=position, token=token,
+    rows = [TokenFeatureRow(position=position, token=token, kind=kind,
                             cells=[(features.get(c), max(0.0, min(1.0, features.get(c, 0.0) / scale)))
                                    for c in columns])
-            for position, token, features in per_token]
+            for position, token, kind, features in per_token]
     return TokenFeatureTable(columns=columns, rows=rows, hidden_columns=max(0, len(ranked) - max_columns))

@@ -65,3 +65,45 @@ def test_system_page_updates_live_in_chromium(live_stack):
         page.screenshot(path=str(ARTIFACTS / "system-page.png"), full_page=True)
         assert errors == []
         browser.close()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed")
+def test_a_served_request_shows_in_metrics_and_history_in_chromium(live_stack):
+    from playwright.sync_api import sync_playwright
+
+    from tests.live.conftest import load_tiny
+    from tests.live.test_browser import ARTIFACTS, CHROMIUM
+
+    load_tiny(live_stack)
+    before = _requests_total(live_stack)
+    reply = httpx.post(f"{live_stack.url}/v1/chat/completions", timeout=120, json={
+        "model": "tiny-llama", "messages": [{"role": "user", "content": "history marker zebra"}], "max_tokens": 4})
+    assert reply.status_code == 200, reply.text
+    assert _requests_total(live_stack) == before + 1
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(f"{live_stack.url}/history/")
+        page.fill("#history-q", "zebra")  # htmx swaps the table body, no reload
+        page.wait_for_function("document.querySelectorAll('tr.history-row').length === 1", timeout=10_000)
+        page.wait_for_function("location.search.includes('q=zebra')", timeout=5_000)  # hx-push-url: bookmarkable
+        page.fill("#history-q", "no such text anywhere")
+        page.wait_for_function("document.querySelectorAll('tr.history-row').length === 0", timeout=10_000)
+        page.fill("#history-q", "zebra")
+        page.wait_for_selector("tr.history-row a")
+        page.click("tr.history-row a")
+        page.wait_for_selector("h1 code")
+        assert "history marker zebra" in page.inner_text("main")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "history-detail.png"), full_page=True)
+        assert errors == []
+        browser.close()
+
+
+def _requests_total(stack) -> float:
+    text = httpx.get(f"{stack.url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("millm_requests_total{") and 'model="tiny-llama"' in line)

@@ -47,6 +47,12 @@ def test_request_record_create_rejects_an_unknown_status_and_cuts_long_names():
     assert len(stored.request_id) == 64 and len(stored.model_name) == 100
 
 
+def test_a_missing_request_id_gets_a_unique_one_instead_of_a_collision():
+    first = history.request_record_create(request_id="", **CREATE_ARGS)
+    second = history.request_record_create(request_id="", **CREATE_ARGS)
+    assert first.request_id.startswith("req-") and first.request_id != second.request_id
+
+
 def test_request_record_create_is_keyword_only():
     with pytest.raises(TypeError):
         history.request_record_create("req-positional", **CREATE_ARGS)  # type: ignore[misc]
@@ -127,7 +133,7 @@ def test_retention_runs_from_create_at_most_once_an_hour(db, settings, monkeypat
     history.request_record_create(request_id="req-newer", **CREATE_ARGS)  # within the hour: not applied again
     assert RequestRecord.objects.count() == 3
     checked = history._retention_checked_at
-    assert history.history_retention_apply_if_due(clock=lambda: checked + history.RETENTION_CHECK_EVERY_S) == 1
+    assert history.history_retention_apply_if_due(clock=lambda: checked + history.RETENTION_CHECK_EVERY_S + 1) == 1
 
 
 def test_apply_retention_command(db, settings):
@@ -143,11 +149,11 @@ def test_apply_retention_command(db, settings):
 
 
 def test_token_feature_table_ranks_columns_by_peak():
-    frames = [{"position": 0, "token": "Hi", "features": {"7": 1.0, "3": 4.0}},
+    frames = [{"position": 0, "type": "prompt", "token": "Hi", "features": {"7": 1.0, "3": 4.0}},
               {"position": 1, "token": "!", "features": {"7": 2.0, "9": 0.5}}]
     table = token_feature_table(frames, max_columns=2)
     assert table.columns == [3, 7] and table.hidden_columns == 1
-    assert [(r.position, r.token) for r in table.rows] == [(0, "Hi"), (1, "!")]
+    assert [(r.position, r.kind, r.token) for r in table.rows] == [(0, "prompt", "Hi"), (1, "", "!")]
     assert table.rows[0].cells == [(4.0, 1.0), (1.0, 0.25)]
     assert table.rows[1].cells == [(None, 0.0), (2.0, 0.5)]
     assert token_feature_table([]).rows == []

@@ -9,12 +9,15 @@ from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
 from millm_site.routing import websocket_urlpatterns
+from monitoring import metrics
+from monitoring.metrics import MetricsRegistry
 from monitoring.system_status import system_publisher
 
 
 def test_system_status_arrives_as_json_and_as_html_fragments(settings, monkeypatch):
     settings.SYSTEM_INTERVAL_S = 0.3  # also bounds the ping wait: no inference process runs here
     monkeypatch.setattr(system_publisher, "tracker", None)  # a fresh cooldown clock for this test
+    monkeypatch.setattr(metrics, "registry", MetricsRegistry())  # no request counted by earlier tests
     app = URLRouter(websocket_urlpatterns)
 
     async def next_of_kind(ws: WebsocketCommunicator, kind: str) -> dict:
