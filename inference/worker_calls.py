@@ -110,7 +110,7 @@ class WorkerCalls:
             return {"type": "error", "code": "MODEL_NOT_FOUND", "status": 404,
                     "message": f"No model named {message['model']!r}"}
         if model.status == ModelStatus.DOWNLOADING:
-            return {"type": "error", "code": "VALIDATION_ERROR", "status": 409,
+            return {"type": "error", "code": "CONFLICT", "status": 409,
                     "message": f"Model {model.name} is still downloading"}
         dtype = message.get("dtype") or model.dtype
         quantization = message.get("quantization") or model.quantization
