@@ -222,15 +222,22 @@ def completion_logprobs(tokens: list[dict]) -> dict[str, Any]:
             "text_offset": offsets}
 
 
-async def chat_completion(req: ChatCompletionRequest) -> tuple[dict | AsyncIterator[str], dict[str, str]]:
-    """Returns (body or SSE line iterator, response headers: X-miLLM-Steering, X-Request-Id)."""
+async def _start(req: ChatCompletionRequest | CompletionRequest, *, endpoint: str, prompt: str | None,
+                 messages: list | None) -> tuple[AsyncIterator[dict], RequestTracker]:
+    """What chat and text completions share: refuse the unsupported, resolve, steer, start generating."""
     req.refuse_unsupported()
     target = await resolve_target(req.model)
     steering = await steering_payload(target, req.steering)
-    tracker = RequestTracker(endpoint="chat.completions", model=target.model.name,
+    tracker = RequestTracker(endpoint=endpoint, model=target.model.name,
                              profile=target.profile.name if target.profile else "")
-    stream = run_generation(model=target.model.name, prompt=None, messages=req.chat_messages(),
-                            params=req.params(), steering=steering, tracker=tracker)
+    stream = run_generation(model=target.model.name, prompt=prompt, messages=messages, params=req.params(),
+                            steering=steering, tracker=tracker)
+    return stream, tracker
+
+
+async def chat_completion(req: ChatCompletionRequest) -> tuple[dict | AsyncIterator[str], dict[str, str]]:
+    """Returns (body or SSE line iterator, response headers: X-miLLM-Steering, X-Request-Id)."""
+    stream, tracker = await _start(req, endpoint="chat.completions", prompt=None, messages=req.chat_messages())
     if req.stream:
         first = await anext(stream)  # errors before the first byte still get a proper status code
         return _chat_sse(req, first, stream), _headers(first.get("steering", "none"), tracker)
@@ -246,13 +253,7 @@ async def chat_completion(req: ChatCompletionRequest) -> tuple[dict | AsyncItera
 
 
 async def text_completion(req: CompletionRequest) -> tuple[dict | AsyncIterator[str], dict[str, str]]:
-    req.refuse_unsupported()
-    target = await resolve_target(req.model)
-    steering = await steering_payload(target, req.steering)
-    tracker = RequestTracker(endpoint="completions", model=target.model.name,
-                             profile=target.profile.name if target.profile else "")
-    stream = run_generation(model=target.model.name, prompt=req.prompt, messages=None, params=req.params(),
-                            steering=steering, tracker=tracker)
+    stream, tracker = await _start(req, endpoint="completions", prompt=req.prompt, messages=None)
     if req.stream:
         first = await anext(stream)
         return _completion_sse(req, first, stream), _headers(first.get("steering", "none"), tracker)

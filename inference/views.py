@@ -4,6 +4,7 @@ from django.views.decorators.http import require_POST
 from inference import services
 from inference.selectors import model_list
 from millm_site.errors import MillmError
+from millm_site.htmx import error_fragment
 
 
 def models_page(request):
@@ -24,8 +25,5 @@ async def _row_after(request, action):
     try:
         model = await action
     except MillmError as exc:
-        response = render(request, "partials/error.html", {"message": exc.message}, status=200)
-        response["HX-Retarget"] = "#action-error"
-        response["HX-Reswap"] = "outerHTML"
-        return response
+        return error_fragment(request, exc)
     return render(request, "inference/_model_row.html", {"m": model})

@@ -10,9 +10,9 @@ from django.shortcuts import render
 from django.views.decorators.http import require_POST
 
 from millm_site.errors import MillmError, ValidationFailed
+from millm_site.htmx import error_fragment
 from profiles import services
 from profiles.models import Profile
-from steering.views import error_fragment
 
 
 def _profiles():

@@ -8,6 +8,7 @@ from django.views.decorators.http import require_POST
 
 from inference.client import inference_call
 from millm_site.errors import MillmError
+from millm_site.htmx import error_fragment
 from steering import steering_services
 from steering.models import SteeringState
 from steering.selectors import feature_search, sae_get, sae_list
@@ -35,13 +36,6 @@ async def _sae_row_after(request, name: str, call: str):
         return error_fragment(request, exc)
     sae = await sync_to_async(lambda: sae_list().get(name=name))()
     return render(request, "steering/_sae_row.html", {"s": sae})
-
-
-def error_fragment(request, exc: MillmError):
-    response = render(request, "partials/error.html", {"message": f"{exc.code}: {exc.message}"})
-    response["HX-Retarget"] = "#action-error"
-    response["HX-Reswap"] = "outerHTML"
-    return response
 
 
 def steering_page(request):
