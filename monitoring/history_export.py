@@ -41,9 +41,9 @@ def history_export_batch(*, filters: HistoryFilters, after: tuple[datetime, int]
 def _records(filters: HistoryFilters, batch: int) -> Iterator[list[dict[str, Any]]]:
     after = None
     while rows := history_export_batch(filters=filters, after=after, size=batch):
-        after = (rows[-1]["created_at"], rows[-1].pop("id"))
+        after = (rows[-1]["created_at"], rows[-1]["id"])
         for row in rows:
-            row.pop("id", None)
+            del row["id"]
         yield rows
         if len(rows) < batch:
             return
@@ -61,7 +61,7 @@ def _csv_cell(column: str, value: Any) -> Any:
 
 
 def history_export_iter(*, filters: HistoryFilters, fmt: ExportFormat, batch: int = EXPORT_BATCH) -> Iterator[str]:
-    """The export's text in pieces: a CSV header then one piece per batch, or one JSON array."""
+    """The export's text, one piece per batch (the CSV header rides with the first), as CSV or one JSON array."""
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
@@ -77,9 +77,8 @@ def history_export_iter(*, filters: HistoryFilters, fmt: ExportFormat, batch: in
     yield "["
     separator = "\n"
     for rows in _records(filters, batch):
-        for row in rows:
-            yield separator + json.dumps(row, cls=DjangoJSONEncoder)
-            separator = ",\n"
+        yield separator + ",\n".join(json.dumps(row, cls=DjangoJSONEncoder) for row in rows)
+        separator = ",\n"
     yield "\n]\n"
 
 

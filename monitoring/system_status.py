@@ -138,6 +138,9 @@ class SystemPublisher:
         if not self.members and self.task is not None:
             self.task.cancel()
             self.task = None
+            # The next client must not be shown old numbers, nor a sparkline with a hidden gap in time.
+            self.last_status = None
+            self.throughput.clear()
 
     async def _run(self) -> None:
         while True:

@@ -80,6 +80,10 @@ def test_a_served_request_shows_in_metrics_and_history_in_chromium(live_stack):
         "model": "tiny-llama", "messages": [{"role": "user", "content": "history marker zebra"}], "max_tokens": 4})
     assert reply.status_code == 200, reply.text
     assert _requests_total(live_stack) == before + 1
+    exported = httpx.get(f"{live_stack.url}/api/monitoring/history/export", params={"format": "json", "q": "zebra"},
+                         timeout=30)  # streamed by daphne from the async iterator
+    assert exported.status_code == 200 and "attachment" in exported.headers["content-disposition"]
+    assert [r["request_id"] for r in exported.json()] == [reply.headers["x-request-id"]]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--no-first-run"])

@@ -126,8 +126,9 @@ def test_publisher_runs_while_someone_listens():
         assert publisher.task is first  # one task per process, however many clients
         publisher.leave("a")
         assert publisher.running
+        assert publisher.last_status is not None
         publisher.leave("b")
-        assert not publisher.running
+        assert not publisher.running and publisher.last_status is None
         count = len(ticks)
         await asyncio.sleep(0.12)
         return count
