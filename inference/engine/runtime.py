@@ -219,4 +219,13 @@ class EngineRuntime:
             "memory_bytes": self.loaded.memory_bytes if self.loaded else 0,
             "monitoring": {"enabled": self.monitoring.enabled, "top_k": self.monitoring.top_k,
                            "features": list(self.monitoring.features), "active": self.hook.attached},
+            "gpu": gpu_status(),
         }
+
+
+def gpu_status() -> dict[str, Any] | None:
+    """GPU memory for the System page; None on a CPU-only machine."""
+    if not torch.cuda.is_available():
+        return None
+    return {"name": torch.cuda.get_device_name(0), "allocated_bytes": torch.cuda.memory_allocated(0),
+            "total_bytes": torch.cuda.get_device_properties(0).total_memory}
