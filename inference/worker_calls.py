@@ -9,7 +9,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
+import torch
 from asgiref.sync import sync_to_async
+from django.conf import settings
 
 from inference.engine.generation import FinishEvent, TokenEvent
 from inference.engine.loading import InsufficientMemoryError, ModelLoadError, ModelNotFoundError
@@ -41,7 +43,7 @@ db = sync_to_async  # catalog reads/writes from the event loop
 class WorkerCalls:
     def __init__(self, worker: InferenceWorker, runtime: EngineRuntime | None) -> None:
         self.worker = worker
-        self.runtime = runtime or EngineRuntime()
+        self.runtime = runtime or EngineRuntime(memory_limit_bytes=settings.MEMORY_LIMIT_BYTES)
         self.handles: dict[str, Any] = {}
 
     # --- errors --------------------------------------------------------------------------------
@@ -57,7 +59,7 @@ class WorkerCalls:
             return {"type": "error", "code": "INVALID_FEATURE_INDEX", "status": 400, "message": str(exc)}
         if isinstance(exc, InvalidSteeringError | SaeError):
             return {"type": "error", "code": "VALIDATION_ERROR", "status": 422, "message": str(exc)}
-        if isinstance(exc, InsufficientMemoryError | MemoryError):
+        if isinstance(exc, InsufficientMemoryError | MemoryError | torch.OutOfMemoryError):
             return {"type": "error", "code": "INSUFFICIENT_MEMORY", "status": 507,
                     "message": str(exc) or "not enough memory"}
         if isinstance(exc, ModelNotFoundError):

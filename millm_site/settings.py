@@ -111,6 +111,8 @@ DOWNLOAD_MIN_FREE_BYTES = env_int("MILLM_DOWNLOAD_MIN_FREE_BYTES", 512 * 1024**2
 # HF_TOKEN is read from the environment where a download needs it, never stored or logged.
 
 MILLM_API_KEY = env_str("MILLM_API_KEY")
+# Caps what the inference process may use for SAEs (default: what the device has free).
+MEMORY_LIMIT_BYTES = env_int("MILLM_MEMORY_LIMIT_BYTES", 0, minimum=0) or None
 INFERENCE_CHANNEL = env_str("MILLM_INFERENCE_CHANNEL", "inference")
 INFERENCE_TIMEOUT_S = env_float("MILLM_INFERENCE_TIMEOUT", 5.0, minimum=0.1)
 MONITOR_MAX_HZ = env_float("MILLM_MONITOR_MAX_HZ", 10.0, minimum=0.1)

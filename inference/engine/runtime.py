@@ -11,8 +11,10 @@ import gc
 import math
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from inference.engine.activation_frames import FrameBuilder
@@ -20,7 +22,7 @@ from inference.engine.chat import build_chat_prompt
 from inference.engine.embeddings import EmbeddingResult
 from inference.engine.feature_stats import METRICS
 from inference.engine.generation import GenerationRequest, RequestHandle
-from inference.engine.loading import LoadedModel, load_model
+from inference.engine.loading import InsufficientMemoryError, LoadedModel, load_model
 from inference.engine.sae import SaeWeights, load_sae
 from inference.engine.sae_hook import SaeHook
 from inference.engine.sampling import InvalidRequestError, SamplingParams
@@ -60,8 +62,10 @@ def steering_spec(payload: dict[str, Any]) -> SteeringSpec:
 
 
 class EngineRuntime:
-    def __init__(self, *, max_batch_size: int = 16) -> None:
+    def __init__(self, *, max_batch_size: int = 16, memory_limit_bytes: int | None = None) -> None:
         self.max_batch_size = max_batch_size
+        # A cap below the machine's free memory (MILLM_MEMORY_LIMIT_BYTES): SAEs that do not fit are refused.
+        self.memory_limit_bytes = memory_limit_bytes
         self.loaded: LoadedModel | None = None
         self.model_name: str | None = None
         self.scheduler: GenerationScheduler | None = None
@@ -106,14 +110,31 @@ class EngineRuntime:
     # --- SAE and steering --------------------------------------------------------------------
 
     def attach_sae(self, *, name: str, path: str) -> SaeWeights:
+        """Attach an SAE; on a refusal (too big, incompatible) nothing stays attached and the model serves on."""
         with self._lock:
             scheduler = self.require_model()
-            sae = load_sae(path)  # slow I/O off the loop thread; validation happens in attach
+            self._check_sae_fits(Path(path))
+            try:
+                sae = load_sae(path)  # slow I/O off the loop thread; validation happens in attach
+            except (MemoryError, torch.OutOfMemoryError) as exc:
+                raise InsufficientMemoryError(f"not enough memory to load the SAE in {path}") from exc
             attached = scheduler.call(lambda: self.hook.attach(self.loaded.model, sae)).result()
             self.sae_name, self.active_steering, self.active_label = name, None, "none"
             monitored = [i for i in self.monitoring.features if i < attached.d_sae]
             scheduler.call(lambda: self.hook.set_monitored_features(monitored)).result()
             return attached
+
+    def _check_sae_fits(self, path: Path) -> None:
+        weights = path / "sae_weights.safetensors"
+        needed = weights.stat().st_size if weights.is_file() else 0
+        available = self.memory_limit_bytes
+        if available is None:
+            device = self.loaded.device
+            available = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
+                         else psutil.virtual_memory().available)
+        if needed > available:
+            raise InsufficientMemoryError(f"the SAE needs {needed / 2**20:.0f} MiB but only "
+                                          f"{available / 2**20:.0f} MiB are free on {self.loaded.device}")
 
     def detach_sae(self) -> None:
         with self._lock:

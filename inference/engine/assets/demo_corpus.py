@@ -97,6 +97,72 @@ CODE_TASKS = [
     ("compute a factorial", "def factorial(n):\n    return 1 if n <= 1 else n * factorial(n - 1)"),
 ]
 
+# Requests with hand-written answers in registers the fact tables lack: stories, advice, letters,
+# poems, reviews. Real chats wander far beyond capitals and animals.
+WRITING = [
+    ("Write a short story about a lost key.",
+     "Maya searched every pocket twice before she gave up and sat on the steps. The rain had stopped, and a "
+     "robin hopped across the wet grass. When she stood to leave, something glinted under the doormat: the "
+     "key had been waiting there all along, exactly where she had hidden it that morning."),
+    ("Tell me a bedtime story.",
+     "Once upon a time, a little fox lived at the edge of a quiet forest. Every night she counted the stars "
+     "until her eyes grew heavy. One evening a star winked back at her, and she smiled, curled her tail around "
+     "her nose and drifted off to sleep. The end."),
+    ("Write a poem about the city at night.",
+     "Neon hums on empty streets,\nthe last bus sighs and rolls away,\nwindows glow like scattered coins\n"
+     "while the city dreams of day."),
+    ("I feel nervous about my exam tomorrow.",
+     "That is completely understandable. Review your notes once more, then stop and rest. Get a good night's "
+     "sleep, eat breakfast, and arrive early. You have prepared, and a little nervousness can even help you focus."),
+    ("My friend is angry with me. What should I do?",
+     "Give them a little time, then talk honestly. Listen to how they feel without interrupting, say sorry for "
+     "your part, and ask what would help. Most friendships grow stronger after a difficult conversation."),
+    ("Write a thank-you note to my teacher.",
+     "Dear Mrs. Lee, thank you for your patience and encouragement this year. Your lessons made me curious "
+     "about the world, and I will always remember your kindness. With gratitude, Sam."),
+    ("Write an email asking my manager for a day off.",
+     "Hi Anna, I would like to request a day off on Friday for a family event. My tasks are on schedule, and "
+     "Tom has agreed to cover any urgent requests. Please let me know if that works. Best regards, Chris."),
+    ("Review the restaurant I went to yesterday.",
+     "The food was delicious and the portions were generous, although the service was slow on a busy evening. "
+     "The soup was the highlight. I would go back, but I would book a table first."),
+    ("Describe a rainy day.",
+     "Grey clouds hang low over the roofs, and the rain taps steadily on the windows. People hurry past with "
+     "umbrellas, puddles spread across the pavement, and the air smells of wet earth."),
+    ("Write a funny joke.",
+     "Why did the scarecrow win an award? Because he was outstanding in his field!"),
+    ("How can I sleep better?",
+     "Keep a regular bedtime, avoid screens for an hour before bed, and keep your room dark and cool. Skip "
+     "coffee in the afternoon, and try reading or slow breathing to wind down."),
+    ("Summarize the plot of Romeo and Juliet.",
+     "Two young lovers from feuding families in Verona marry in secret. A chain of misunderstandings follows, "
+     "and the story ends in tragedy when both die, which finally reconciles their families."),
+    ("Give me ideas for a birthday party.",
+     "You could host a picnic in the park, a movie night with homemade popcorn, a costume party, or a "
+     "treasure hunt. Pick a theme your friend loves and build the food and games around it."),
+    ("What makes a good leader?",
+     "A good leader listens, communicates clearly and takes responsibility. They trust their team, give "
+     "credit generously and stay calm when things go wrong."),
+    ("Describe your ideal holiday.",
+     "A quiet cabin by a lake in the mountains, long walks through pine forests, fresh bread in the morning "
+     "and evenings by the fire with a good book."),
+    ("Tell me about the ocean.",
+     "The ocean covers more than seventy percent of the planet. It is home to whales, coral reefs and "
+     "countless fish, and its currents carry heat around the world and shape our weather."),
+    ("Why do people like football?",
+     "Football is simple to play, exciting to watch and brings people together. Fans share the joy of a goal "
+     "and the pain of a defeat, and supporting a team can feel like belonging to a family."),
+    ("Explain how a car engine works.",
+     "Fuel mixes with air inside the cylinders, a spark ignites it, and the small explosion pushes a piston "
+     "down. The pistons turn a crankshaft, which finally turns the wheels."),
+    ("What is the meaning of life?",
+     "People have answered that in many ways: love, learning, helping others, creating something lasting. "
+     "Many find meaning in small things, like friendship, curiosity and kindness."),
+    ("Write a short news report about a local festival.",
+     "Thousands of visitors filled the town square on Saturday for the annual summer festival. Local bands "
+     "played until midnight, food stalls sold out by evening, and organizers called it the best year yet."),
+]
+
 SYSTEMS = [
     None,  # the template's default system prompt
     "You are a helpful assistant.",
@@ -139,6 +205,7 @@ def _qa_pairs(rng: random.Random) -> list[tuple[str, str]]:
         pairs.append((f"What is {a} {op} {b}?", f"{a} {op} {b} = {value}."))
     for greeting, reply in zip(GREETINGS, REPLIES * 2, strict=False):
         pairs.append((greeting, reply))
+    pairs += WRITING * 3  # rare otherwise among the many short fact answers
     return pairs
 
 
@@ -176,6 +243,11 @@ def docstring_texts(max_files: int = 220, min_chars: int = 200) -> list[str]:
                 if doc and len(doc) >= min_chars:
                     texts.append(doc)
     return texts
+
+
+def writing_texts() -> list[str]:
+    """The hand-written answers again as plain prose, outside any chat markup."""
+    return [answer for _, answer in WRITING]
 
 
 def reference_texts() -> list[str]:

@@ -43,7 +43,7 @@ LAYER = 15  # middle of 30 blocks: features are abstract enough to steer, concre
 HOOK_NAME = f"blocks.{LAYER}.hook_resid_post"
 SEED = 0
 MAX_SEQ_LEN = 128
-PROSE_TOKEN_BUDGET = {"reference": 8000, "docstrings": 8000, "code": 4000}
+PROSE_TOKEN_BUDGET = {"writing": 4000, "reference": 8000, "docstrings": 8000, "code": 4000}
 HELD_OUT_EVERY = 10  # every 10th sequence is kept out of training to measure reconstruction
 SINK_NORM_FACTOR = 10.0  # attention-sink positions have ≈100× the median norm; leave them out
 BATCH_TOKENS = 2048
@@ -127,11 +127,19 @@ def convert_model(model_dir: Path, *, force: bool = False) -> bool:
 
 
 def _chunks(tokenizer: Any, texts: list[str], budget: int, rng: torch.Generator) -> list[list[int]]:
-    """Up to `budget` tokens of windows of at most MAX_SEQ_LEN, drawn from texts in a seeded order."""
+    """Up to `budget` tokens of windows of at most MAX_SEQ_LEN, drawn from texts in a seeded order.
+
+    Each window starts at a seeded line of its text, not always at the top, which in source files
+    is mostly licence headers.
+    """
+    span = MAX_SEQ_LEN * 8  # characters; more than a window's worth of tokens
     picked: list[list[int]] = []
     used = 0
     for i in torch.randperm(len(texts), generator=rng).tolist():
-        ids = tokenizer(texts[i][: MAX_SEQ_LEN * 8])["input_ids"][:MAX_SEQ_LEN]  # ≈8 chars a token at most
+        text = texts[i]
+        offset = int(torch.randint(0, max(1, len(text) - span), (1,), generator=rng))
+        offset = text.find("\n", offset) + 1 if offset else 0
+        ids = tokenizer(text[offset:offset + span])["input_ids"][:MAX_SEQ_LEN]
         if len(ids) >= 16:
             picked.append(ids)
             used += len(ids)
@@ -147,7 +155,8 @@ def training_sequences(tokenizer: Any) -> list[list[int]]:
     rng = torch.Generator().manual_seed(SEED)
     sequences = [tokenizer(tokenizer.apply_chat_template(conv, tokenize=False))["input_ids"][:MAX_SEQ_LEN]
                  for conv in demo_corpus.chat_conversations(seed=SEED)]
-    sources = {"reference": demo_corpus.reference_texts(), "docstrings": demo_corpus.docstring_texts(),
+    sources = {"writing": demo_corpus.writing_texts(), "reference": demo_corpus.reference_texts(),
+               "docstrings": demo_corpus.docstring_texts(),
                "code": demo_corpus.code_texts()}
     for name, texts in sources.items():
         sequences += _chunks(tokenizer, texts, PROSE_TOKEN_BUDGET[name], rng)
@@ -242,8 +251,24 @@ def build_demo_tier(out_dir: Path, *, force: bool = False, progress: bool = True
     with _build_lock(out_dir):
         manifest = None if force else read_manifest(out_dir)
         if manifest is None:
-            manifest = _build(out_dir, force=force, progress=progress)
+            with _transformers_progress(progress):
+                manifest = _build(out_dir, force=force, progress=progress)
         return _assets_from_manifest(out_dir, manifest)
+
+
+@contextlib.contextmanager
+def _transformers_progress(enabled: bool) -> Iterator[None]:
+    # transformers draws its own bars (GGUF de-quantizing, weight loading); quiet them with ours.
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _build(out_dir: Path, *, force: bool, progress: bool) -> dict[str, Any]:
@@ -294,8 +319,8 @@ def _build(out_dir: Path, *, force: bool, progress: bool) -> dict[str, Any]:
     lap("train")
 
     held = evaluate_sae(weights, acts[held_out])
-    overall = evaluate_sae(weights, acts[keep])
     stats = feature_statistics(weights.encode, acts[keep])
+    dead_fraction = float((stats.max_activation <= 0).float().mean())
     labels = label_features(stats, token_ids[keep], sequence_ids[keep],
                             lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
     lap("label")
@@ -328,7 +353,7 @@ def _build(out_dir: Path, *, force: bool, progress: bool) -> dict[str, Any]:
         "corpus": {"sequences": len(sequences), "tokens": int(acts.shape[0]), "train_tokens": int(train.sum()),
                    "held_out_tokens": int(held_out.sum())},
         "metrics": {"fvu_held_out": round(held.fvu, 4), "l0_held_out": round(held.l0, 2),
-                    "fvu_train": round(overall.fvu, 4), "dead_fraction": round(overall.dead_fraction, 4)},
+                    "dead_fraction": round(dead_fraction, 4)},
         "timings_s": timings,
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
