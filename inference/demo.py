@@ -14,7 +14,7 @@ from django.utils.text import slugify
 
 from inference.engine.assets.manifest import DemoAssets
 from inference.models import LanguageModel
-from inference.services import model_register
+from inference.services import model_register, model_set_desired_loaded
 from steering.models import LabelSource, SparseAutoencoder
 from steering.services import feature_labels_replace, sae_register
 
@@ -75,6 +75,14 @@ def demo_assets_register(*, assets: DemoAssets, tier: str) -> tuple[LanguageMode
 def demo_assets_ensure(*, tier: str, force: bool = False) -> tuple[LanguageModel, SparseAutoencoder]:
     """Build (or reuse) a tier and register it; the registration is idempotent."""
     return demo_assets_register(assets=demo_assets_build(tier=tier, force=force), tier=tier)
+
+
+@transaction.atomic
+def demo_assets_mark_desired(*, model: LanguageModel, sae: SparseAutoencoder) -> None:
+    """Make the demo model and SAE what the inference process loads and attaches when it starts."""
+    model_set_desired_loaded(model=model)
+    SparseAutoencoder.objects.filter(desired_attached=True).update(desired_attached=False)
+    SparseAutoencoder.objects.filter(pk=sae.pk).update(desired_attached=True)
 
 
 def catalog_is_empty() -> bool:

@@ -73,7 +73,7 @@ class LiveStack:
 def live_stack(tmp_path_factory):
     """One stack for all live tests; each module puts it in the state it needs (load, attach, ...)."""
     stack = LiveStack(tmp_path_factory.mktemp("stack") / "var")
-    stack.wait_healthy()
+    stack.first_health = stack.wait_healthy()
     yield stack
     stack.stop()
 

@@ -34,6 +34,9 @@ def test_stack_serves_the_demo_catalog(live_stack):
     assert set(children_by_name(live_stack)) == {"web", "inference", "worker", "redis"}
     page = httpx.get(f"{live_stack.url}/models/").text
     assert "tiny-llama" in page  # built and registered because the catalog was empty
+    # ... and loaded and attached on start, so the first page can chat and steer at once.
+    first = live_stack.first_health["inference"]
+    assert (first["loaded_model"], first["attached_sae"]) == ("tiny-llama", "tiny-llama-layer_2")
     css = httpx.get(f"{live_stack.url}/static/vendor/htmx.min.js")
     assert css.status_code == 200 and len(css.content) > 40_000
 

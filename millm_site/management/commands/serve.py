@@ -6,7 +6,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand
 from django.db import OperationalError, connection
 
-from inference.demo import catalog_is_empty, demo_assets_ensure
+from inference.demo import catalog_is_empty, demo_assets_ensure, demo_assets_mark_desired
 from millm_site.embedded_redis import require_redis, start_embedded_redis
 from millm_site.env import SettingError
 from millm_site.supervisor import Child, Supervisor, python_argv
@@ -30,7 +30,10 @@ class Command(BaseCommand):
         if not skip_demo and catalog_is_empty():
             self.stdout.write(f"Catalog is empty: building the {settings.DEMO_TIER} tier demo model and SAE…")
             model, sae = demo_assets_ensure(tier=settings.DEMO_TIER)
-            self.stdout.write(f"Registered model {model.name} and SAE {sae.name}.")
+            # A newcomer's first page should chat and steer at once: the inference process loads and
+            # attaches these on start, as it restores any desired state.
+            demo_assets_mark_desired(model=model, sae=sae)
+            self.stdout.write(f"Registered model {model.name} and SAE {sae.name}; they load on start.")
 
         redis_process = None
         if settings.REDIS_URL_IS_EMBEDDED:
