@@ -30,6 +30,9 @@ import openai
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from inference.engine.runtime import default_torch_threads  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAMES = {"test": "tiny-llama", "demo": "smollm2-135m-instruct"}
 PROMPT = "Once upon a time, in a city by the sea,"
@@ -129,6 +132,7 @@ def main() -> None:
         try:
             loaded = httpx.post(f"{url}/api/models/{model_name}/load", timeout=900).json()["data"]
             local_path = loaded["local_path"]
+            torch.set_num_threads(int(os.environ.get("MILLM_TORCH_THREADS") or default_torch_threads()))  # as served
             model = AutoModelForCausalLM.from_pretrained(local_path, dtype=torch.float32).eval()
             tokenizer = AutoTokenizer.from_pretrained(local_path)
             raws, singles, ttfts, by_streams = asyncio.run(

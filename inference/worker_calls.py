@@ -43,7 +43,8 @@ db = sync_to_async  # catalog reads/writes from the event loop
 class WorkerCalls:
     def __init__(self, worker: InferenceWorker, runtime: EngineRuntime | None) -> None:
         self.worker = worker
-        self.runtime = runtime or EngineRuntime(memory_limit_bytes=settings.MEMORY_LIMIT_BYTES)
+        self.runtime = runtime or EngineRuntime(memory_limit_bytes=settings.MEMORY_LIMIT_BYTES,
+                                                torch_threads=settings.TORCH_THREADS)
         self.handles: dict[str, Any] = {}
 
     # --- errors --------------------------------------------------------------------------------

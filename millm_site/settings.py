@@ -112,6 +112,8 @@ DOWNLOAD_MIN_FREE_BYTES = env_int("MILLM_DOWNLOAD_MIN_FREE_BYTES", 512 * 1024**2
 
 MILLM_API_KEY = env_str("MILLM_API_KEY")
 # Caps what the inference process may use for SAEs (default: what the device has free).
+# torch threads in the inference process (0: one fewer than the machine's cores).
+TORCH_THREADS = env_int("MILLM_TORCH_THREADS", 0, minimum=0) or None
 MEMORY_LIMIT_BYTES = env_int("MILLM_MEMORY_LIMIT_BYTES", 0, minimum=0) or None
 INFERENCE_CHANNEL = env_str("MILLM_INFERENCE_CHANNEL", "inference")
 INFERENCE_TIMEOUT_S = env_float("MILLM_INFERENCE_TIMEOUT", 5.0, minimum=0.1)

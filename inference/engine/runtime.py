@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,12 @@ from inference.engine.sae_hook import SaeHook
 from inference.engine.sampling import InvalidRequestError, SamplingParams
 from inference.engine.scheduler import GenerationScheduler
 from inference.engine.steering import CompiledSteering, SteeringFeature, SteeringSpec
+
+
+def default_torch_threads() -> int:
+    """One core fewer than the machine has: the web tier, the worker and Redis need one, and OpenMP
+    threads that spin-wait for a busy core cost far more than they compute (seen 5x on 2 cores)."""
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 class RuntimeRefusal(Exception):
@@ -62,7 +69,9 @@ def steering_spec(payload: dict[str, Any]) -> SteeringSpec:
 
 
 class EngineRuntime:
-    def __init__(self, *, max_batch_size: int = 16, memory_limit_bytes: int | None = None) -> None:
+    def __init__(self, *, max_batch_size: int = 16, memory_limit_bytes: int | None = None,
+                 torch_threads: int | None = None) -> None:
+        torch.set_num_threads(torch_threads or default_torch_threads())
         self.max_batch_size = max_batch_size
         # A cap below the machine's free memory (MILLM_MEMORY_LIMIT_BYTES): SAEs that do not fit are refused.
         self.memory_limit_bytes = memory_limit_bytes

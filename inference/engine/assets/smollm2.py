@@ -43,11 +43,11 @@ LAYER = 15  # middle of 30 blocks: features are abstract enough to steer, concre
 HOOK_NAME = f"blocks.{LAYER}.hook_resid_post"
 SEED = 0
 MAX_SEQ_LEN = 128
-PROSE_TOKEN_BUDGET = {"writing": 4000, "reference": 8000, "docstrings": 8000, "code": 4000}
+PROSE_TOKEN_BUDGET = {"writing": 4000, "reference": 10000, "docstrings": 10000, "code": 4000}
 HELD_OUT_EVERY = 10  # every 10th sequence is kept out of training to measure reconstruction
 SINK_NORM_FACTOR = 10.0  # attention-sink positions have ≈100× the median norm; leave them out
 BATCH_TOKENS = 2048
-SAE_CONFIG = SAETrainConfig(d_sae=3072, k=32, steps=500, batch_size=512, lr=3e-3, seed=SEED)
+SAE_CONFIG = SAETrainConfig(d_sae=3072, k=32, steps=600, batch_size=512, lr=3e-3, seed=SEED)
 
 
 class DemoAssetsError(RuntimeError):
