@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# The first build (GGUF conversion, residuals, SAE training) runs inside the first test's setup.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+
 ASSET_CACHE = Path(os.environ.get("MILLM_ASSET_CACHE", Path(__file__).resolve().parents[2] / "var" / "assets"))
 
 # Text the SAE never saw: a chat turn and some prose of a different register.
