@@ -155,31 +155,39 @@ def test_every_feature_is_labelled_and_few_are_dead(demo_assets, manifest):
     assert any("Paris" in fl.label or "capital" in fl.label for fl in labels)
 
 
-def _steering_feature(demo_assets) -> int:
-    """A feature that fires on the animal chats' content: steering it should pull the text that way."""
+def _paris_feature(demo_assets) -> int:
+    """The first feature whose top tokens include ' Paris' (the chats ask about capitals a lot)."""
     for fl in demo_assets.sae.labels:
-        if any(word in fl.label for word in ("' dog", "' cat", "' animal", "' lion", "' elephant")):
+        if "Paris" in fl.label:
             return fl.index
-    raise AssertionError("no animal feature among the labels")
+    raise AssertionError("no feature labelled with Paris")
 
 
 @pytest.mark.slow
 def test_steering_a_feature_changes_the_answer_and_unhooking_restores_it(demo_assets, model_and_tokenizer, sae):
     model, tokenizer, _ = model_and_tokenizer
     ids = _chat_ids(tokenizer, "Tell me about your weekend.")
+    paris = tokenizer(" Paris")["input_ids"][0]
     baseline = _greedy(model, tokenizer, ids)
-    direction = sae.W_dec[_steering_feature(demo_assets)].detach()
-    strength = 100.0  # ≈ 0.6 of the layer's median residual norm (≈ 174)
+    direction = sae.W_dec[_paris_feature(demo_assets)].detach()
+    strength = 60.0  # ≈ a third of the layer's median residual norm (≈ 172): shifts the topic, keeps the grammar
 
     def steer(module, inputs, output):
         return output + strength * direction
 
+    def paris_logprob() -> float:
+        with torch.inference_mode():
+            return float(model(ids).logits[0, -1].log_softmax(-1)[paris])
+
+    plain = paris_logprob()
     handle = model.model.layers[demo_assets.sae.layer].register_forward_hook(steer)
     try:
         steered = _greedy(model, tokenizer, ids)
+        pulled = paris_logprob()
     finally:
         handle.remove()
     assert steered != baseline, steered
+    assert pulled > plain + 2.0, (plain, pulled)  # the feature pushes its own top token up (e^2 ≈ 7×)
     assert _greedy(model, tokenizer, ids) == baseline
 
 

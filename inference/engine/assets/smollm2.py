@@ -279,6 +279,7 @@ def _build(out_dir: Path, *, force: bool, progress: bool) -> dict[str, Any]:
     from .feature_labels import feature_statistics, label_features
     from .sae_training import evaluate_sae, save_sae_lens, train_batchtopk_sae
 
+    (out_dir / "manifest.json").unlink(missing_ok=True)  # a build cut short must not look finished
     torch.manual_seed(SEED)
     timings: dict[str, float] = {}
     clock = time.monotonic()
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     manifest = json.loads((args.out_dir / "manifest.json").read_text())
-    print(f"built in {time.monotonic() - started:.1f}s: {assets.model.local_path}, {assets.sae.local_path}")
+    print(f"ready in {time.monotonic() - started:.1f}s: {assets.model.local_path}, {assets.sae.local_path}")
     print("phases (s, from the build that made the cache):", manifest["timings_s"])
     metrics = manifest["metrics"]
     print(f"SAE {assets.sae.architecture} d_sae={assets.sae.d_sae} at {assets.sae.hook_name}: "
