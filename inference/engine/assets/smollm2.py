@@ -221,14 +221,15 @@ def collect_residuals(model: Any, sequences: list[list[int]], layer: int, *, pad
 def _assets_from_manifest(out_dir: Path, manifest: dict[str, Any]) -> DemoAssets:
     m, s = manifest["model"], manifest["sae"]
     raw_labels = json.loads((out_dir / "sae" / "feature_labels.json").read_text())
-    labels = tuple(FeatureLabel(index=x["index"], label=x["label"], description=x["description"]) for x in raw_labels)
+    labels = tuple(FeatureLabel(index=x["index"], label=x["label"], description=x["description"],
+                                max_activation=x.get("max_activation")) for x in raw_labels)
     return DemoAssets(
         model=BuiltModel(repo_id=m["repo_id"], local_path=out_dir / "model", parameter_count=m["parameter_count"],
                          dtype=m["dtype"], hidden_size=m["hidden_size"], num_layers=m["num_layers"],
                          context_length=m["context_length"]),
         sae=BuiltSAE(repo_id=s["repo_id"], sae_id=s["sae_id"], local_path=out_dir / "sae", layer=s["layer"],
                      hook_name=s["hook_name"], d_in=s["d_in"], d_sae=s["d_sae"], architecture=s["architecture"],
-                     labels=labels),
+                     labels=labels, residual_norm=manifest.get("residual_median_norm")),
     )
 
 
