@@ -276,48 +276,49 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _chat_sse(req: ChatCompletionRequest, started: dict, stream: AsyncIterator[dict]) -> AsyncIterator[str]:
+async def _sse_stream(base: dict, stream: AsyncIterator[dict], *, include_usage: bool, first: list[dict],
+                      chunk_choice, final_choice) -> AsyncIterator[str]:
+    """The SSE framing both completions share: choices per chunk, a final chunk with the finish reason
+    (and which steering ran), an optional usage chunk, an error event if the generation fails, [DONE]."""
+    for chunk in first:
+        yield _sse({**base, **chunk})
+    try:
+        async for message in stream:
+            if message["type"] == "chunk" and message["text"]:
+                yield _sse({**base, "choices": [chunk_choice(message)]})
+            elif message["type"] == "done":
+                yield _sse({**base, "choices": [final_choice(message)], "millm_steering": message.get("steering", "none")})
+                if include_usage:
+                    usage = message["usage"]
+                    yield _sse({**base, "choices": [],
+                                "usage": usage_body(usage["prompt_tokens"], usage["completion_tokens"])})
+    except OpenAIRequestError as exc:
+        yield _sse(exc.body())
+    yield _sse("[DONE]")
+
+
+def _include_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+def _chat_sse(req: ChatCompletionRequest, started: dict, stream: AsyncIterator[dict]) -> AsyncIterator[str]:
     base = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": req.model}
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                     "finish_reason": None, "logprobs": None}]})
-    try:
-        async for message in stream:
-            if message["type"] == "chunk" and message["text"]:
-                logprobs = chat_logprobs(message.get("tokens", [])) if req.logprobs else None
-                yield _sse({**base, "choices": [{"index": 0, "delta": {"content": message["text"]},
-                                                 "finish_reason": None, "logprobs": logprobs}]})
-            elif message["type"] == "done":
-                final = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": message["finish_reason"],
-                                              "logprobs": None}], "millm_steering": message.get("steering", "none")}
-                yield _sse(final)
-                if include_usage:
-                    usage = message["usage"]
-                    yield _sse({**base, "choices": [],
-                                "usage": usage_body(usage["prompt_tokens"], usage["completion_tokens"])})
-    except OpenAIRequestError as exc:
-        yield _sse(exc.body())
-    yield _sse("[DONE]")
+    role = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                         "logprobs": None}]}
+    return _sse_stream(
+        base, stream, include_usage=_include_usage(req), first=[role],
+        chunk_choice=lambda m: {"index": 0, "delta": {"content": m["text"]}, "finish_reason": None,
+                                "logprobs": chat_logprobs(m.get("tokens", [])) if req.logprobs else None},
+        final_choice=lambda m: {"index": 0, "delta": {}, "finish_reason": m["finish_reason"], "logprobs": None})
 
 
-async def _completion_sse(req: CompletionRequest, started: dict, stream: AsyncIterator[dict]) -> AsyncIterator[str]:
+def _completion_sse(req: CompletionRequest, started: dict, stream: AsyncIterator[dict]) -> AsyncIterator[str]:
     base = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": req.model}
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    try:
-        async for message in stream:
-            if message["type"] == "chunk" and message["text"]:
-                logprobs = completion_logprobs(message.get("tokens", [])) if req.logprobs is not None else None
-                yield _sse({**base, "choices": [{"index": 0, "text": message["text"], "finish_reason": None,
-                                                 "logprobs": logprobs}]})
-            elif message["type"] == "done":
-                yield _sse({**base, "choices": [{"index": 0, "text": "", "finish_reason": message["finish_reason"],
-                                                 "logprobs": None}], "millm_steering": message.get("steering", "none")})
-                if include_usage:
-                    usage = message["usage"]
-                    yield _sse({**base, "choices": [],
-                                "usage": usage_body(usage["prompt_tokens"], usage["completion_tokens"])})
-    except OpenAIRequestError as exc:
-        yield _sse(exc.body())
-    yield _sse("[DONE]")
+    return _sse_stream(
+        base, stream, include_usage=_include_usage(req), first=[],
+        chunk_choice=lambda m: {"index": 0, "text": m["text"], "finish_reason": None,
+                                "logprobs": completion_logprobs(m.get("tokens", [])) if req.logprobs is not None
+                                else None},
+        final_choice=lambda m: {"index": 0, "text": "", "finish_reason": m["finish_reason"], "logprobs": None})
 
 
