@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inference.engine.generation import GenerationRequest  # noqa: E402
-from inference.engine.loading import LoadedModel, load_model  # noqa: E402
-from inference.engine.sampling import SamplingParams  # noqa: E402
-from inference.engine.scheduler import GenerationScheduler  # noqa: E402
+from engine.generation import GenerationRequest  # noqa: E402
+from engine.loading import LoadedModel, load_model  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
+from engine.scheduler import GenerationScheduler  # noqa: E402
 
 PROMPTS = (
     "The cat sat on the",
@@ -80,7 +80,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     if args.model is None:
-        from inference.engine.assets.tiny import build_test_tier
+        from engine.assets.tiny import build_test_tier
 
         args.model = build_test_tier(
             Path(__file__).resolve().parent.parent / "var" / "assets" / "test"

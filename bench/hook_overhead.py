@@ -28,10 +28,10 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inference.engine.protocols import ForwardContext, RowInfo  # noqa: E402
-from inference.engine.sae import SaeWeights  # noqa: E402
-from inference.engine.sae_hook import SaeHook  # noqa: E402
-from inference.engine.steering import SteeringFeature, SteeringSpec  # noqa: E402
+from engine.interceptors import ForwardContext, RowInfo  # noqa: E402
+from engine.sae import SaeWeights  # noqa: E402
+from engine.sae_hook import SaeHook  # noqa: E402
+from engine.steering import SteeringFeature, SteeringSpec  # noqa: E402
 
 SIZES = {
     "tiny": {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.serve import MODEL_NAMES, percentile, start_stack  # noqa: E402
 from bench.steering import PROMPT, build, decode_rate  # noqa: E402
-from inference.engine.runtime import EngineRuntime  # noqa: E402
+from engine.runtime import EngineRuntime  # noqa: E402
 
 
 def slowdown(tier: str, tokens: int, rounds: int) -> tuple[float, float]:
@@ -45,8 +45,8 @@ def slowdown(tier: str, tokens: int, rounds: int) -> tuple[float, float]:
     scheduler = runtime.scheduler
 
     def rate(monitor: bool) -> float:
-        from inference.engine.generation import FinishEvent, GenerationRequest
-        from inference.engine.sampling import SamplingParams
+        from engine.generation import FinishEvent, GenerationRequest
+        from engine.sampling import SamplingParams
 
         handle = scheduler.submit(GenerationRequest(PROMPT, SamplingParams(max_tokens=tokens, temperature=0.0,
                                                                            ignore_eos=True), monitor=monitor))

@@ -31,7 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from inference.engine.runtime import default_torch_threads  # noqa: E402
+from engine.runtime import default_torch_threads  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAMES = {"test": "tiny-llama", "demo": "smollm2-135m-instruct"}

@@ -21,19 +21,19 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from inference.engine.generation import FinishEvent, GenerationRequest  # noqa: E402
-from inference.engine.runtime import EngineRuntime  # noqa: E402
-from inference.engine.sampling import SamplingParams  # noqa: E402
+from engine.generation import FinishEvent, GenerationRequest  # noqa: E402
+from engine.runtime import EngineRuntime  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
 
 PROMPT = "Once upon a time, in a city by the sea,"
 
 
 def build(tier: str, asset_dir: Path):
     if tier == "test":
-        from inference.engine.assets.tiny import build_test_tier
+        from engine.assets.tiny import build_test_tier
 
         return build_test_tier(asset_dir / "test")
-    from inference.engine.assets.smollm2 import build_demo_tier
+    from engine.assets.smollm2 import build_demo_tier
 
     return build_demo_tier(asset_dir / "demo")
 

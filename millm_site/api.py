@@ -6,14 +6,22 @@ Success: `{"success": true, "data": ..., "error": null}`; failure: `{"success": 
 
 from __future__ import annotations
 
-from typing import Any
-
 import structlog
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as NinjaValidationError
 
+from catalog.api import router as models_router
+from downloads.api import catalog_deletes_mount
+from downloads.api import router as downloads_router
+from millm_site.envelope import error_envelope
 from millm_site.errors import MillmError
+from monitoring.capture_api import inspect_router
+from monitoring.capture_api import monitoring_router as live_monitoring_router
+from monitoring.history_api import router as history_router
+from monitoring.system_api import router as system_router
+from profiles.api import router as profiles_router
+from steering.api import saes_router, steering_router
 
 log = structlog.get_logger("millm.api")
 
@@ -25,13 +33,6 @@ api = NinjaAPI(
     "{success, data, error}.",
 )
 
-
-def envelope(data: Any) -> dict[str, Any]:
-    return {"success": True, "data": data, "error": None}
-
-
-def error_envelope(code: str, message: str, details: dict | None = None) -> dict[str, Any]:
-    return {"success": False, "data": None, "error": {"code": code, "message": message, "details": details or {}}}
 
 
 @api.exception_handler(MillmError)
@@ -71,18 +72,10 @@ def on_unexpected(request, exc: Exception):
 
 
 def _mount_routers() -> None:
-    from inference.api import router as models_router
-    from inference.download_api import catalog_deletes_mount
-    from inference.download_api import router as downloads_router
-    from monitoring.api import router as monitoring_router
-    from monitoring.monitor_api import inspect_router
-    from monitoring.monitor_api import monitoring_router as live_monitoring_router
-    from profiles.api import router as profiles_router
-    from steering.api import saes_router, steering_router
-
     api.add_router("/", downloads_router)  # first: its models/download must win over models/{name}
     catalog_deletes_mount(models_router=models_router, saes_router=saes_router)
-    api.add_router("/", monitoring_router)
+    api.add_router("/", system_router)
+    api.add_router("/", history_router)
     api.add_router("/", inspect_router)
     api.add_router("/monitoring", live_monitoring_router)
     api.add_router("/models", models_router)

@@ -41,6 +41,8 @@ INSTALLED_APPS = [
     "django_htmx",
     "channels",
     "millm_site",
+    "catalog",
+    "downloads",
     "inference",
     "steering",
     "profiles",

@@ -3,13 +3,13 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from inference.openai_api import v1
 from millm_site.api import api
 from monitoring.views import metrics_endpoint
+from serving.api import v1
 
 urlpatterns = [
     path("", include("monitoring.urls")),
-    path("models/", include("inference.urls")),
+    path("models/", include("catalog.urls")),
     path("", include("steering.urls")),
     path("profiles/", include("profiles.urls")),
     path("v1/", v1.urls),

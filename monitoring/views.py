@@ -10,7 +10,7 @@ from django.http import HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
-from inference.selectors import model_list
+from catalog.selectors import model_list
 from millm_site.errors import NotFound
 from monitoring.forms import HistoryFilterForm
 from monitoring.history_export import history_export_response

@@ -8,8 +8,8 @@ from asgiref.sync import sync_to_async
 from ninja import Body, Router, Schema
 from pydantic import Field
 
-from inference.selectors import model_get
-from millm_site.api import envelope
+from catalog.selectors import model_get
+from millm_site.envelope import envelope
 from profiles import services
 from profiles.models import Profile
 from profiles.schemas import ProfileFeatureFile

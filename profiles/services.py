@@ -8,7 +8,7 @@ from asgiref.sync import sync_to_async
 from django.db import transaction
 from pydantic import ValidationError
 
-from inference.models import LanguageModel
+from catalog.models import LanguageModel
 from millm_site.errors import Conflict, InvalidFeatureIndex, ProfileNotFound, SaeNotAttached, ValidationFailed
 from profiles.models import Profile, ProfileFeature
 from profiles.schemas import ProfileFile

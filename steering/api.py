@@ -9,8 +9,8 @@ from ninja import Body, Query, Router, Schema
 from pydantic import Field
 
 from inference.client import inference_call
-from millm_site.api import envelope
-from steering import selectors, services, steering_services
+from millm_site.envelope import envelope
+from steering import sae_services, selectors, steering_services
 from steering.labels_import import parse_labels
 from steering.models import LabelSource, SparseAutoencoder
 
@@ -64,7 +64,7 @@ class LabelFile(Schema):
 @saes_router.post("/{name}/labels/import", summary="Import labels (Neuronpedia JSON/CSV); hand edits are kept")
 def import_labels(request, name: str, payload: LabelFile):
     sae = selectors.sae_get(name=name)
-    count = services.feature_labels_replace(sae=sae, labels=parse_labels(payload.content),
+    count = sae_services.feature_labels_replace(sae=sae, labels=parse_labels(payload.content),
                                             source=LabelSource.NEURONPEDIA)
     return envelope({"imported": count})
 

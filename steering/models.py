@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.db import models
 from django.db.models import Q
 
-from inference.models import LanguageModel
+from catalog.models import LanguageModel
 
 
 class SaeStatus(models.TextChoices):

@@ -23,7 +23,7 @@ from millm_site.events import event_publish
 from steering.models import SaeStatus, SparseAutoencoder, SteeringState
 from steering.units import strengths_to_raw
 
-MAX_ABS_STRENGTH = 1000.0  # the engine's bound (inference.engine.steering.MAX_ABS_STRENGTH)
+MAX_ABS_STRENGTH = 1000.0  # the engine's bound (engine.steering.MAX_ABS_STRENGTH)
 MODES = ("additive", "clamp")
 POSITIONS = ("all", "generated_only")
 UNITS = ("raw", "max_activation", "residual_norm")
@@ -114,9 +114,9 @@ async def steering_compare(*, prompt: str, features: list[dict[str, Any]], chat:
                            mode: str = "additive", positions: str = "all", units: str = "raw") -> dict[str, Any]:
     """The same prompt answered greedily without and with the given steering (the active one is ignored)."""
     # Imported here: openai_serving reads the attached SAE from this module.
-    from inference.openai_protocol import OpenAIRequestError
-    from inference.openai_serving import collect, run_generation
-    from inference.request_tracking import RequestTracker
+    from monitoring.request_tracking import RequestTracker
+    from serving.completions import collect, run_generation
+    from serving.protocol import OpenAIRequestError
 
     sae = await sync_to_async(attached_sae)()
     if sae is None:

@@ -12,7 +12,7 @@ ASSET_CACHE = Path(os.environ.get("MILLM_ASSET_CACHE", Path(__file__).resolve().
 
 @pytest.fixture(scope="session")
 def test_tier_assets():
-    from inference.engine.assets.tiny import build_test_tier
+    from engine.assets.tiny import build_test_tier
 
     return build_test_tier(ASSET_CACHE / "test")
 
@@ -20,6 +20,6 @@ def test_tier_assets():
 @pytest.fixture
 def tiny_catalog(db, test_tier_assets):
     """The test tier registered in the catalog: (LanguageModel, SparseAutoencoder)."""
-    from inference.demo import demo_assets_register
+    from catalog.demo import demo_assets_register
 
     return demo_assets_register(assets=test_tier_assets, tier="test")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from inference.models import LanguageModel
+from catalog.models import LanguageModel
 from steering.models import FeatureLabel, SparseAutoencoder
 
 pytestmark = pytest.mark.django_db

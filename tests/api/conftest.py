@@ -5,7 +5,7 @@ import pytest
 from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 
-from inference.worker import InferenceWorker
+from inference.process import InferenceWorker
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from inference.models import LanguageModel
+from catalog.models import LanguageModel
 from steering.models import FeatureLabel, LabelSource, SparseAutoencoder
 
 pytestmark = pytest.mark.django_db

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from inference.models import LanguageModel
+from catalog.models import LanguageModel
 from profiles.models import Profile, ProfileFeature
 from steering.models import SparseAutoencoder
 

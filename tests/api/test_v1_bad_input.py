@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from inference.models import LanguageModel
+from catalog.models import LanguageModel
 
 pytestmark = pytest.mark.django_db
 

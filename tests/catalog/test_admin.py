@@ -3,7 +3,7 @@
 import pytest
 from django.contrib.auth.models import User
 
-from inference.models import LanguageModel, ModelStatus
+from catalog.models import LanguageModel, ModelStatus
 from profiles.models import Profile
 from steering.models import FeatureLabel, LabelSource, SparseAutoencoder
 
@@ -27,7 +27,7 @@ def catalog():
     return model, sae
 
 
-@pytest.mark.parametrize("path", ["inference/languagemodel", "steering/sparseautoencoder", "steering/featurelabel",
+@pytest.mark.parametrize("path", ["catalog/languagemodel", "steering/sparseautoencoder", "steering/featurelabel",
                                   "profiles/profile", "monitoring/requestrecord"])
 def test_changelists_render(admin_client, catalog, path):
     response = admin_client.get(f"/admin/{path}/")
@@ -41,7 +41,7 @@ def test_label_search_finds_by_text(admin_client, catalog):
 
 def test_verify_files_action_flags_missing_model(admin_client, catalog):
     model, _ = catalog
-    admin_client.post("/admin/inference/languagemodel/", {"action": "verify_files", "_selected_action": [model.pk]})
+    admin_client.post("/admin/catalog/languagemodel/", {"action": "verify_files", "_selected_action": [model.pk]})
     model.refresh_from_db()
     assert model.status == ModelStatus.ERROR
 

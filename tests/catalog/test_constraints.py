@@ -3,7 +3,7 @@
 import pytest
 from django.db import IntegrityError, transaction
 
-from inference.models import LanguageModel
+from catalog.models import LanguageModel
 from profiles.models import Profile, ProfileFeature
 from steering.models import FeatureLabel, SparseAutoencoder
 

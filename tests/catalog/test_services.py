@@ -1,12 +1,12 @@
 import pytest
 
-from inference.models import LanguageModel, ModelStatus
-from inference.services import model_set_desired_loaded, model_verify_files
+from catalog.models import LanguageModel, ModelStatus
+from catalog.services import model_set_desired_loaded, model_verify_files
 from millm_site.errors import ValidationFailed
 from profiles.models import Profile
 from profiles.services import profile_activate
 from steering.models import FeatureLabel, LabelSource
-from steering.services import feature_labels_replace, sae_register
+from steering.sae_services import feature_labels_replace, sae_register
 
 pytestmark = pytest.mark.django_db
 

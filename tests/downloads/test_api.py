@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from inference.models import Download, LanguageModel
+from catalog.models import LanguageModel
+from downloads.models import Download
 from steering.models import SparseAutoencoder
 from tests.downloads.conftest import MODEL_REPO, SAE_PATH, SAE_REPO
 
@@ -90,7 +91,7 @@ def test_cancel_a_queued_download(client, dl_settings, hub):
     again = client.post(f"/api/downloads/{queued['id']}/cancel")
     assert again.status_code == 409 and again.json()["error"]["code"] == "CONFLICT"
 
-    from inference.download_services import download_run
+    from downloads.services import download_run
 
     assert download_run(download_id=queued["id"]).status == "cancelled"  # a late worker does nothing
     assert hub.requests == []

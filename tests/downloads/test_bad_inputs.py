@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from inference.download_services import download_run, model_download_request
-from inference.models import Download, LanguageModel
+from catalog.models import LanguageModel
+from downloads.models import Download
+from downloads.services import download_run, model_download_request
 from steering.models import SparseAutoencoder
 from tests.downloads.conftest import CUSTOM_CODE_REPO, MODEL_REPO, SAE_REPO
 

@@ -119,7 +119,7 @@ def test_celery_call_from_the_command_line(stack, hub_server, hub_sources):
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     env["MILLM_VAR_DIR"] = str(stack.var_dir)
     kwargs = json.dumps({"repo_id": MODEL_REPO, "name": "via-celery-call"})
-    call = subprocess.run([sys.executable, "-m", "celery", "-A", "millm_site", "call", "inference.tasks.download_model",
+    call = subprocess.run([sys.executable, "-m", "celery", "-A", "millm_site", "call", "downloads.tasks.download_model",
                            "--kwargs", kwargs], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert call.returncode == 0, call.stderr
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from inference.download_services import download_run, model_download_request
-from inference.models import Download, DownloadStatus, LanguageModel, ModelStatus
+from catalog.models import LanguageModel, ModelStatus
+from downloads.models import Download, DownloadStatus
+from downloads.services import download_run, model_download_request
 from tests.downloads.conftest import MODEL_REPO, WIDE_REPO, assert_same_files
 
 pytestmark = pytest.mark.django_db
@@ -85,7 +86,7 @@ def test_a_failed_download_leaves_no_entry_and_a_new_one_skips_complete_files(dl
 
 
 def test_cancel_between_files_stops_and_cleans_up(dl_settings, hub):
-    from inference.download_services import download_cancel
+    from downloads.services import download_cancel
 
     download = model_download_request(repo_id=MODEL_REPO, enqueue=False)
 

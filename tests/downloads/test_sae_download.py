@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from inference.download_services import download_run, sae_download_request
-from inference.models import DownloadStatus, LanguageModel
+from catalog.models import LanguageModel
+from downloads.models import DownloadStatus
+from downloads.services import download_run, sae_download_request
 from steering.models import SparseAutoencoder
 from tests.downloads.conftest import (
     RELEASE,
@@ -43,7 +44,7 @@ def test_sae_from_a_repo_folder_is_registered_and_loads(dl_settings, hub, hub_so
     assert_same_files(hub_sources[SAE_REPO], Path(sae.local_path))
     assert done.catalog_sae == sae and done.bytes_done == done.bytes_total > 0
 
-    from inference.engine.sae import load_sae
+    from engine.sae import load_sae
 
     weights = load_sae(sae.local_path)  # through sae-lens' SAE.load_from_disk
     assert (weights.d_in, weights.d_sae, weights.hook_layer) == (built.d_in, built.d_sae, built.layer)
@@ -90,6 +91,6 @@ def test_sae_that_does_not_fit_the_model_is_not_registered(dl_settings, hub, hub
 
 
 def _wide_request():
-    from inference.download_services import model_download_request
+    from downloads.services import model_download_request
 
     return model_download_request(repo_id=WIDE_REPO, enqueue=False)

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from inference.download_selectors import download_as_dict
-from inference.download_services import download_cancel, download_run, model_download_request
-from inference.models import Download, DownloadStatus, LanguageModel
+from catalog.models import LanguageModel
+from downloads.models import Download, DownloadStatus
+from downloads.selectors import download_as_dict
+from downloads.services import download_cancel, download_run, model_download_request
 from tests.downloads.conftest import MODEL_REPO
 
 pytestmark = pytest.mark.django_db

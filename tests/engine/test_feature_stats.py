@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.engine.feature_stats import FeatureStatistics
+from engine.feature_stats import FeatureStatistics
 
 D_SAE = 24
 

@@ -8,18 +8,18 @@ import math
 import pytest
 import torch
 
-from inference.engine.batch_cache import BatchKVCache, new_cache
-from inference.engine.chat import build_chat_prompt
-from inference.engine.embeddings import embed
-from inference.engine.loading import load_model
-from inference.engine.sampling import (
+from engine.batch_cache import BatchKVCache, new_cache
+from engine.chat import build_chat_prompt
+from engine.embeddings import embed
+from engine.loading import load_model
+from engine.sampling import (
     InvalidRequestError,
     SamplingBatch,
     SamplingParams,
     sample_next,
     uniform_from_seed,
 )
-from inference.engine.text_stream import IncrementalDetokenizer, StopMatcher
+from engine.text_stream import IncrementalDetokenizer, StopMatcher
 
 
 @pytest.fixture(scope="module")

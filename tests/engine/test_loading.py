@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from inference.engine.loading import (
+from engine.loading import (
     InvalidModelError,
     ModelLoadError,
     ModelNotFoundError,

@@ -2,10 +2,10 @@
 
 import pytest
 
-from inference.engine.generation import FinishEvent, GenerationRequest
-from inference.engine.loading import InsufficientMemoryError
-from inference.engine.runtime import EngineRuntime, RuntimeRefusal
-from inference.engine.sampling import SamplingParams
+from engine.generation import FinishEvent, GenerationRequest
+from engine.loading import InsufficientMemoryError
+from engine.runtime import EngineRuntime, RuntimeRefusal
+from engine.sampling import SamplingParams
 
 
 def generate(runtime: EngineRuntime, steering=None) -> list[int]:
@@ -34,7 +34,7 @@ def test_an_sae_that_does_not_fit_is_refused_and_the_model_serves_on(runtime, te
 
 
 def test_insufficient_memory_is_reported_with_its_code():
-    from inference.worker_calls import WorkerCalls
+    from inference.handlers import WorkerCalls
 
     reply = WorkerCalls.error_reply(InsufficientMemoryError("too big"))
     assert (reply["code"], reply["status"]) == ("INSUFFICIENT_MEMORY", 507)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from inference.engine.protocols import ForwardContext, RowInfo
-from inference.engine.sae import SaeIncompatibleError, SaeWeights
-from inference.engine.sae_hook import SaeHook, SaeNotAttachedError
-from inference.engine.steering import (
+from engine.interceptors import ForwardContext, RowInfo
+from engine.sae import SaeIncompatibleError, SaeWeights
+from engine.sae_hook import SaeHook, SaeNotAttachedError
+from engine.steering import (
     InvalidFeatureIndexError,
     InvalidSteeringError,
     SteeringFeature,
@@ -334,7 +334,7 @@ def saved_sae_lens_sae(sae_lens, path, architecture: str, hook_name: str = "bloc
     ],
 )
 def test_encode_matches_sae_lens_after_a_disk_round_trip(sae_lens, tmp_path, architecture, cfg):
-    from inference.engine.sae import load_sae
+    from engine.sae import load_sae
 
     reference = saved_sae_lens_sae(sae_lens, tmp_path, architecture, **cfg)
     loaded = load_sae(tmp_path)
@@ -354,7 +354,7 @@ def test_encode_matches_sae_lens_after_a_disk_round_trip(sae_lens, tmp_path, arc
 
 
 def test_hook_layer_comes_from_the_hook_name(sae_lens, tmp_path):
-    from inference.engine.sae import UnsupportedSaeError, load_sae
+    from engine.sae import UnsupportedSaeError, load_sae
 
     saved_sae_lens_sae(sae_lens, tmp_path / "pre", "standard", hook_name="blocks.2.hook_resid_pre")
     assert load_sae(tmp_path / "pre").hook_layer == 1  # resid_pre of block 2 = output of layer 1

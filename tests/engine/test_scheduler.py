@@ -11,11 +11,11 @@ import threading
 import pytest
 import torch
 
-from inference.engine.generation import FinishEvent, GenerationRequest, TokenEvent
-from inference.engine.loading import load_model
-from inference.engine.protocols import ForwardContext
-from inference.engine.sampling import InvalidRequestError, SamplingParams
-from inference.engine.scheduler import GenerationScheduler, SchedulerUnavailableError
+from engine.generation import FinishEvent, GenerationRequest, TokenEvent
+from engine.interceptors import ForwardContext
+from engine.loading import load_model
+from engine.sampling import InvalidRequestError, SamplingParams
+from engine.scheduler import GenerationScheduler, SchedulerUnavailableError
 
 PROMPTS = [
     "The cat sat on the",
@@ -405,9 +405,9 @@ def test_sliding_window_layers_batch_like_solo_runs(tiny):
 def test_sae_hook_steers_and_monitors_each_row_on_its_own(tiny, test_tier_assets):
     import json
 
-    from inference.engine.sae import load_sae
-    from inference.engine.sae_hook import FeatureCapture, SaeHook
-    from inference.engine.steering import SteeringFeature, SteeringSpec
+    from engine.sae import load_sae
+    from engine.sae_hook import FeatureCapture, SaeHook
+    from engine.steering import SteeringFeature, SteeringSpec
 
     manifest = json.loads((test_tier_assets.model.local_path.parent / "manifest.json").read_text())
     feature = manifest["features"][0]

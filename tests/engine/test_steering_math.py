@@ -20,8 +20,8 @@ import math
 import pytest
 import torch
 
-from inference.engine.sae import SaeWeights
-from inference.engine.steering import (
+from engine.sae import SaeWeights
+from engine.steering import (
     InvalidFeatureIndexError,
     InvalidSteeringError,
     SteeringFeature,

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from inference.engine.assets.manifest import DemoAssets
-from inference.engine.assets.tiny import (
+from engine.assets.manifest import DemoAssets
+from engine.assets.tiny import (
     FEATURE_INDICES,
     HOOK_NAME,
     MANIFEST,

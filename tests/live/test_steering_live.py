@@ -14,7 +14,7 @@ import pytest
 from tests.live.conftest import load_tiny
 from tests.live.test_serve import children_by_name
 
-CAT = 7  # the test tier's feature for the token ' cat' (inference/engine/assets/tiny.py)
+CAT = 7  # the test tier's feature for the token ' cat' (engine/assets/tiny.py)
 SAE = "tiny-llama-layer_2"
 HELLO = [{"role": "user", "content": "Hello!"}]
 

@@ -4,7 +4,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from inference.worker import InferenceWorker
+from inference.process import InferenceWorker
 
 
 class Command(BaseCommand):

@@ -6,7 +6,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand
 from django.db import OperationalError, connection
 
-from inference.demo import catalog_is_empty, demo_assets_ensure, demo_assets_mark_desired
+from catalog.demo import catalog_is_empty, demo_assets_ensure, demo_assets_mark_desired
 from millm_site.embedded_redis import require_redis, start_embedded_redis
 from millm_site.env import SettingError
 from millm_site.supervisor import Child, Supervisor, python_argv

@@ -1,0 +1,93 @@
+"""Build the demo assets (test or demo tier) and register them in the catalog.
+
+The builders live in the torch engine (engine.assets) and know nothing of Django; this
+module is the one place that turns what they built into catalog rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.utils.text import slugify
+
+from catalog.models import LanguageModel
+from catalog.services import model_register, model_set_desired_loaded
+from engine.assets.manifest import DemoAssets
+from steering.models import LabelSource, SparseAutoencoder
+from steering.sae_services import feature_labels_replace, sae_register
+
+TIER_MODEL_NAMES = {"test": "tiny-llama", "demo": "smollm2-135m-instruct"}
+
+
+def demo_assets_build(*, tier: str, force: bool = False, asset_dir: Path | None = None) -> DemoAssets:
+    """Build one tier's files (cached on disk unless force) without touching the catalog."""
+    root = (asset_dir or settings.DEMO_ASSETS_DIR) / tier
+    if tier == "test":
+        from engine.assets.tiny import build_test_tier
+
+        return build_test_tier(root, force=force)
+    if tier == "demo":
+        from engine.assets.smollm2 import build_demo_tier
+
+        return build_demo_tier(root, force=force)
+    raise ValueError(f"unknown demo tier {tier!r} (test or demo)")
+
+
+@transaction.atomic
+def demo_assets_register(*, assets: DemoAssets, tier: str) -> tuple[LanguageModel, SparseAutoencoder]:
+    built_model, built_sae = assets.model, assets.sae
+    model = model_register(
+        name=TIER_MODEL_NAMES[tier],
+        repo_id=built_model.repo_id,
+        local_path=built_model.local_path,
+        parameter_count=built_model.parameter_count,
+        hidden_size=built_model.hidden_size,
+        num_layers=built_model.num_layers,
+        context_length=built_model.context_length,
+        dtype=built_model.dtype,
+        memory_estimate_bytes=_dtype_bytes(built_model.dtype) * built_model.parameter_count,
+        is_demo=True,
+    )
+    sae = sae_register(
+        name=slugify(f"{model.name}-{built_sae.sae_id}"),
+        model=model,
+        repo_id=built_sae.repo_id,
+        sae_id=built_sae.sae_id,
+        layer=built_sae.layer,
+        hook_name=built_sae.hook_name,
+        d_in=built_sae.d_in,
+        d_sae=built_sae.d_sae,
+        architecture=built_sae.architecture,
+        local_path=built_sae.local_path,
+        residual_norm=built_sae.residual_norm,
+        is_demo=True,
+    )
+    feature_labels_replace(
+        sae=sae,
+        labels=[(fl.index, fl.label, fl.description, fl.max_activation) for fl in built_sae.labels],
+        source=LabelSource.BUILTIN,
+    )
+    return model, sae
+
+
+def demo_assets_ensure(*, tier: str, force: bool = False) -> tuple[LanguageModel, SparseAutoencoder]:
+    """Build (or reuse) a tier and register it; the registration is idempotent."""
+    return demo_assets_register(assets=demo_assets_build(tier=tier, force=force), tier=tier)
+
+
+@transaction.atomic
+def demo_assets_mark_desired(*, model: LanguageModel, sae: SparseAutoencoder) -> None:
+    """Make the demo model and SAE what the inference process loads and attaches when it starts."""
+    model_set_desired_loaded(model=model)
+    SparseAutoencoder.objects.filter(desired_attached=True).update(desired_attached=False)
+    SparseAutoencoder.objects.filter(pk=sae.pk).update(desired_attached=True)
+
+
+def catalog_is_empty() -> bool:
+    return not LanguageModel.objects.exists()
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 4)

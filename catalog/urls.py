@@ -1,0 +1,10 @@
+from django.urls import path
+
+from catalog import views
+
+app_name = "catalog"
+urlpatterns = [
+    path("", views.models_page, name="models"),
+    path("<slug:name>/load", views.model_load_action, name="load"),
+    path("<slug:name>/unload", views.model_unload_action, name="unload"),
+]

@@ -1,0 +1,11 @@
+from django.contrib import admin
+
+from downloads.models import Download
+
+
+@admin.register(Download)
+class DownloadAdmin(admin.ModelAdmin):
+    list_display = ("id", "kind", "repo_id", "revision", "status", "bytes_done", "bytes_total", "created_at")
+    list_filter = ("kind", "status")
+    search_fields = ("repo_id", "error_message")
+    readonly_fields = [f.name for f in Download._meta.fields]

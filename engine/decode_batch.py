@@ -1,0 +1,201 @@
+"""The running decode batch: the model passes of the scheduler loop, with no threading in sight.
+
+`prefill(group)` runs newly admitted requests as one left-padded pass, samples their first token
+and merges their KV cache into the batch; `step()` runs one decode pass for every row. Per-row
+tensors (last token, step count, sampling parameters, the interceptors' ForwardContext) are
+rebuilt only when rows join or leave, so a steady decode step is: one forward pass, one batched
+sample, one host transfer of the chosen ids, and each row's text bookkeeping.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from engine.batch_cache import BatchKVCache, new_cache
+from engine.generation import FinishReason
+from engine.interceptors import ForwardContext, ForwardInterceptor
+from engine.rows import Row
+from engine.sampling import SampledTokens, SamplingBatch, sample_next
+
+log = logging.getLogger("millm.engine.scheduler")
+FAILED = "generation failed on the server"
+
+
+class DecodeBatch:
+    def __init__(
+        self, model: Any, pad_id: int, interceptors: Callable[[], tuple[ForwardInterceptor, ...]]
+    ) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.pad_id = pad_id
+        self.interceptors = interceptors  # read once per pass: the scheduler may swap the tuple any time
+        # Only the last position's logits are needed: a big saving on prefill with a large vocabulary.
+        accepts = inspect.signature(model.forward).parameters
+        self._logits_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+        self.rows: list[Row] = []
+        self._cache: BatchKVCache | None = None
+        self._last_ids = self._steps = torch.empty(0, dtype=torch.long, device=self.device)
+        self._sampling: SamplingBatch | None = None
+        self._context: ForwardContext | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def prefill(self, group: list[Row]) -> int:
+        """Run the group's prompts, emit their first tokens, let the unfinished ones join; returns
+        the number of tokens generated."""
+        width = max(len(r.prompt_ids) for r in group)
+        pads = [width - len(r.prompt_ids) for r in group]
+        input_ids = torch.tensor(
+            [[self.pad_id] * pad + r.prompt_ids for r, pad in zip(group, pads, strict=True)],
+            device=self.device,
+        )
+        columns = torch.arange(width, device=self.device).unsqueeze(0)
+        pads_t = torch.tensor(pads, device=self.device).unsqueeze(1)
+        mask = (columns >= pads_t).long()
+        context = ForwardContext(
+            rows=tuple(r.info for r in group),
+            generated_mask=torch.zeros_like(mask, dtype=torch.bool),
+            valid_mask=mask.bool(),
+        )
+        for row in group:
+            row.started()
+        cache = new_cache(self.model.config)
+        try:
+            logits, captures = self._forward(
+                context,
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=(columns - pads_t).clamp(min=0),
+                past_key_values=cache,
+            )
+            sampling = SamplingBatch.build([r.params for r in group], [r.seed for r in group], self.device)
+            sampled = sample_next(
+                logits, sampling, torch.zeros(len(group), dtype=torch.long, device=self.device)
+            )
+        except Exception:
+            log.exception("prefill failed")
+            for row in group:
+                row.finish("error", FAILED)
+            return 0
+        finished = self._deliver(group, sampled, captures)
+        keep = [i for i in range(len(group)) if i not in finished]
+        if keep:
+            joined = BatchKVCache(cache, pads, width, self.device)
+            first_ids = sampled.token_ids
+            if len(keep) < len(group):
+                joined.select(keep)
+                first_ids = first_ids[keep]
+            rows = self.rows + [group[i] for i in keep]
+            if self._cache is None:
+                self._set_rows(rows, joined, first_ids, torch.ones_like(first_ids))
+            else:
+                self._cache.merge(joined)
+                steps = torch.cat([self._steps, torch.ones_like(first_ids)])
+                self._set_rows(rows, self._cache, torch.cat([self._last_ids, first_ids]), steps)
+        return len(group)
+
+    def step(self) -> int:
+        """One decode pass for every row; returns the number of tokens generated."""
+        assert self._cache is not None and self._sampling is not None and self._context is not None
+        mask, positions = self._cache.decode_inputs()
+        try:
+            logits, captures = self._forward(
+                self._context,
+                input_ids=self._last_ids.unsqueeze(1),
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self._cache.cache,
+            )
+            self._cache.commit_step(mask)
+            sampled = sample_next(logits, self._sampling, self._steps)
+        except Exception:
+            log.exception("decode step failed")
+            self.finish_all("error", FAILED)
+            return 0
+        self._last_ids = sampled.token_ids
+        self._steps += 1
+        count = len(self.rows)
+        finished = self._deliver(self.rows, sampled, captures)
+        if finished:
+            self.remove(sorted(finished))
+        return count
+
+    def remove(self, indices: list[int], reason: FinishReason | None = None) -> None:
+        """Rows leave the batch (finished with `reason` first, unless they finished already)."""
+        if not indices:
+            return
+        if reason is not None:
+            for i in indices:
+                self.rows[i].finish(reason)
+        drop = set(indices)
+        keep = [i for i in range(len(self.rows)) if i not in drop]
+        if not keep:
+            self._set_rows([], None)
+            return
+        assert self._cache is not None
+        self._cache.select(keep)
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self._set_rows([self.rows[i] for i in keep], self._cache, self._last_ids[index], self._steps[index])
+
+    def finish_all(self, reason: FinishReason, error: str | None = None) -> None:
+        for row in self.rows:
+            row.finish(reason, error)
+        self._set_rows([], None)
+
+    def set_context(self, context: ForwardContext | None) -> None:
+        for interceptor in self.interceptors():
+            interceptor.set_context(context)
+
+    def _forward(self, context: ForwardContext, **inputs: Any) -> tuple[torch.Tensor, dict[str, list[Any]]]:
+        interceptors = self.interceptors()
+        for interceptor in interceptors:
+            interceptor.set_context(context)
+        out = self.model(**inputs, use_cache=True, **self._logits_kwargs)
+        captures: dict[str, list[Any]] = {}
+        for interceptor in interceptors:
+            for request_id, captured in interceptor.collect().items():
+                captures.setdefault(request_id, []).append(captured)
+        return out.logits[:, -1, :], captures
+
+    def _deliver(self, rows: list[Row], sampled: SampledTokens, captures: dict[str, list[Any]]) -> set[int]:
+        """Hand each row its token (the step's one host sync); the indices of rows that finished."""
+        token_ids = sampled.token_ids.tolist()
+        logprobs = sampled.logprobs.tolist() if sampled.logprobs is not None else None
+        top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
+        top_values = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+        finished: set[int] = set()
+        for i, row in enumerate(rows):
+            logprob = top = None
+            if logprobs is not None and row.params.logprobs:
+                logprob = logprobs[i]
+                if top_ids is not None and top_values is not None and row.params.top_logprobs:
+                    k = row.params.top_logprobs
+                    top = tuple(zip(top_ids[i][:k], top_values[i][:k], strict=True))
+            captured = tuple(captures.get(row.request_id, ())) if captures else ()
+            if row.accept(token_ids[i], logprob, top, captured):
+                finished.add(i)
+        return finished
+
+    def _set_rows(
+        self,
+        rows: list[Row],
+        cache: BatchKVCache | None,
+        last_ids: torch.Tensor | None = None,
+        steps: torch.Tensor | None = None,
+    ) -> None:
+        """The batch changed: rebuild what stays fixed while it does not."""
+        self.rows, self._cache = rows, cache
+        if not rows or last_ids is None or steps is None:
+            self.rows, self._cache, self._sampling, self._context = [], None, None, None
+            self._last_ids = self._steps = torch.empty(0, dtype=torch.long, device=self.device)
+            return
+        self._last_ids, self._steps = last_ids, steps
+        self._sampling = SamplingBatch.build([r.params for r in rows], [r.seed for r in rows], self.device)
+        ones = torch.ones((len(rows), 1), dtype=torch.bool, device=self.device)
+        self._context = ForwardContext(rows=tuple(r.info for r in rows), generated_mask=ones, valid_mask=ones)

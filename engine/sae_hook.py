@@ -1,0 +1,303 @@
+"""The SAE on the model's residual stream: a forward hook that steers each batch row and captures
+features for the monitored rows (a ForwardInterceptor, see protocols.py).
+
+Per forward pass, at the output of decoder layer L (the SAE's hook layer):
+1. monitoring: for rows with monitor=True, f = encode(h) once; per token the top-k features and the
+   values of the explicitly monitored features are kept as tensors, and the running statistics
+   are updated (valid positions only). Capture reads h *before* steering by default: what the
+   model itself represents there (`capture_after_steering=True` shows the steered residual instead).
+2. steering: each row's CompiledSteering (or none), batched by `apply_steering`.
+Lists for the caller are built once per pass, in `collect()`, after the forward pass.
+
+The stacked per-row tensors are cached while the batch's rows (request, steering object, monitor
+flag) stay the same, which is every decode step between a request joining and one leaving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.feature_stats import FeatureStatistics
+from engine.interceptors import ForwardContext, RowInfo
+from engine.sae import SaeWeights, decoder_layers, validate_sae_for_model
+from engine.steering import (
+    CompiledSteering,
+    InvalidFeatureIndexError,
+    SteeringBatch,
+    SteeringSpec,
+    apply_steering,
+    batch_steering,
+    compile_steering,
+)
+
+DEFAULT_TOP_K = 10
+
+
+class SaeNotAttachedError(RuntimeError):
+    """An operation that needs an attached SAE was called on a detached hook."""
+
+
+@dataclass(frozen=True)
+class FeatureCapture:
+    """What one monitored row produced in one forward pass, for its valid input positions only."""
+
+    input_positions: list[int]  # column of each captured token in this pass's input (0..T-1)
+    generated: list[bool]  # per captured token: was its input token generated (not prompt)
+    topk_indices: list[list[int]]  # per token, feature indices by decreasing activation
+    topk_values: list[list[float]]
+    monitored: dict[int, list[float]]  # monitored feature -> its value at each captured token
+
+
+@dataclass(frozen=True, eq=False)
+class _BatchPlan:
+    rows: tuple[RowInfo, ...]
+    steering: SteeringBatch
+    monitor_rows: torch.Tensor | None  # (Bm,) long; None when no row is monitored
+    monitor_covers_all_rows: bool
+    monitor_request_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class _PendingCapture:
+    request_ids: tuple[str, ...]
+    topk_indices: torch.Tensor  # (Bm, T, k)
+    topk_values: torch.Tensor  # (Bm, T, k)
+    monitored_values: torch.Tensor | None  # (Bm, T, M)
+    valid: torch.Tensor  # (Bm, T) bool
+    generated: torch.Tensor  # (Bm, T) bool
+
+
+class SaeHook:
+    def __init__(
+        self,
+        *,
+        top_k: int = DEFAULT_TOP_K,
+        capture_after_steering: bool = False,
+        collect_statistics: bool = True,
+    ) -> None:
+        self.top_k = top_k
+        self.capture_after_steering = capture_after_steering
+        self.collect_statistics = collect_statistics
+        self.sae: SaeWeights | None = None  # on the hooked layer's device and dtype
+        self.statistics: FeatureStatistics | None = None
+        self.monitored_features: tuple[int, ...] = ()
+        self._monitored_index: torch.Tensor | None = None
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._context: ForwardContext | None = None
+        self._default_steering: CompiledSteering | None = None
+        self._default_batch: SteeringBatch | None = None
+        self._plan: _BatchPlan | None = None
+        self._pending: _PendingCapture | None = None
+
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None
+
+    def attach(
+        self, model: torch.nn.Module, sae: SaeWeights, *, dtype: torch.dtype | None = None
+    ) -> SaeWeights:
+        """Hook the SAE onto the output of its layer; returns the SAE copy the hook runs (compile against it).
+
+        Validation happens first, so a refused SAE leaves any previous attachment as it was. The SAE
+        moves to the hooked layer's device and, unless `dtype` says otherwise, the model's dtype.
+        Steering, monitored features and statistics belong to one SAE and are reset.
+        """
+        validate_sae_for_model(sae, model)
+        layer = decoder_layers(model)[sae.hook_layer]
+        parameter = next(layer.parameters(), None)
+        device = parameter.device if parameter is not None else sae.device
+        if dtype is None:
+            dtype = getattr(model, "dtype", None)
+        if dtype is None or not dtype.is_floating_point:  # e.g. a quantized checkpoint's storage dtype
+            dtype = sae.dtype
+        on_device = sae.to(device=device, dtype=dtype)
+        self.detach()
+        self.sae = on_device
+        self.statistics = FeatureStatistics(on_device.d_sae, device=device)
+        self._handle = layer.register_forward_hook(self._on_layer_output)
+        return on_device
+
+    def detach(self) -> None:
+        """Remove the hook; the model computes exactly what it did before attach."""
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = None
+        self.sae = None
+        self.statistics = None
+        self.monitored_features = ()
+        self._monitored_index = None
+        self._context = None
+        self._default_steering = None
+        self._default_batch = None
+        self._plan = None
+        self._pending = None
+
+    def compile(self, spec: SteeringSpec) -> CompiledSteering:
+        """compile_steering against the attached SAE (on the model's device and dtype)."""
+        return compile_steering(self._require_sae(), spec)
+
+    def set_default_steering(self, steering: CompiledSteering | None) -> None:
+        """Steering for forward passes without a context (a plain `model(...)` or `generate()` call).
+
+        Such passes have no generated mask, so a "generated_only" default steers nothing there.
+        Rows of a scheduled batch use only their own RowInfo.steering (None: unsteered).
+        """
+        self._default_steering = steering
+        self._default_batch = None
+
+    def set_monitored_features(self, indices: Sequence[int]) -> None:
+        sae = self._require_sae()
+        bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < sae.d_sae]
+        if bad:
+            raise InvalidFeatureIndexError(f"monitored feature indices outside [0, {sae.d_sae}): {bad}")
+        self.monitored_features = tuple(indices)
+        self._monitored_index = (
+            torch.tensor(self.monitored_features, dtype=torch.long, device=sae.device) if indices else None
+        )
+
+    # ForwardInterceptor -------------------------------------------------------------------------
+
+    def set_context(self, context: ForwardContext | None) -> None:
+        self._pending = None
+        if context is not None and self.sae is not None:
+            rows = len(context.rows)
+            if (
+                context.valid_mask.shape[0] != rows
+                or context.generated_mask.shape != context.valid_mask.shape
+            ):
+                raise ValueError(
+                    f"context masks {tuple(context.valid_mask.shape)}/{tuple(context.generated_mask.shape)} "
+                    f"do not match its {rows} rows"
+                )
+            device = self.sae.device
+            if context.valid_mask.device != device or context.generated_mask.device != device:
+                context = ForwardContext(
+                    rows=context.rows,
+                    generated_mask=context.generated_mask.to(device, non_blocking=True),
+                    valid_mask=context.valid_mask.to(device, non_blocking=True),
+                )
+        self._context = context
+
+    def collect(self) -> dict[str, FeatureCapture]:
+        """The captures of the last forward pass, as Python lists (one host transfer per tensor)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return {}
+        valid = pending.valid.cpu().tolist()
+        generated = pending.generated.cpu().tolist()
+        indices = pending.topk_indices.cpu().tolist()
+        values = pending.topk_values.float().cpu().tolist()
+        monitored = (
+            pending.monitored_values.float().cpu().tolist() if pending.monitored_values is not None else None
+        )
+        captures: dict[str, FeatureCapture] = {}
+        for row, request_id in enumerate(pending.request_ids):
+            positions = [t for t, is_valid in enumerate(valid[row]) if is_valid]
+            monitored_by_feature = {
+                feature: [monitored[row][t][m] for t in positions] if monitored is not None else []
+                for m, feature in enumerate(self.monitored_features)
+            }
+            captures[request_id] = FeatureCapture(
+                input_positions=positions,
+                generated=[generated[row][t] for t in positions],
+                topk_indices=[indices[row][t] for t in positions],
+                topk_values=[values[row][t] for t in positions],
+                monitored=monitored_by_feature,
+            )
+        return captures
+
+    # The hot path ---------------------------------------------------------------------------------
+
+    def _on_layer_output(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        # transformers 5.x decoder layers return the hidden states; older layouts return a tuple.
+        hidden = output[0] if isinstance(output, tuple) else output
+        context = self._context
+        if context is None:
+            steered = self._steer_without_context(hidden)
+        else:
+            steered = self._steer_and_capture(hidden, context)
+        if steered is hidden:
+            return None  # the hook's "leave the output alone"
+        return (steered, *output[1:]) if isinstance(output, tuple) else steered
+
+    def _steer_without_context(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._default_steering is None:
+            return hidden
+        batch = self._default_batch
+        steerings = (self._default_steering,) * hidden.shape[0]
+        if batch is None or not batch.matches(steerings, hidden.device, hidden.dtype):
+            batch = self._default_batch = batch_steering(steerings, device=hidden.device, dtype=hidden.dtype)
+        return apply_steering(hidden, batch)
+
+    def _steer_and_capture(self, hidden: torch.Tensor, context: ForwardContext) -> torch.Tensor:
+        if hidden.shape[:2] != context.valid_mask.shape:
+            raise RuntimeError(
+                f"forward context is for a {tuple(context.valid_mask.shape)} batch but layer "
+                f"{self.sae.hook_layer if self.sae else '?'} saw {tuple(hidden.shape[:2])}: "
+                "set_context must be called before every forward pass (None for a plain call)"
+            )
+        plan = self._plan_for(context, hidden)
+        if plan.monitor_rows is not None and not self.capture_after_steering:
+            self._capture(hidden, context, plan)
+        steered = apply_steering(hidden, plan.steering, context.generated_mask, context.valid_mask)
+        if plan.monitor_rows is not None and self.capture_after_steering:
+            self._capture(steered, context, plan)
+        return steered
+
+    def _plan_for(self, context: ForwardContext, hidden: torch.Tensor) -> _BatchPlan:
+        plan = self._plan
+        # RowInfo equality compares CompiledSteering by identity (eq=False), so this is cheap.
+        if (
+            plan is not None
+            and plan.rows == context.rows
+            and plan.steering.device == hidden.device
+            and plan.steering.dtype == hidden.dtype
+        ):
+            return plan
+        monitored = [i for i, row in enumerate(context.rows) if row.monitor]
+        plan = self._plan = _BatchPlan(
+            rows=context.rows,
+            steering=batch_steering(
+                [row.steering for row in context.rows], device=hidden.device, dtype=hidden.dtype
+            ),
+            monitor_rows=torch.tensor(monitored, dtype=torch.long, device=hidden.device)
+            if monitored
+            else None,
+            monitor_covers_all_rows=len(monitored) == len(context.rows),
+            monitor_request_ids=tuple(context.rows[i].request_id for i in monitored),
+        )
+        return plan
+
+    def _capture(self, hidden: torch.Tensor, context: ForwardContext, plan: _BatchPlan) -> None:
+        sae = self._require_sae()
+        rows = plan.monitor_rows
+
+        def monitored_rows(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if plan.monitor_covers_all_rows else tensor.index_select(0, rows)
+
+        features = sae.encode(monitored_rows(hidden))  # (Bm, T, d_sae)
+        valid = monitored_rows(context.valid_mask)
+        top_values, top_indices = torch.topk(features, k=min(self.top_k, sae.d_sae), dim=-1)
+        self._pending = _PendingCapture(
+            request_ids=plan.monitor_request_ids,
+            topk_indices=top_indices,
+            topk_values=top_values,
+            monitored_values=(
+                features.index_select(-1, self._monitored_index)
+                if self._monitored_index is not None
+                else None
+            ),
+            valid=valid,
+            generated=monitored_rows(context.generated_mask),
+        )
+        if self.collect_statistics and self.statistics is not None:
+            self.statistics.update(features, include=valid)
+
+    def _require_sae(self) -> SaeWeights:
+        if self.sae is None:
+            raise SaeNotAttachedError("no SAE is attached")
+        return self.sae

@@ -1,0 +1,283 @@
+"""Step-level continuous batching: one thread owns the model and runs the decode batch.
+
+Each loop iteration (1) runs queued management calls, (2) drops cancelled rows, (3) prefills newly
+submitted requests as one left-padded group, samples their first token and merges their KV cache
+into the running batch (see batch_cache), (4) runs one decode step for every row, each with its own
+SamplingParams and steering, and (5) lets finished rows leave. Interceptors (the SAE hook) get a
+ForwardContext before every forward pass and are collected after it.
+
+Threading: submit(), cancel() and status() may be called from any thread; everything that touches
+the model, including `call(fn)` for management work such as attaching a hook, runs on the loop
+thread between steps, so no forward pass ever races another.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from engine.batch_cache import check_cache_support
+from engine.decode_batch import DecodeBatch
+from engine.embeddings import EmbeddingResult, embed
+from engine.generation import GenerationRequest, RequestHandle
+from engine.interceptors import ForwardInterceptor
+from engine.loading import LoadedModel
+from engine.rows import Row
+from engine.sampling import InvalidRequestError
+
+log = logging.getLogger("millm.engine.scheduler")
+T = TypeVar("T")
+THROUGHPUT_WINDOW_S = 10.0
+
+
+class SchedulerUnavailableError(RuntimeError):
+    """The scheduler is stopped or its queue is full (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class SchedulerStatus:
+    running: bool
+    queued: int
+    active: int
+    max_batch_size: int
+    tokens_per_second: float  # generated tokens over the last THROUGHPUT_WINDOW_S seconds
+    requests_total: int  # requests that reached the model
+    tokens_total: int
+
+
+class GenerationScheduler:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_batch_size: int = 16,
+        max_prefill_tokens: int = 4096,
+        max_queued: int = 1024,
+        interceptors: Sequence[ForwardInterceptor] = (),
+    ) -> None:
+        check_cache_support(loaded.model.config)
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_queued = max_queued
+        self._interceptors: tuple[ForwardInterceptor, ...] = tuple(interceptors)
+        self._eos = loaded.eos_token_ids
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._lock = threading.Condition()
+        self._intake: collections.deque[Row] = collections.deque()
+        self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._cancel_seen = False
+        self._stopping = False
+        self._drain_deadline: float | None = None
+        self._thread: threading.Thread | None = None
+        self._batch = DecodeBatch(self.model, pad_id, lambda: self._interceptors)
+        self._throughput: collections.deque[tuple[float, int]] = collections.deque(maxlen=8192)
+        self.requests_total = 0
+        self.tokens_total = 0
+        self._created = time.monotonic()
+
+    # --- lifecycle ---
+
+    def start(self) -> GenerationScheduler:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="millm-generation", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, *, drain_timeout_s: float = 0.0) -> None:
+        """Stop taking requests; let running rows finish for up to drain_timeout_s, cancel the rest."""
+        with self._lock:
+            self._stopping = True
+            self._drain_deadline = time.monotonic() + drain_timeout_s
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        else:  # never started: nothing else will answer what is queued
+            self._stop_now()
+            for _, future in self._calls:
+                future.cancel()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    # --- any thread ---
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Validate and queue a request; raises InvalidRequestError (HTTP 400) or
+        SchedulerUnavailableError (HTTP 503)."""
+        prompt_ids = self._prompt_ids(request)
+        params = request.params
+        context = self.loaded.context_length
+        if params.max_tokens is None:
+            max_tokens = context - len(prompt_ids)
+            if max_tokens < 1:
+                raise InvalidRequestError(
+                    param=request.prompt_param,
+                    message=f"this model's maximum context length is {context} tokens; the prompt has "
+                    f"{len(prompt_ids)} tokens, which leaves no room to generate",
+                    code="context_length_exceeded",
+                )
+        else:
+            max_tokens = params.max_tokens
+            if len(prompt_ids) + max_tokens > context:
+                raise InvalidRequestError(
+                    param="max_tokens",
+                    message=f"this model's maximum context length is {context} tokens; the prompt has "
+                    f"{len(prompt_ids)} tokens and max_tokens asks for {max_tokens} more "
+                    f"({len(prompt_ids) + max_tokens} in total)",
+                    code="context_length_exceeded",
+                )
+        handle = RequestHandle(request.request_id, len(prompt_ids), self._note_cancel)
+        row = Row(request, handle, prompt_ids, max_tokens, self.tokenizer, self._eos)
+        with self._lock:
+            if self._stopping:  # before start() requests wait in the queue
+                raise SchedulerUnavailableError("the generation scheduler is not running")
+            if len(self._intake) >= self.max_queued:
+                raise SchedulerUnavailableError(f"too many queued requests ({self.max_queued}); retry later")
+            self._intake.append(row)
+            self._lock.notify()
+        return handle
+
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run fn on the loop thread between forward passes (model surgery, embeddings, ...)."""
+        future: Future[T] = Future()
+        with self._lock:
+            if self._stopping:
+                raise SchedulerUnavailableError("the generation scheduler is not running")
+            self._calls.append((fn, future))
+            self._lock.notify()
+        return future
+
+    def embed(self, texts: Sequence[str | Sequence[int]], **kwargs: Any) -> EmbeddingResult:
+        """Embeddings computed between decode steps (blocking; call it from a worker thread)."""
+        return self.call(lambda: embed(self.loaded, texts, **kwargs)).result()
+
+    def add_interceptor(self, interceptor: ForwardInterceptor) -> None:
+        # The tuple is swapped whole: the loop reads it once per forward pass, never half-updated.
+        self._interceptors = (*self._interceptors, interceptor)
+
+    def remove_interceptor(self, interceptor: ForwardInterceptor) -> None:
+        self._interceptors = tuple(i for i in self._interceptors if i is not interceptor)
+
+    def status(self) -> SchedulerStatus:
+        now = time.monotonic()
+        recent = sum(n for t, n in list(self._throughput) if now - t <= THROUGHPUT_WINDOW_S)
+        # Over the whole window (or the time since start): a single fast step is not a rate.
+        rate = recent / max(min(THROUGHPUT_WINDOW_S, now - self._created), 1e-3)
+        return SchedulerStatus(
+            running=self.running,
+            queued=len(self._intake),
+            active=len(self._batch),
+            max_batch_size=self.max_batch_size,
+            tokens_per_second=round(rate, 2),
+            requests_total=self.requests_total,
+            tokens_total=self.tokens_total,
+        )
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if isinstance(request.prompt, str):
+            ids = list(self.tokenizer(request.prompt)["input_ids"])
+        else:
+            ids = list(request.prompt)
+            vocab = self.loaded.vocab_size
+            if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in ids):
+                raise InvalidRequestError(
+                    param=request.prompt_param, message=f"prompt token ids must be integers in [0, {vocab})"
+                )
+        if not ids:
+            raise InvalidRequestError(param=request.prompt_param, message="the prompt must not be empty")
+        return ids
+
+    def _note_cancel(self) -> None:
+        with self._lock:
+            self._cancel_seen = True
+            self._lock.notify()
+
+    # --- loop thread ---
+
+    def _run(self) -> None:
+        # no_grad rather than inference_mode: tensors that management calls create here (SAE
+        # weights, statistics) stay ordinary tensors that other threads may update in place.
+        with torch.no_grad():
+            while True:
+                with self._lock:
+                    while not (
+                        self._intake or self._batch or self._calls or self._stopping or self._cancel_seen
+                    ):
+                        self._lock.wait()
+                    calls = list(self._calls)
+                    self._calls.clear()
+                    reap, self._cancel_seen = self._cancel_seen, False
+                    stopping = self._stopping
+                for fn, future in calls:
+                    self._run_call(fn, future)
+                if stopping and self._stop_now():
+                    break
+                try:
+                    if reap:
+                        self._reap_cancelled()
+                    if not stopping:
+                        self._admit()
+                    if self._batch:
+                        self._count(self._batch.step())
+                except Exception:  # a bug here must not leave every client waiting forever
+                    log.exception("scheduler iteration failed")
+                    self._batch.finish_all("error", "generation failed on the server")
+
+    def _stop_now(self) -> bool:
+        if self._batch and self._drain_deadline is not None and time.monotonic() < self._drain_deadline:
+            return False
+        with self._lock:
+            queued = list(self._intake)
+            self._intake.clear()
+        for row in queued:
+            row.finish("cancelled")
+        self._batch.finish_all("cancelled")
+        return True
+
+    def _run_call(self, fn: Callable[[], Any], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        self._batch.set_context(None)
+        try:
+            future.set_result(fn())
+        except Exception as exc:  # handed to the caller, never kills the loop
+            future.set_exception(exc)
+
+    def _reap_cancelled(self) -> None:
+        with self._lock:
+            kept = [row for row in self._intake if not row.handle.cancelled]
+            dropped = [row for row in self._intake if row.handle.cancelled]
+            self._intake = collections.deque(kept)
+        for row in dropped:
+            row.finish("cancelled")
+        self._batch.remove([i for i, row in enumerate(self._batch.rows) if row.handle.cancelled], "cancelled")
+
+    def _admit(self) -> None:
+        group: list[Row] = []
+        with self._lock:
+            while self._intake and len(self._batch) + len(group) < self.max_batch_size:
+                width = max(len(r.prompt_ids) for r in [*group, self._intake[0]])
+                if group and width * (len(group) + 1) > self.max_prefill_tokens:
+                    break
+                group.append(self._intake.popleft())
+        if group:
+            self.requests_total += len(group)
+            self._count(self._batch.prefill(group))
+
+    def _count(self, tokens: int) -> None:
+        if tokens:
+            self.tokens_total += tokens
+            self._throughput.append((time.monotonic(), tokens))

@@ -1,0 +1,325 @@
+"""Steering: what a request asks for (SteeringSpec), what the hot path needs (CompiledSteering),
+and the batched per-row math on the residual stream (apply_steering).
+
+Math (DESIGN "Steering math"), per token with residual h at the hooked layer:
+- additive: h' = h + Σ_i s_i · W_dec[i]   (one precomputed d_in vector per spec)
+- clamp:    h' = x̂' + e = h + Σ_i (v_i - f_i(h)) · W_dec[i]   (f_i := v_i, the SAE error e kept)
+
+Everything a spec needs is computed once in `compile_steering`; everything a batch of rows needs is
+stacked once in `batch_steering` (the hook caches it while the set of rows does not change), so a
+forward step costs a few fused tensor ops: no Python loop over features, no host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from engine.sae import SaeWeights
+
+SteeringMode = Literal["additive", "clamp"]
+SteeringPositions = Literal["all", "generated_only"]
+STEERING_MODES: tuple[str, ...] = ("additive", "clamp")
+STEERING_POSITIONS: tuple[str, ...] = ("all", "generated_only")
+# Residual norms of small models are O(10²) (SmolLM2 layer 15: median ≈ 174) and ≈ 700 along one
+# decoder row already collapses the text, so anything past this is a typo, not an experiment.
+MAX_ABS_STRENGTH = 1000.0
+
+
+class InvalidSteeringError(ValueError):
+    """A steering request that cannot be applied (bad mode, positions, strength, duplicates)."""
+
+
+class InvalidFeatureIndexError(InvalidSteeringError):
+    """A steered feature index outside [0, d_sae)."""
+
+
+@dataclass(frozen=True)
+class SteeringFeature:
+    index: int
+    strength: float  # additive: coefficient of W_dec[index]; clamp: the target activation v_i
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    features: tuple[SteeringFeature, ...]
+    mode: SteeringMode = "additive"
+    # "generated_only": steer only positions whose *input* token was generated. At a decode step the
+    # input is the previously generated token, so the first generated token (predicted from the last
+    # prompt position) is unsteered; steering shows from the second generated token on.
+    positions: SteeringPositions = "all"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", tuple(self.features))  # accept a list, stay hashable
+
+
+def validate_steering(spec: SteeringSpec, *, d_sae: int, max_abs_strength: float = MAX_ABS_STRENGTH) -> None:
+    """Raise InvalidFeatureIndexError / InvalidSteeringError unless the spec can be applied to this SAE."""
+    if spec.mode not in STEERING_MODES:
+        raise InvalidSteeringError(
+            f"steering mode must be one of {', '.join(STEERING_MODES)}, got {spec.mode!r}"
+        )
+    if spec.positions not in STEERING_POSITIONS:
+        raise InvalidSteeringError(
+            f"steering positions must be one of {', '.join(STEERING_POSITIONS)}, got {spec.positions!r}"
+        )
+    seen: set[int] = set()
+    for feature in spec.features:
+        index = feature.index
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise InvalidFeatureIndexError(f"feature index must be an integer, got {index!r}")
+        if not 0 <= index < d_sae:
+            raise InvalidFeatureIndexError(f"feature index {index} is outside [0, {d_sae})")
+        if index in seen:
+            raise InvalidSteeringError(f"feature {index} is steered more than once")
+        seen.add(index)
+        strength = feature.strength
+        if isinstance(strength, bool) or not isinstance(strength, int | float) or not math.isfinite(strength):
+            raise InvalidSteeringError(
+                f"strength of feature {index} must be a finite number, got {strength!r}"
+            )
+        if abs(strength) > max_abs_strength:
+            raise InvalidSteeringError(
+                f"strength {strength} of feature {index} exceeds the bound ±{max_abs_strength:g}"
+            )
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: identity equality, so RowInfo tuples compare cheaply
+class CompiledSteering:
+    spec: SteeringSpec
+    feature_indices: torch.Tensor  # (K,) long
+    additive_delta: torch.Tensor | None = None  # additive: Σ s_i W_dec[i], (d_in,)
+    # clamp (K = number of steered features):
+    clamp_values: torch.Tensor | None = None  # (K,) targets v_i
+    clamp_decoder_rows: torch.Tensor | None = None  # (K, d_in) W_dec[i]
+    clamp_encoder_weight: torch.Tensor | None = None  # (d_in, K) W_enc[:, i] (relu/jumprelu)
+    clamp_encoder_bias: torch.Tensor | None = None  # (K,) with b_dec folded in, see SaeWeights
+    clamp_threshold: torch.Tensor | None = None  # (K,) jumprelu only
+    # topk: whether feature i is active depends on all other features, so clamp encodes in full.
+    full_encoder: SaeWeights | None = None
+
+    @property
+    def mode(self) -> SteeringMode:
+        return self.spec.mode
+
+    @property
+    def positions(self) -> SteeringPositions:
+        return self.spec.positions
+
+
+def compile_steering(
+    sae: SaeWeights, spec: SteeringSpec, *, max_abs_strength: float = MAX_ABS_STRENGTH
+) -> CompiledSteering:
+    """Validate the spec and precompute its tensors (on the SAE's device and dtype)."""
+    validate_steering(spec, d_sae=sae.d_sae, max_abs_strength=max_abs_strength)
+    indices = torch.tensor([f.index for f in spec.features], dtype=torch.long, device=sae.device)
+    strengths = torch.tensor(
+        [float(f.strength) for f in spec.features], dtype=torch.float32, device=sae.device
+    )
+    decoder_rows = sae.W_dec.index_select(0, indices)
+    if spec.mode == "additive":
+        # Summed in float32 so a bf16 SAE does not lose the small terms.
+        delta = (strengths @ decoder_rows.float()).to(sae.dtype)
+        return CompiledSteering(spec=spec, feature_indices=indices, additive_delta=delta)
+    if sae.architecture == "topk":
+        return CompiledSteering(
+            spec=spec,
+            feature_indices=indices,
+            clamp_values=strengths.to(sae.dtype),
+            clamp_decoder_rows=decoder_rows,
+            full_encoder=sae,
+        )
+    return CompiledSteering(
+        spec=spec,
+        feature_indices=indices,
+        clamp_values=strengths.to(sae.dtype),
+        clamp_decoder_rows=decoder_rows,
+        clamp_encoder_weight=sae.W_enc.index_select(1, indices),
+        clamp_encoder_bias=sae.encoder_bias.index_select(0, indices),
+        clamp_threshold=sae.threshold.index_select(0, indices) if sae.threshold is not None else None,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class SteeringBatch:
+    """The compiled steerings of one batch, stacked per row (built once per set of rows)."""
+
+    steerings: tuple[CompiledSteering | None, ...]
+    device: torch.device
+    dtype: torch.dtype
+    additive_deltas: torch.Tensor | None = None  # (B, 1, d_in), zero rows where not additive
+    generated_only_rows: torch.Tensor | None = None  # (B,) bool; None when no row asks for it
+    clamp_rows: torch.Tensor | None = None  # (Bc,) long, the rows in clamp mode
+    clamp_covers_all_rows: bool = False
+    # (Bc, ...) stacks padded to the largest K: padded columns have value 0 and a zero decoder row,
+    # so they contribute (0 - f) · 0 = 0 without a mask.
+    clamp_values: torch.Tensor | None = None  # (Bc, 1, K)
+    clamp_decoder_rows: torch.Tensor | None = None  # (Bc, K, d_in)
+    clamp_encoder_weight: torch.Tensor | None = None  # (Bc, d_in, K)
+    clamp_encoder_bias: torch.Tensor | None = None  # (Bc, 1, K)
+    clamp_threshold: torch.Tensor | None = None  # (Bc, 1, K); -inf for rows without one
+    clamp_feature_indices: torch.Tensor | None = None  # (Bc, 1, K), topk only (gather from full f)
+    full_encoder: SaeWeights | None = None
+
+    @property
+    def is_noop(self) -> bool:
+        return self.additive_deltas is None and self.clamp_rows is None
+
+    def matches(
+        self, steerings: Sequence[CompiledSteering | None], device: torch.device, dtype: torch.dtype
+    ) -> bool:
+        """Same compiled objects (by identity) in the same rows, same device and dtype."""
+        return (
+            self.device == device
+            and self.dtype == dtype
+            and len(self.steerings) == len(steerings)
+            and all(a is b for a, b in zip(self.steerings, steerings, strict=True))
+        )
+
+
+def batch_steering(
+    steerings: Sequence[CompiledSteering | None], *, device: torch.device, dtype: torch.dtype
+) -> SteeringBatch:
+    """Stack per-row steerings into the tensors `apply_steering` uses (rows may share one object)."""
+    steerings = tuple(steerings)
+    for steering in steerings:
+        if steering is not None and not isinstance(steering, CompiledSteering):
+            raise TypeError(f"row steering must be a CompiledSteering or None, got {type(steering).__name__}")
+    fields_: dict = {}
+
+    def moved(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+
+    # inference_mode(False): a batch built during generation must stay usable outside it too.
+    with torch.inference_mode(False), torch.no_grad():
+        additive = [s is not None and s.mode == "additive" for s in steerings]
+        if any(additive):
+            d_in = next(s.additive_delta.shape[0] for s, a in zip(steerings, additive, strict=True) if a)
+            zero = torch.zeros(d_in, device=device, dtype=dtype)
+            fields_["additive_deltas"] = torch.stack(
+                [moved(s.additive_delta) if a else zero for s, a in zip(steerings, additive, strict=True)]
+            ).unsqueeze(1)
+        if any(s is not None and s.positions == "generated_only" for s in steerings):
+            fields_["generated_only_rows"] = torch.tensor(
+                [s is not None and s.positions == "generated_only" for s in steerings], device=device
+            )
+        clamp_rows = [i for i, s in enumerate(steerings) if s is not None and s.mode == "clamp"]
+        if clamp_rows:
+            fields_.update(_stack_clamp([steerings[i] for i in clamp_rows], moved))
+            fields_["clamp_rows"] = torch.tensor(clamp_rows, dtype=torch.long, device=device)
+            fields_["clamp_covers_all_rows"] = len(clamp_rows) == len(steerings)
+            encoder = fields_.get("full_encoder")
+            if encoder is not None:
+                fields_["full_encoder"] = encoder.to(device=device)
+    return SteeringBatch(steerings=steerings, device=torch.device(device), dtype=dtype, **fields_)
+
+
+def _stack_clamp(clamps: list[CompiledSteering], moved: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    width = max(s.feature_indices.shape[0] for s in clamps)
+    full_encoder = clamps[0].full_encoder
+    if any((s.full_encoder is None) != (full_encoder is None) for s in clamps):
+        raise InvalidSteeringError("clamp steerings compiled for different SAEs cannot share a batch")
+
+    def padded(tensor: torch.Tensor, dim: int, fill: float = 0.0) -> torch.Tensor:
+        missing = width - tensor.shape[dim]
+        if missing == 0:
+            return tensor
+        shape = list(tensor.shape)
+        shape[dim] = missing
+        return torch.cat([tensor, torch.full(shape, fill, dtype=tensor.dtype, device=tensor.device)], dim=dim)
+
+    stacked: dict = {
+        "clamp_values": torch.stack([padded(moved(s.clamp_values), 0) for s in clamps]).unsqueeze(1),
+        "clamp_decoder_rows": torch.stack([padded(moved(s.clamp_decoder_rows), 0) for s in clamps]),
+    }
+    if full_encoder is not None:
+        stacked["full_encoder"] = full_encoder
+        stacked["clamp_feature_indices"] = torch.stack(
+            [padded(moved(s.feature_indices), 0) for s in clamps]
+        ).unsqueeze(1)
+        return stacked
+    stacked["clamp_encoder_weight"] = torch.stack([padded(moved(s.clamp_encoder_weight), 1) for s in clamps])
+    stacked["clamp_encoder_bias"] = torch.stack(
+        [padded(moved(s.clamp_encoder_bias), 0) for s in clamps]
+    ).unsqueeze(1)
+    if any(s.clamp_threshold is not None for s in clamps):
+        no_threshold = torch.full((width,), -math.inf)
+        stacked["clamp_threshold"] = torch.stack(
+            [
+                padded(moved(s.clamp_threshold), 0) if s.clamp_threshold is not None else moved(no_threshold)
+                for s in clamps
+            ]
+        ).unsqueeze(1)
+    return stacked
+
+
+def apply_steering(
+    h: torch.Tensor,
+    rows: SteeringBatch | Sequence[CompiledSteering | None],
+    generated_mask: torch.Tensor | None = None,
+    valid_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Steered residual h' (B, T, d) for per-row steerings; h itself is never modified.
+
+    Masks are (B, T) bools. Without a valid mask every position counts as valid; without a
+    generated mask no position counts as generated (so "generated_only" rows are left alone).
+    Padding (valid False) is never steered.
+    """
+    batch = rows if isinstance(rows, SteeringBatch) else batch_steering(rows, device=h.device, dtype=h.dtype)
+    if batch.is_noop:
+        return h
+    gate = _position_gate(batch, h, generated_mask, valid_mask)  # (B, T, 1) or None: every position
+    steered = h
+    if batch.additive_deltas is not None:
+        deltas = batch.additive_deltas
+        steered = h + deltas if gate is None else torch.addcmul(h, gate, deltas)
+    if batch.clamp_rows is not None:
+        clamp_h = h if batch.clamp_covers_all_rows else h.index_select(0, batch.clamp_rows)
+        correction = _clamp_correction(batch, clamp_h)
+        if gate is not None:
+            correction = correction * (
+                gate if batch.clamp_covers_all_rows else gate.index_select(0, batch.clamp_rows)
+            )
+        if batch.clamp_covers_all_rows:
+            steered = steered + correction
+        elif steered is h:
+            steered = h.index_add(0, batch.clamp_rows, correction)
+        else:
+            steered.index_add_(0, batch.clamp_rows, correction)  # our own fresh tensor
+    return steered
+
+
+def _clamp_correction(batch: SteeringBatch, clamp_h: torch.Tensor) -> torch.Tensor:
+    """Σ_i (v_i - f_i(h)) W_dec[i] for the clamp rows, (Bc, T, d)."""
+    if batch.full_encoder is not None:
+        full = batch.full_encoder.encode(clamp_h)
+        steps = clamp_h.shape[1]
+        index = batch.clamp_feature_indices.expand(-1, steps, -1)
+        current = full.gather(-1, index).to(clamp_h.dtype)
+    else:
+        pre = torch.baddbmm(batch.clamp_encoder_bias, clamp_h, batch.clamp_encoder_weight)
+        current = pre.relu()
+        if batch.clamp_threshold is not None:
+            current = current * (pre > batch.clamp_threshold).to(pre.dtype)
+    return torch.bmm(batch.clamp_values - current, batch.clamp_decoder_rows)
+
+
+def _position_gate(
+    batch: SteeringBatch,
+    h: torch.Tensor,
+    generated_mask: torch.Tensor | None,
+    valid_mask: torch.Tensor | None,
+) -> torch.Tensor | None:
+    if valid_mask is None and batch.generated_only_rows is None:
+        return None
+    allowed = (
+        valid_mask if valid_mask is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+    )
+    if batch.generated_only_rows is not None:
+        generated = generated_mask if generated_mask is not None else torch.zeros_like(allowed)
+        allowed = allowed & (generated | ~batch.generated_only_rows.unsqueeze(1))
+    return allowed.unsqueeze(-1).to(h.dtype)

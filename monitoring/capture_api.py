@@ -1,0 +1,119 @@
+"""/api/monitoring (live capture settings, feature statistics) and /api/inspect.
+
+The capture itself runs in the inference process (the SAE hook); these endpoints configure it and
+read its running statistics. Request history lives in monitoring/history_api.py.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ninja import Body, Router, Schema
+from pydantic import Field
+
+from inference.client import inference_call
+from millm_site.envelope import envelope
+from millm_site.errors import (
+    InferenceUnavailable,
+    MillmError,
+    ModelNotLoaded,
+    SaeNotAttached,
+    ValidationFailed,
+)
+from millm_site.events import event_publish
+from monitoring.request_tracking import RequestTracker
+from serving.completions import collect, run_generation
+from serving.protocol import OpenAIRequestError
+
+monitoring_router = Router(tags=["monitoring"])
+inspect_router = Router(tags=["monitoring"])
+
+METRIC = Literal["mean", "std", "sample_std", "min", "max", "active_ratio", "active_count", "mean_when_active"]
+
+
+def _settings(reply: dict) -> dict:
+    return {"enabled": reply["enabled"], "top_k": reply["top_k"], "features": reply["features"],
+            "active": reply["active"]}
+
+
+@monitoring_router.get("", summary="Monitoring settings and whether capture is active (an SAE attached)")
+async def get_monitoring(request):
+    pong = await inference_call("ping")
+    return envelope({**pong["monitoring"], "attached_sae": pong.get("attached_sae")})
+
+
+class ConfigureIn(Schema):
+    top_k: int | None = Field(None, ge=1, le=100)
+    features: list[int] | None = Field(None, max_length=256, description="feature indices always reported")
+
+
+@monitoring_router.post("/configure", summary="Top-k per token and the features always reported")
+async def configure(request, payload: ConfigureIn = Body(...)):  # noqa: B008
+    if payload.features is not None and any(i < 0 for i in payload.features):
+        raise ValidationFailed("features: indices must be >= 0", details={"field": "features"})
+    reply = await inference_call("configure_monitoring", payload.model_dump(exclude_none=True))
+    data = _settings(reply)
+    await event_publish("monitoring", "monitoring_state_changed", data)
+    return envelope(data)
+
+
+class EnableIn(Schema):
+    enabled: bool = True
+
+
+@monitoring_router.post("/enable", summary="Turn per-token capture on or off")
+async def enable(request, payload: EnableIn = Body(...)):  # noqa: B008
+    reply = await inference_call("configure_monitoring", {"enabled": payload.enabled})
+    data = _settings(reply)
+    await event_publish("monitoring", "monitoring_state_changed", data)
+    return envelope(data)
+
+
+@monitoring_router.get("/statistics", summary="Running per-feature statistics (top 20 by mean)")
+async def statistics(request):
+    return envelope(_strip(await inference_call("statistics", {"top": 20, "by": "mean"})))
+
+
+@monitoring_router.delete("/statistics", summary="Reset the running statistics")
+async def reset_statistics(request):
+    await inference_call("reset_statistics")
+    return envelope({"reset": True})
+
+
+class TopIn(Schema):
+    n: int = Field(20, ge=1, le=1000)
+    by: METRIC = "mean"
+
+
+@monitoring_router.post("/statistics/top", summary="Top-N features by any statistic")
+async def statistics_top(request, payload: TopIn = Body(...)):  # noqa: B008
+    return envelope(_strip(await inference_call("statistics", {"top": payload.n, "by": payload.by})))
+
+
+def _strip(reply: dict) -> dict:
+    return {k: v for k, v in reply.items() if k != "type"}
+
+
+class InspectIn(Schema):
+    text: str = Field(min_length=1, max_length=20000)
+    model: str | None = None
+
+
+@inspect_router.post("/inspect", summary="Per-token top features of a text, without generating")
+async def inspect(request, payload: InspectIn):
+    pong = await inference_call("ping")
+    model = payload.model or pong.get("loaded_model")
+    if model is None:
+        raise ModelNotLoaded("No model is loaded")
+    if not pong.get("attached_sae"):
+        raise SaeNotAttached("No SAE is attached: attach one to see its features")
+    try:
+        result = await collect(run_generation(model=model, prompt=payload.text, messages=None,
+                                              params={"max_tokens": 1, "temperature": 0.0},
+                                              steering={"source": "inline", "features": []}, monitor=True,
+                                              tracker=RequestTracker(endpoint="inspect", model=model)))
+    except OpenAIRequestError as exc:
+        error = InferenceUnavailable if exc.status == 503 else ValidationFailed if exc.status < 500 else MillmError
+        raise error(exc.message) from None
+    tokens = [f for f in result.frames if f["type"] == "prompt"]
+    return envelope({"model": model, "sae": pong["attached_sae"], "tokens": tokens})

@@ -1,0 +1,131 @@
+"""/v1: the OpenAI-compatible API. Thin endpoints over serving.completions; OpenAI error shapes.
+
+Every answer carries `X-miLLM-Steering` (none, active, profile:<name>, inline) saying which steering
+the model ran with.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+
+import structlog
+from asgiref.sync import sync_to_async
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from ninja import NinjaAPI
+from ninja.errors import HttpError
+from ninja.errors import ValidationError as NinjaValidationError
+
+from catalog.models import LanguageModel
+from inference.client import inference_call
+from millm_site.errors import MillmError
+from profiles.models import Profile
+from serving import completions as openai_serving
+from serving.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    OpenAIRequestError,
+    model_card,
+)
+
+log = structlog.get_logger("millm.v1")
+
+v1 = NinjaAPI(title="miLLM OpenAI-compatible API", version="1.0", urls_namespace="v1",
+              description="OpenAI's /v1 models, completions, chat completions and embeddings, served by the "
+              "steered model. Extra body field `steering: {features: [{index, strength}], mode, positions}`; "
+              "`model` may name a profile as `<model>:<profile>`.")
+
+
+def error_response(exc: OpenAIRequestError) -> JsonResponse:
+    return JsonResponse(exc.body(), status=exc.status)
+
+
+@v1.exception_handler(OpenAIRequestError)
+def on_openai_error(request, exc: OpenAIRequestError):
+    return error_response(exc)
+
+
+@v1.exception_handler(NinjaValidationError)
+def on_validation_error(request, exc: NinjaValidationError):
+    first = exc.errors[0] if exc.errors else {}
+    location = [str(p) for p in first.get("loc", ()) if p not in ("body", "payload")]
+    param = ".".join(location) or None
+    message = first.get("msg", "Invalid request")
+    return error_response(OpenAIRequestError(f"{param}: {message}" if param else message, param=param))
+
+
+@v1.exception_handler(HttpError)
+def on_http_error(request, exc: HttpError):
+    message = "Request body is not valid JSON" if exc.status_code == 400 else str(exc.message)
+    return error_response(OpenAIRequestError(message, code=None, status=exc.status_code))
+
+
+@v1.exception_handler(MillmError)
+def on_domain_error(request, exc: MillmError):
+    status = exc.status
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return error_response(OpenAIRequestError(exc.message, code=exc.code.lower(), status=status, type=kind))
+
+
+@v1.exception_handler(Exception)
+def on_unexpected(request, exc: Exception):
+    log.exception("v1_unexpected_error", path=request.path)
+    return error_response(OpenAIRequestError("Unexpected server error; see the server log", code=None, status=500,
+                                             type="server_error"))
+
+
+def base64_floats(vector: list[float]) -> str:
+    """OpenAI's base64 embedding: little-endian float32, what the official clients decode."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+def _respond(body, headers: dict[str, str]) -> HttpResponse:
+    if isinstance(body, dict):
+        response: HttpResponse = JsonResponse(body)
+    else:
+        response = StreamingHttpResponse(body, content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"
+    for name, value in headers.items():
+        response[name] = value
+    return response
+
+
+@v1.get("/models", summary="List the models (and <model>:<profile> aliases)")
+async def list_models(request):
+    def cards():
+        data = []
+        profiles = list(Profile.objects.select_related("model"))
+        for model in LanguageModel.objects.all():
+            created = int(model.created_at.timestamp())
+            data.append(model_card(model.name, created))
+            data += [model_card(f"{model.name}:{p.name}", int(p.created_at.timestamp()))
+                     for p in profiles if p.model_id in (None, model.pk)]
+        return data
+
+    return JsonResponse({"object": "list", "data": await sync_to_async(cards)()})
+
+
+@v1.post("/chat/completions", summary="Chat completion (SSE when stream: true)")
+async def chat_completions(request, payload: ChatCompletionRequest):
+    body, headers = await openai_serving.chat_completion(payload)
+    return _respond(body, headers)
+
+
+@v1.post("/completions", summary="Text completion (SSE when stream: true)")
+async def completions(request, payload: CompletionRequest):
+    body, headers = await openai_serving.text_completion(payload)
+    return _respond(body, headers)
+
+
+@v1.post("/embeddings", summary="Embeddings from the loaded model's hidden states")
+async def embeddings(request, payload: EmbeddingRequest):
+    target = await openai_serving.resolve_target(payload.model)
+    if payload.dimensions is not None:
+        raise OpenAIRequestError("dimensions is not supported", param="dimensions")
+    reply = await inference_call("embed", {"model": target.model.name, "texts": payload.input}, timeout=120)
+    encode = base64_floats if payload.encoding_format == "base64" else list
+    data = [{"object": "embedding", "index": i, "embedding": encode(vector)} for i, vector in enumerate(reply["vectors"])]
+    usage = {"prompt_tokens": reply["prompt_tokens"], "total_tokens": reply["prompt_tokens"]}
+    return _respond({"object": "list", "data": data, "model": payload.model, "usage": usage}, {"X-miLLM-Steering": "none"})

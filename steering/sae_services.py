@@ -1,0 +1,112 @@
+"""Writes to the SAE catalog and its feature labels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from django.db import transaction
+
+from catalog.models import LanguageModel
+from millm_site.errors import ValidationFailed
+from millm_site.events import event_publish_sync
+from steering.models import FeatureLabel, LabelSource, SaeStatus, SparseAutoencoder
+
+
+def sae_register(
+    *,
+    name: str,
+    model: LanguageModel,
+    repo_id: str,
+    sae_id: str,
+    layer: int,
+    hook_name: str,
+    d_in: int,
+    d_sae: int,
+    architecture: str,
+    local_path: Path | str,
+    residual_norm: float | None = None,
+    is_demo: bool = False,
+) -> SparseAutoencoder:
+    """Register (or refresh) an SAE already on disk, checked against the model it reads."""
+    if model.hidden_size is not None and d_in != model.hidden_size:
+        raise ValidationFailed(
+            f"SAE d_in {d_in} does not match {model.name}'s hidden size {model.hidden_size}",
+            details={"field": "d_in"},
+        )
+    if model.num_layers is not None and layer >= model.num_layers:
+        raise ValidationFailed(
+            f"SAE layer {layer} is outside {model.name}'s {model.num_layers} layers", details={"field": "layer"}
+        )
+    sae, _ = SparseAutoencoder.objects.update_or_create(
+        name=name,
+        defaults={
+            "model": model,
+            "repo_id": repo_id,
+            "sae_id": sae_id,
+            "layer": layer,
+            "hook_name": hook_name,
+            "d_in": d_in,
+            "d_sae": d_sae,
+            "architecture": architecture,
+            "local_path": str(local_path),
+            "residual_norm": residual_norm,
+            "status": SaeStatus.READY,
+            "status_message": "",
+            "is_demo": is_demo,
+        },
+    )
+    return sae
+
+
+@transaction.atomic
+def feature_labels_replace(
+    *,
+    sae: SparseAutoencoder,
+    labels: Iterable[tuple[int, str, str, float | None]],
+    source: str = LabelSource.AUTO,
+) -> int:
+    """Replace the labels of one source with (index, label, description, max_activation) rows.
+
+    Labels edited by hand are kept: an automatic relabel must never overwrite a person's work.
+    """
+    rows = list(labels)
+    bad = [index for index, *_ in rows if not 0 <= index < sae.d_sae]
+    if bad:
+        raise ValidationFailed(
+            f"Feature index {bad[0]} is outside 0..{sae.d_sae - 1} for SAE {sae.name}",
+            details={"field": "index", "count": len(bad)},
+        )
+    manual = set(sae.labels.filter(source=LabelSource.MANUAL).values_list("index", flat=True))
+    sae.labels.exclude(source=LabelSource.MANUAL).delete()
+    FeatureLabel.objects.bulk_create(
+        [
+            FeatureLabel(sae=sae, index=index, label=label[:300], description=description,
+                         max_activation=max_activation, source=source)
+            for index, label, description, max_activation in rows
+            if index not in manual
+        ],
+        batch_size=1000,
+    )
+    return len(rows) - len(manual & {index for index, *_ in rows})
+
+
+def sae_set_status(*, name: str, status: str, message: str = "", attached: bool | None = None) -> SparseAutoencoder:
+    """Record an SAE's status (and, with `attached`, the desired state) and tell the live pages."""
+    with transaction.atomic():
+        if attached:
+            SparseAutoencoder.objects.exclude(name=name).filter(desired_attached=True).update(desired_attached=False)
+            SparseAutoencoder.objects.exclude(name=name).filter(status=SaeStatus.ATTACHED).update(status=SaeStatus.READY)
+        sae = SparseAutoencoder.objects.get(name=name)
+        sae.status, sae.status_message = status, message[:2000]
+        if attached is not None:
+            sae.desired_attached = attached
+        sae.save()
+    event_publish_sync("progress", "sae_status", {"name": sae.name, "status": sae.status,
+                                                  "status_message": sae.status_message, "layer": sae.layer})
+    return sae
+
+
+def sae_detach_all_marks() -> None:
+    """After a model unload nothing is attached any more (the desired state is kept for a reload)."""
+    SparseAutoencoder.objects.filter(status=SaeStatus.ATTACHED).update(status=SaeStatus.READY)
