@@ -2,19 +2,15 @@
 
 import pytest
 
-from catalog.models import LanguageModel
-from steering.models import FeatureLabel, SparseAutoencoder
+from tests import factories
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def sae():
-    model = LanguageModel.objects.create(name="tiny", repo_id="org/tiny")
-    sae = SparseAutoencoder.objects.create(name="tiny-sae", model=model, repo_id="r", layer=1,
-                                           hook_name="blocks.1.hook_resid_post", d_in=8, d_sae=64)
-    FeatureLabel.objects.create(sae=sae, index=7, label="token ' cat'")
-    FeatureLabel.objects.create(sae=sae, index=12, label="token ' dog'")
+    sae = factories.sparse_autoencoder(factories.language_model("tiny"))
+    factories.feature_labels(sae, {7: "token ' cat'", 12: "token ' dog'"})
     return sae
 
 

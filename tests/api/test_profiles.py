@@ -4,19 +4,16 @@ import json
 
 import pytest
 
-from catalog.models import LanguageModel
 from profiles.models import Profile, ProfileFeature
-from steering.models import SparseAutoencoder
+from tests import factories
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def catalog():
-    model = LanguageModel.objects.create(name="tiny", repo_id="org/tiny", hidden_size=8, num_layers=4)
-    other = LanguageModel.objects.create(name="other", repo_id="org/other", hidden_size=8, num_layers=4)
-    sae = SparseAutoencoder.objects.create(name="tiny-sae", model=model, repo_id="org/tiny-sae", layer=2,
-                                           hook_name="blocks.2.hook_resid_post", d_in=8, d_sae=64)
+    model, other = factories.language_model("tiny"), factories.language_model("other")
+    sae = factories.sparse_autoencoder(model, "tiny-sae", layer=2)
     return model, other, sae
 
 

@@ -3,9 +3,10 @@
 import pytest
 from django.contrib.auth.models import User
 
-from catalog.models import LanguageModel, ModelStatus
+from catalog.models import ModelStatus
 from profiles.models import Profile
-from steering.models import FeatureLabel, LabelSource, SparseAutoencoder
+from steering.models import FeatureLabel, LabelSource
+from tests import factories
 
 pytestmark = pytest.mark.django_db
 
@@ -19,11 +20,10 @@ def admin_client(client):
 
 @pytest.fixture
 def catalog():
-    model = LanguageModel.objects.create(name="tiny", repo_id="org/tiny", local_path="/nonexistent")
-    sae = SparseAutoencoder.objects.create(name="tiny-sae", model=model, repo_id="org/sae", layer=1,
-                                           hook_name="blocks.1.hook_resid_post", d_in=8, d_sae=16)
-    FeatureLabel.objects.create(sae=sae, index=5, label="cats", source=LabelSource.AUTO)
-    Profile.objects.create(name="loud")
+    model = factories.language_model("tiny", local_path="/nonexistent")
+    sae = factories.sparse_autoencoder(model, d_sae=16)
+    factories.feature_labels(sae, {5: "cats"})
+    factories.profile("loud")
     return model, sae
 
 

@@ -6,19 +6,19 @@ from django.db import IntegrityError, transaction
 from catalog.models import LanguageModel
 from profiles.models import Profile, ProfileFeature
 from steering.models import FeatureLabel, SparseAutoencoder
+from tests import factories
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def model():
-    return LanguageModel.objects.create(name="m", repo_id="org/m", hidden_size=8, num_layers=2)
+    return factories.language_model("m", num_layers=2)
 
 
 @pytest.fixture
 def sae(model):
-    return SparseAutoencoder.objects.create(name="s", model=model, repo_id="org/s", layer=1,
-                                            hook_name="blocks.1.hook_resid_post", d_in=8, d_sae=16)
+    return factories.sparse_autoencoder(model, "s", d_sae=16)
 
 
 def assert_rejected(create):

@@ -7,6 +7,7 @@ from profiles.models import Profile
 from profiles.services import profile_activate
 from steering.models import FeatureLabel, LabelSource
 from steering.sae_services import feature_labels_replace, sae_register
+from tests import factories
 
 pytestmark = pytest.mark.django_db
 
@@ -14,8 +15,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def model(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    return LanguageModel.objects.create(name="m", repo_id="org/m", hidden_size=8, num_layers=4,
-                                        local_path=str(tmp_path))
+    return factories.language_model("m", local_path=str(tmp_path))
 
 
 def register(model, **overrides):
