@@ -17,6 +17,7 @@ from catalog import local_files as catalog_files
 from catalog.selectors import model_as_dict
 from downloads import services as download_services
 from downloads.selectors import download_as_dict, download_get, download_list
+from downloads.tasks import download_enqueue
 from millm_site.envelope import envelope
 
 router = Router(tags=["downloads"])
@@ -61,14 +62,14 @@ class SaeLocalIn(Schema):
 
 @router.post("/models/download", response={202: dict[str, Any]}, summary="Download a model from the hub (queued)")
 def model_download(request, payload: ModelDownloadIn):
-    download = download_services.model_download_request(**payload.model_dump())
+    download = download_services.model_download_request(**payload.model_dump(), enqueue=download_enqueue)
     return 202, envelope(download_as_dict(download))
 
 
 @router.post("/saes/download", response={202: dict[str, Any]},
              summary="Download an SAE: repo_id + path, or SAELens release + sae_id (queued)")
 def sae_download(request, payload: SaeDownloadIn):
-    download = download_services.sae_download_request(**payload.model_dump())
+    download = download_services.sae_download_request(**payload.model_dump(), enqueue=download_enqueue)
     return 202, envelope(download_as_dict(download))
 
 

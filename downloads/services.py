@@ -47,6 +47,7 @@ log = structlog.get_logger("millm.downloads")
 
 DOWNLOAD_STALE_S = 120  # a running download silent this long has lost its worker: cancel acts at once
 ACTIVE = (DownloadStatus.QUEUED, DownloadStatus.RUNNING)
+Enqueue = Callable[[Download], None]  # queues the transfer once the rows are committed
 # Other formats of the same weights, and code unless trusted: never needed by the transformers loader.
 _MODEL_SKIP = ("*.onnx", "onnx/*", "*.h5", "*.msgpack", "*.tflite", "*.ot", "*.mlmodel", "coreml/*", "original/*",
                "*.gguf", "flax_model*", "tf_model*")
@@ -71,8 +72,10 @@ def _quantization(raw: str | None) -> str:
 
 
 def model_download_request(*, repo_id: str, revision: str = "main", quantization: str | None = "none",
-                           name: str | None = None, trust_remote_code: bool = False, enqueue: bool = True) -> Download:
-    """Validate, take the catalog name with a "downloading" row, and queue the transfer (unless run in-process)."""
+                           name: str | None = None, trust_remote_code: bool = False,
+                           enqueue: Enqueue | None = None) -> Download:
+    """Validate, take the catalog name with a "downloading" row, and queue the transfer with `enqueue`
+    (`downloads.tasks.download_enqueue`; None: the caller runs it in-process)."""
     repo_id, revision = hub.repo_id_validate(repo_id), revision_validate(revision or "main")
     quantization = _quantization(quantization)
     name = _catalog_name(name or slugify(repo_id.split("/")[-1].lower()), max_length=100)
@@ -90,7 +93,7 @@ def model_download_request(*, repo_id: str, revision: str = "main", quantization
                 trust_remote_code=trust_remote_code, local_dir=str(local_dir), catalog_model=model,
                 task_id=uuid.uuid4().hex if enqueue else "")
             if enqueue:
-                transaction.on_commit(lambda: _enqueue(download))
+                transaction.on_commit(lambda: enqueue(download))
     except IntegrityError:  # a concurrent request took the name between the check and the insert
         raise Conflict(f"A model named {name!r} is already in the catalog", details={"field": "name"}) from None
     download_event(download)
@@ -98,7 +101,7 @@ def model_download_request(*, repo_id: str, revision: str = "main", quantization
 
 
 def sae_download_request(*, model: str, repo_id: str = "", path: str = "", release: str = "", sae_id: str = "",
-                         revision: str = "main", name: str | None = None, enqueue: bool = True) -> Download:
+                         revision: str = "main", name: str | None = None, enqueue: Enqueue | None = None) -> Download:
     """An SAE from a hub repo folder, or from a SAELens release + sae id (resolved when the download runs)."""
     target = model_get(name=model)
     if target.status == ModelStatus.DOWNLOADING:
@@ -125,21 +128,15 @@ def sae_download_request(*, model: str, repo_id: str = "", path: str = "", relea
             kind=DownloadKind.SAE, name=name, repo_id=repo_id, revision=revision, path=path, release=release,
             sae_id=sae_id, local_dir=local_dir, catalog_model=target, task_id=uuid.uuid4().hex if enqueue else "")
         if enqueue:
-            transaction.on_commit(lambda: _enqueue(download))
+            transaction.on_commit(lambda: enqueue(download))
     download_event(download)
     return download
 
 
-def _enqueue(download: Download) -> None:
-    from downloads.tasks import download_model, download_sae
-
-    task = download_model if download.kind == DownloadKind.MODEL else download_sae
-    try:
-        task.apply_async(kwargs={"download_id": download.pk}, task_id=download.task_id)
-    except Exception as exc:  # noqa: BLE001 - an unreachable broker must not leave a queued ghost
-        log.error("download_enqueue_failed", download=download.pk, error=type(exc).__name__)
-        _finish(download, DownloadStatus.FAILED, error=DownloadFailed(
-            "Could not queue the download: the task broker (Redis) is unreachable", details={"reason": "broker"}))
+def download_enqueue_failed(*, download: Download) -> None:
+    """The broker refused the task: fail the download rather than leave a queued ghost."""
+    _finish(download, DownloadStatus.FAILED, error=DownloadFailed(
+        "Could not queue the download: the task broker (Redis) is unreachable", details={"reason": "broker"}))
 
 
 def download_run(*, download_id: int, token: str | None = None, listener: ProgressListener | None = None) -> Download:

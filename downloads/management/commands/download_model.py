@@ -19,7 +19,7 @@ class Command(BaseCommand):
     def handle(self, *args, repo_id, revision, quantization, name, trust_remote_code, token, quiet, **options):
         download = request_or_fail(lambda: model_download_request(
             repo_id=repo_id, revision=revision, quantization=quantization, name=name,
-            trust_remote_code=trust_remote_code, enqueue=False))
+            trust_remote_code=trust_remote_code))
         done = run_with_bar(download, token=token, quiet=quiet)
         model = done.catalog_model
         self.stdout.write(self.style.SUCCESS(

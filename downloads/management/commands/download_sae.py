@@ -23,8 +23,7 @@ class Command(BaseCommand):
         if not repo_id and not release:
             raise CommandError("give a repo id (and --path) or --release with --sae-id")
         download = request_or_fail(lambda: sae_download_request(
-            model=model, repo_id=repo_id, path=path, release=release, sae_id=sae_id, revision=revision, name=name,
-            enqueue=False))
+            model=model, repo_id=repo_id, path=path, release=release, sae_id=sae_id, revision=revision, name=name))
         done = run_with_bar(download, token=token, quiet=quiet)
         sae = done.catalog_sae
         self.stdout.write(self.style.SUCCESS(
