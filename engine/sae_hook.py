@@ -8,6 +8,8 @@ Per forward pass, at the output of decoder layer L (the SAE's hook layer):
    model itself represents there (`capture_after_steering=True` shows the steered residual instead).
 2. steering: each row's CompiledSteering (or none), batched by `apply_steering`.
 Lists for the caller are built once per pass, in `collect()`, after the forward pass.
+3. timing: each stage's wall time per pass goes to the `millm_sae_hook_seconds` histogram
+   (engine/hook_timing.py; `time_stages=False` turns it off).
 
 The stacked per-row tensors are cached while the batch's rows (request, steering object, monitor
 flag) stay the same, which is every decode step between a request joining and one leaving.
@@ -15,13 +17,16 @@ flag) stay the same, which is every decode step between a request joining and on
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from engine.errors import SaeNotAttachedError
 from engine.feature_stats import FeatureStatistics
+from engine.hook_timing import StageTimer
 from engine.interceptors import ForwardContext, RowInfo
 from engine.sae import SaeWeights, decoder_layers, validate_sae_for_model
 from engine.steering import (
@@ -35,10 +40,6 @@ from engine.steering import (
 )
 
 DEFAULT_TOP_K = 10
-
-
-class SaeNotAttachedError(RuntimeError):
-    """An operation that needs an attached SAE was called on a detached hook."""
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,11 @@ class SaeHook:
         top_k: int = DEFAULT_TOP_K,
         capture_after_steering: bool = False,
         collect_statistics: bool = True,
+        time_stages: bool = True,
     ) -> None:
         self.top_k = top_k
+        self.time_stages = time_stages
+        self._timer: StageTimer | None = None  # set while attached (its labels name the hooked layer)
         self.capture_after_steering = capture_after_steering
         self.collect_statistics = collect_statistics
         self.sae: SaeWeights | None = None  # on the hooked layer's device and dtype
@@ -118,6 +122,7 @@ class SaeHook:
         self.detach()
         self.sae = on_device
         self.statistics = FeatureStatistics(on_device.d_sae, device=device)
+        self._timer = StageTimer(sae.hook_layer) if self.time_stages else None
         self._handle = layer.register_forward_hook(self._on_layer_output)
         return on_device
 
@@ -126,6 +131,7 @@ class SaeHook:
         if self._handle is not None:
             self._handle.remove()
         self._handle = None
+        self._timer = None
         self.sae = None
         self.statistics = None
         self.monitored_features = ()
@@ -231,7 +237,11 @@ class SaeHook:
         steerings = (self._default_steering,) * hidden.shape[0]
         if batch is None or not batch.matches(steerings, hidden.device, hidden.dtype):
             batch = self._default_batch = batch_steering(steerings, device=hidden.device, dtype=hidden.dtype)
-        return apply_steering(hidden, batch)
+        start = time.perf_counter_ns()
+        steered = apply_steering(hidden, batch)
+        if self._timer is not None:
+            self._timer.steering(time.perf_counter_ns() - start)
+        return steered
 
     def _steer_and_capture(self, hidden: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         if hidden.shape[:2] != context.valid_mask.shape:
@@ -243,7 +253,10 @@ class SaeHook:
         plan = self._plan_for(context, hidden)
         if plan.monitor_rows is not None and not self.capture_after_steering:
             self._capture(hidden, context, plan)
+        start = time.perf_counter_ns()
         steered = apply_steering(hidden, plan.steering, context.generated_mask, context.valid_mask)
+        if self._timer is not None and steered is not hidden:  # unsteered batches: nothing ran, nothing to time
+            self._timer.steering(time.perf_counter_ns() - start)
         if plan.monitor_rows is not None and self.capture_after_steering:
             self._capture(steered, context, plan)
         return steered
@@ -279,7 +292,9 @@ class SaeHook:
         def monitored_rows(tensor: torch.Tensor) -> torch.Tensor:
             return tensor if plan.monitor_covers_all_rows else tensor.index_select(0, rows)
 
+        start = time.perf_counter_ns()
         features = sae.encode(monitored_rows(hidden))  # (Bm, T, d_sae)
+        encoded = time.perf_counter_ns()
         valid = monitored_rows(context.valid_mask)
         top_values, top_indices = torch.topk(features, k=min(self.top_k, sae.d_sae), dim=-1)
         self._pending = _PendingCapture(
@@ -296,6 +311,9 @@ class SaeHook:
         )
         if self.collect_statistics and self.statistics is not None:
             self.statistics.update(features, include=valid)
+        if self._timer is not None:
+            self._timer.encode(encoded - start)
+            self._timer.capture(time.perf_counter_ns() - encoded)
 
     def _require_sae(self) -> SaeWeights:
         if self.sae is None:

@@ -10,6 +10,7 @@ from catalog.demo import catalog_is_empty, demo_assets_ensure, demo_assets_mark_
 from millm_site.embedded_redis import require_redis, start_embedded_redis
 from millm_site.env import SettingError
 from millm_site.supervisor import Child, Supervisor, python_argv
+from monitoring.prometheus_dir import prometheus_dir_prepare
 
 
 class Command(BaseCommand):
@@ -41,6 +42,7 @@ class Command(BaseCommand):
         else:
             require_redis(settings.REDIS_URL)
 
+        prometheus_dir_prepare(var_dir=settings.VAR_DIR)  # children inherit it: one scrape sums them all
         children = [
             Child("web", python_argv("-m", "daphne", "-b", host, "-p", str(port), "millm_site.asgi:application")),
             Child("inference", python_argv("manage.py", "run_inference")),
