@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from engine.generation import FinishEvent, GenerationRequest  # noqa: E402
 from engine.runtime import EngineRuntime  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
+from engine.steering import SteeringFeature, SteeringSpec  # noqa: E402
 
 PROMPT = "Once upon a time, in a city by the sea,"
 
@@ -69,8 +70,8 @@ def main() -> None:
         runtime.detach_sae()
         plain_rates.append(decode_rate(runtime, tokens, None))
         runtime.attach_sae(name="bench-sae", path=str(assets.sae.local_path))
-        features = [{"index": i * 7, "strength": 1.0} for i in range(args.features)]
-        compiled = runtime.compile({"features": features, "mode": "additive"})
+        features = tuple(SteeringFeature(i * 7, 1.0) for i in range(args.features))
+        compiled = runtime.compile(SteeringSpec(features=features, mode="additive"))
         steered_rates.append(decode_rate(runtime, tokens, compiled))
     runtime.unload()
     plain, steered = statistics.median(plain_rates), statistics.median(steered_rates)

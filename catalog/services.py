@@ -9,7 +9,7 @@ from django.db import transaction
 
 from catalog.models import LanguageModel, ModelStatus
 from catalog.selectors import model_as_dict, model_get
-from inference.client import inference_call
+from inference.client import inference_client
 from millm_site.events import event_publish_sync
 
 
@@ -68,20 +68,16 @@ def model_set_desired_loaded(*, model: LanguageModel | None) -> None:
         LanguageModel.objects.filter(pk=model.pk).update(desired_loaded=True)
 
 
-LOAD_TIMEOUT_S = 900.0
-
-
 async def model_load_request(*, name: str, dtype: str | None = None, quantization: str | None = None) -> LanguageModel:
     """Ask the inference process to load a model; returns its catalog row once loaded (or raises)."""
     await sync_to_async(model_get)(name=name)  # MODEL_NOT_FOUND before bothering the inference process
-    await inference_call("load_model", {"model": name, "dtype": dtype, "quantization": quantization},
-                         timeout=LOAD_TIMEOUT_S)
+    await inference_client().load_model(name, dtype=dtype, quantization=quantization)
     return await sync_to_async(model_get)(name=name)
 
 
 async def model_unload_request(*, name: str) -> LanguageModel:
     await sync_to_async(model_get)(name=name)
-    await inference_call("unload_model", {"model": name}, timeout=60)
+    await inference_client().unload_model(name)
     return await sync_to_async(model_get)(name=name)
 
 

@@ -16,6 +16,16 @@ from typing import Any
 
 import torch
 
+from engine.errors import (  # noqa: F401 - re-exported: the loading errors belong with the loader
+    InsufficientMemoryError,
+    InvalidModelError,
+    ModelLoadError,
+    ModelNotFoundError,
+    QuantizationUnavailableError,
+    UnsupportedConfigurationError,
+    UnsupportedModelError,
+)
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -27,34 +37,6 @@ DEFAULT_CONTEXT_LENGTH = 2048
 # bitsandbytes storage per quantized weight element: int8 + one fp32 scale per output row (q8);
 # packed nf4 + one fp32 absmax per 64-element block (q4, no double quantization).
 _Q8_BYTES, _Q4_BYTES, _Q4_BLOCK = 1.0, 0.5, 64
-
-
-class ModelLoadError(Exception):
-    """Base class of the loading errors (the Django side maps these to error codes)."""
-
-
-class ModelNotFoundError(ModelLoadError):
-    """The folder or GGUF file does not exist."""
-
-
-class UnsupportedConfigurationError(ModelLoadError):
-    """An impossible combination of options (unknown dtype, quantizing a GGUF file, ...)."""
-
-
-class QuantizationUnavailableError(ModelLoadError):
-    """Q4/Q8 asked for where bitsandbytes is missing or has no backend for this device."""
-
-
-class InvalidModelError(ModelLoadError):
-    """The folder exists but holds no loadable causal LM or tokenizer."""
-
-
-class InsufficientMemoryError(ModelLoadError):
-    """The weights do not fit in the device's memory."""
-
-
-class UnsupportedModelError(ModelLoadError):
-    """The model loads but cannot be served (e.g. its cache cannot be batched)."""
 
 
 @dataclass(eq=False)

@@ -21,14 +21,15 @@ import torch
 from engine.activation_frames import FrameBuilder
 from engine.chat import build_chat_prompt
 from engine.embeddings import EmbeddingResult
+from engine.errors import InsufficientMemoryError, ModelNotLoadedError, SaeNotAttachedError
 from engine.feature_stats import METRICS
 from engine.generation import GenerationRequest, RequestHandle
-from engine.loading import InsufficientMemoryError, LoadedModel, load_model
+from engine.loading import LoadedModel, load_model
 from engine.sae import SaeWeights, load_sae
 from engine.sae_hook import SaeHook
 from engine.sampling import InvalidRequestError, SamplingParams
 from engine.scheduler import GenerationScheduler
-from engine.steering import CompiledSteering, SteeringFeature, SteeringSpec
+from engine.steering import CompiledSteering, SteeringSpec
 from engine.throughput import ThroughputSampler
 
 
@@ -36,14 +37,6 @@ def default_torch_threads() -> int:
     """One core fewer than the machine has: the web tier, the worker and Redis need one, and OpenMP
     threads that spin-wait for a busy core cost far more than they compute (seen 5x on 2 cores)."""
     return max(1, (os.cpu_count() or 2) - 1)
-
-
-class RuntimeRefusal(Exception):
-    """A runtime refusal with an API error code (MODEL_NOT_LOADED, SAE_NOT_ATTACHED, ...)."""
-
-    def __init__(self, code: str, message: str, *, status: int = 400) -> None:
-        super().__init__(message)
-        self.code, self.message, self.status = code, message, status
 
 
 @dataclass(frozen=True)
@@ -59,14 +52,6 @@ class MonitoringSettings:
     enabled: bool = True  # monitor every request while an SAE is attached
     top_k: int = 10
     features: tuple[int, ...] = ()  # always reported, whatever their rank
-
-
-def steering_spec(payload: dict[str, Any]) -> SteeringSpec:
-    return SteeringSpec(
-        features=tuple(SteeringFeature(int(f["index"]), float(f["strength"])) for f in payload.get("features", ())),
-        mode=payload.get("mode", "additive"),
-        positions=payload.get("positions", "all"),
-    )
 
 
 class EngineRuntime:
@@ -119,9 +104,9 @@ class EngineRuntime:
 
     def require_model(self, name: str | None = None) -> GenerationScheduler:
         if self.scheduler is None or self.loaded is None:
-            raise RuntimeRefusal("MODEL_NOT_LOADED", "No model is loaded: load one with POST /api/models/{name}/load")
+            raise ModelNotLoadedError("No model is loaded: load one with POST /api/models/{name}/load")
         if name is not None and name != self.model_name:
-            raise RuntimeRefusal("MODEL_NOT_LOADED", f"Model {name!r} is not loaded (loaded: {self.model_name!r})")
+            raise ModelNotLoadedError(f"Model {name!r} is not loaded (loaded: {self.model_name!r})")
         return self.scheduler
 
     # --- SAE and steering --------------------------------------------------------------------
@@ -161,33 +146,34 @@ class EngineRuntime:
                 self.hook.detach()
             self.sae_name, self.active_steering, self.active_label = None, None, "none"
 
-    def compile(self, payload: dict[str, Any]) -> CompiledSteering | None:
-        spec = steering_spec(payload)
+    def compile(self, spec: SteeringSpec) -> CompiledSteering | None:
         if not spec.features:
             return None
         if not self.hook.attached:
-            raise RuntimeRefusal("SAE_NOT_ATTACHED", "No SAE is attached: attach one before steering its features")
+            raise SaeNotAttachedError("No SAE is attached: attach one before steering its features")
         return self.hook.compile(spec)
 
-    def set_active_steering(self, payload: dict[str, Any], *, label: str) -> None:
-        compiled = self.compile(payload)
+    def set_active_steering(self, spec: SteeringSpec, *, label: str) -> None:
+        compiled = self.compile(spec)
         self.active_steering = compiled
         self.active_label = label if compiled is not None else "none"
 
-    def resolve_steering(self, payload: dict[str, Any] | None) -> tuple[CompiledSteering | None, str]:
-        source = (payload or {}).get("source", "active")
-        if source == "active":
+    def resolve_steering(self, spec: SteeringSpec | None, label: str) -> tuple[CompiledSteering | None, str]:
+        """The request's own steering (reported as `label`), or the active one when it brings none."""
+        if spec is None:
             return self.active_steering, self.active_label
-        compiled = self.compile(payload)
-        return compiled, source if compiled is not None else "none"
+        compiled = self.compile(spec)
+        return compiled, label if compiled is not None else "none"
 
     # --- requests ----------------------------------------------------------------------------
 
     def submit(self, *, request_id: str, model: str | None, prompt: str | None, messages: list | None,
-               params: dict[str, Any], steering: dict[str, Any] | None, monitor: bool | None = None) -> Submitted:
-        """Queue a generation; `monitor` None follows the monitoring settings."""
+               params: dict[str, Any], steering: SteeringSpec | None, steering_label: str = "inline",
+               monitor: bool | None = None) -> Submitted:
+        """Queue a generation; `steering` None runs the active steering, `monitor` None follows the
+        monitoring settings."""
         scheduler = self.require_model(model)
-        compiled, label = self.resolve_steering(steering)
+        compiled, label = self.resolve_steering(steering, steering_label)
         sampling = SamplingParams(**{k: v for k, v in params.items() if v is not None})
         tokenizer = self.loaded.tokenizer
         if messages is not None:
@@ -222,7 +208,7 @@ class EngineRuntime:
     def statistics(self, *, top: int = 20, by: str = "mean") -> dict[str, Any]:
         stats = self.hook.statistics
         if stats is None:
-            raise RuntimeRefusal("SAE_NOT_ATTACHED", "No SAE is attached: no feature statistics")
+            raise SaeNotAttachedError("No SAE is attached: no feature statistics")
         if by not in METRICS:
             raise InvalidRequestError(param="by", message=f"by must be one of {', '.join(METRICS)}")
         best = stats.top(top, by=by)

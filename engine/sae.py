@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from engine.errors import SaeError, SaeIncompatibleError, UnsupportedSaeError  # noqa: F401 - re-exported
+
 SUPPORTED_ARCHITECTURES = ("standard", "jumprelu", "topk")
 # sae-lens treats these as identity at inference time (expected_average_only_in is folded into the
 # weights by from_pretrained; covariance whitening is folded at the end of training).
@@ -22,18 +24,6 @@ _IDENTITY_NORMALIZATIONS = ("none", "expected_average_only_in", "covariance_whit
 
 _RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
 _HF_LAYER_HOOK = re.compile(r"^model\.layers\.(\d+)$")
-
-
-class SaeError(Exception):
-    """Base class of the SAE domain errors (the Django side maps these to error codes)."""
-
-
-class UnsupportedSaeError(SaeError):
-    """The SAE's architecture or configuration is not one the engine can run."""
-
-
-class SaeIncompatibleError(SaeError):
-    """The SAE does not fit the loaded model (hidden size, layer count, hook point)."""
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors do not compare to a bool

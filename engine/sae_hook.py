@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from engine.errors import SaeNotAttachedError
 from engine.feature_stats import FeatureStatistics
 from engine.hook_timing import StageTimer
 from engine.interceptors import ForwardContext, RowInfo
@@ -39,10 +40,6 @@ from engine.steering import (
 )
 
 DEFAULT_TOP_K = 10
-
-
-class SaeNotAttachedError(RuntimeError):
-    """An operation that needs an attached SAE was called on a detached hook."""
 
 
 @dataclass(frozen=True)

@@ -18,21 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.errors import InvalidRequestError  # noqa: F401 - re-exported: most callers know it from here
+
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit (chat)
 MAX_TEMPERATURE = 2.0
 _SEED_MASK = (1 << 63) - 1
 _M32 = 0xFFFFFFFF
-
-
-class InvalidRequestError(ValueError):
-    """A request the engine cannot run as asked; `param` names the offending OpenAI field."""
-
-    def __init__(self, *, param: str | None, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-        self.message = message
-        self.code = code
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import torch
 from engine.batch_cache import check_cache_support
 from engine.decode_batch import DecodeBatch
 from engine.embeddings import EmbeddingResult, embed
+from engine.errors import SchedulerUnavailableError
 from engine.generation import GenerationRequest, RequestHandle
 from engine.interceptors import ForwardInterceptor
 from engine.loading import LoadedModel
@@ -36,10 +37,6 @@ from engine.sampling import InvalidRequestError
 log = logging.getLogger("millm.engine.scheduler")
 T = TypeVar("T")
 THROUGHPUT_WINDOW_S = 10.0
-
-
-class SchedulerUnavailableError(RuntimeError):
-    """The scheduler is stopped or its queue is full (HTTP 503)."""
 
 
 @dataclass(frozen=True)

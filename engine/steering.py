@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from engine.errors import InvalidFeatureIndexError, InvalidSteeringError
 from engine.sae import SaeWeights
 
 SteeringMode = Literal["additive", "clamp"]
@@ -28,14 +29,6 @@ STEERING_POSITIONS: tuple[str, ...] = ("all", "generated_only")
 # Residual norms of small models are O(10²) (SmolLM2 layer 15: median ≈ 174) and ≈ 700 along one
 # decoder row already collapses the text, so anything past this is a typo, not an experiment.
 MAX_ABS_STRENGTH = 1000.0
-
-
-class InvalidSteeringError(ValueError):
-    """A steering request that cannot be applied (bad mode, positions, strength, duplicates)."""
-
-
-class InvalidFeatureIndexError(InvalidSteeringError):
-    """A steered feature index outside [0, d_sae)."""
 
 
 @dataclass(frozen=True)

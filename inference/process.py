@@ -12,15 +12,16 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
-from inference.handlers import WorkerCalls
+from inference import messages as m
+from inference.handlers import WorkerCalls, error_reply
 
 log = structlog.get_logger("millm.inference")
 
-Handler = Callable[[dict], Awaitable[dict[str, Any] | None]]
+Handler = Callable[[m.Message], Awaitable[m.Message | None]]
 
 
 class InferenceWorker:
@@ -65,19 +66,26 @@ class InferenceWorker:
             task.add_done_callback(self.in_flight.discard)
 
     async def dispatch(self, message: dict) -> None:
-        kind = message.get("type", "")
-        handler: Handler | None = getattr(self.calls, f"call_{kind}", None)
+        """Validate one received call, run it, send its reply: a malformed call gets an error reply."""
+        reply_channel = message.get("reply_channel") if isinstance(message, dict) else None
+        kind = message.get("type", "") if isinstance(message, dict) else ""
+        reply: m.Message | None
         try:
-            if handler is None:
-                reply = {"type": "error", "code": "VALIDATION_ERROR", "status": 422,
-                         "message": f"unknown inference call {kind!r}"}
-            else:
-                reply = await handler(message)
-        except Exception as exc:  # a failing call must never take the process down
-            log.exception("inference_call_failed", call=kind)
-            reply = self.calls.error_reply(exc)
-        if reply is not None and (reply_channel := message.get("reply_channel")):
-            await self.layer.send(reply_channel, reply)
+            call = m.parse_call(message)
+        except ValidationError as exc:
+            text, param = m.validation_problem(exc)
+            log.warning("inference_call_malformed", call=str(kind)[:64], problem=text)
+            reply = m.Error(code="VALIDATION_ERROR", status=422, message=f"malformed {str(kind)[:64]!r} call: {text}",
+                            param=param)
+        else:
+            handler: Handler = getattr(self.calls, f"call_{call.type}")
+            try:
+                reply = await handler(call)
+            except Exception as exc:  # a failing call must never take the process down
+                log.exception("inference_call_failed", call=call.type)
+                reply = error_reply(exc)
+        if reply is not None and isinstance(reply_channel, str) and reply_channel:
+            await self.layer.send(reply_channel, reply.model_dump())
 
     async def send(self, channel: str, message: dict) -> None:
         await self.layer.send(channel, message)

@@ -37,7 +37,8 @@ api = NinjaAPI(
 
 @api.exception_handler(MillmError)
 def on_domain_error(request, exc: MillmError):
-    return api.create_response(request, error_envelope(exc.code, exc.message, exc.details), status=exc.status)
+    details = exc.details or ({"field": exc.param} if exc.param else None)  # the engine names the field as param
+    return api.create_response(request, error_envelope(exc.code, exc.message, details), status=exc.status)
 
 
 @api.exception_handler(NinjaValidationError)

@@ -11,19 +11,18 @@ from typing import Literal
 from ninja import Body, Router, Schema
 from pydantic import Field
 
-from inference.client import inference_call
+from inference import generation_stream
+from inference.client import inference_client
+from inference.messages import Steering
 from millm_site.envelope import envelope
 from millm_site.errors import (
-    InferenceUnavailable,
-    MillmError,
     ModelNotLoaded,
     SaeNotAttached,
     ValidationFailed,
 )
 from millm_site.events import event_publish
+from monitoring.live import activation_publisher
 from monitoring.request_tracking import RequestTracker
-from serving.completions import collect, run_generation
-from serving.protocol import OpenAIRequestError
 
 monitoring_router = Router(tags=["monitoring"])
 inspect_router = Router(tags=["monitoring"])
@@ -31,15 +30,14 @@ inspect_router = Router(tags=["monitoring"])
 METRIC = Literal["mean", "std", "sample_std", "min", "max", "active_ratio", "active_count", "mean_when_active"]
 
 
-def _settings(reply: dict) -> dict:
-    return {"enabled": reply["enabled"], "top_k": reply["top_k"], "features": reply["features"],
-            "active": reply["active"]}
+def _settings(reply) -> dict:
+    return reply.model_dump(exclude={"type"})
 
 
 @monitoring_router.get("", summary="Monitoring settings and whether capture is active (an SAE attached)")
 async def get_monitoring(request):
-    pong = await inference_call("ping")
-    return envelope({**pong["monitoring"], "attached_sae": pong.get("attached_sae")})
+    pong = await inference_client().ping()
+    return envelope({**pong.monitoring.model_dump(), "attached_sae": pong.attached_sae})
 
 
 class ConfigureIn(Schema):
@@ -51,7 +49,7 @@ class ConfigureIn(Schema):
 async def configure(request, payload: ConfigureIn = Body(...)):  # noqa: B008
     if payload.features is not None and any(i < 0 for i in payload.features):
         raise ValidationFailed("features: indices must be >= 0", details={"field": "features"})
-    reply = await inference_call("configure_monitoring", payload.model_dump(exclude_none=True))
+    reply = await inference_client().configure_monitoring(top_k=payload.top_k, features=payload.features)
     data = _settings(reply)
     await event_publish("monitoring", "monitoring_state_changed", data)
     return envelope(data)
@@ -63,7 +61,7 @@ class EnableIn(Schema):
 
 @monitoring_router.post("/enable", summary="Turn per-token capture on or off")
 async def enable(request, payload: EnableIn = Body(...)):  # noqa: B008
-    reply = await inference_call("configure_monitoring", {"enabled": payload.enabled})
+    reply = await inference_client().configure_monitoring(enabled=payload.enabled)
     data = _settings(reply)
     await event_publish("monitoring", "monitoring_state_changed", data)
     return envelope(data)
@@ -71,12 +69,12 @@ async def enable(request, payload: EnableIn = Body(...)):  # noqa: B008
 
 @monitoring_router.get("/statistics", summary="Running per-feature statistics (top 20 by mean)")
 async def statistics(request):
-    return envelope(_strip(await inference_call("statistics", {"top": 20, "by": "mean"})))
+    return envelope(_strip(await inference_client().statistics(top=20, by="mean")))
 
 
 @monitoring_router.delete("/statistics", summary="Reset the running statistics")
 async def reset_statistics(request):
-    await inference_call("reset_statistics")
+    await inference_client().reset_statistics()
     return envelope({"reset": True})
 
 
@@ -87,11 +85,11 @@ class TopIn(Schema):
 
 @monitoring_router.post("/statistics/top", summary="Top-N features by any statistic")
 async def statistics_top(request, payload: TopIn = Body(...)):  # noqa: B008
-    return envelope(_strip(await inference_call("statistics", {"top": payload.n, "by": payload.by})))
+    return envelope(_strip(await inference_client().statistics(top=payload.n, by=payload.by)))
 
 
-def _strip(reply: dict) -> dict:
-    return {k: v for k, v in reply.items() if k != "type"}
+def _strip(reply) -> dict:
+    return reply.model_dump(exclude={"type"})
 
 
 class InspectIn(Schema):
@@ -101,19 +99,15 @@ class InspectIn(Schema):
 
 @inspect_router.post("/inspect", summary="Per-token top features of a text, without generating")
 async def inspect(request, payload: InspectIn):
-    pong = await inference_call("ping")
-    model = payload.model or pong.get("loaded_model")
+    pong = await inference_client().ping()
+    model = payload.model or pong.loaded_model
     if model is None:
         raise ModelNotLoaded("No model is loaded")
-    if not pong.get("attached_sae"):
+    if not pong.attached_sae:
         raise SaeNotAttached("No SAE is attached: attach one to see its features")
-    try:
-        result = await collect(run_generation(model=model, prompt=payload.text, messages=None,
-                                              params={"max_tokens": 1, "temperature": 0.0},
-                                              steering={"source": "inline", "features": []}, monitor=True,
-                                              tracker=RequestTracker(endpoint="inspect", model=model)))
-    except OpenAIRequestError as exc:
-        error = InferenceUnavailable if exc.status == 503 else ValidationFailed if exc.status < 500 else MillmError
-        raise error(exc.message) from None
+    result = await generation_stream.collect(generation_stream.generate(
+        model=model, prompt=payload.text, messages=None, params={"max_tokens": 1, "temperature": 0.0},
+        steering=Steering(), monitor=True, observer=RequestTracker(endpoint="inspect", model=model),
+        on_frames=activation_publisher().offer))
     tokens = [f for f in result.frames if f["type"] == "prompt"]
-    return envelope({"model": model, "sae": pong["attached_sae"], "tokens": tokens})
+    return envelope({"model": model, "sae": pong.attached_sae, "tokens": tokens})

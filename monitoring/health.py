@@ -10,7 +10,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
 
-from inference.client import inference_call
+from inference.client import inference_client
 from millm_site.errors import MillmError
 
 
@@ -40,8 +40,8 @@ async def health_report() -> dict[str, Any]:
     inference: dict[str, Any] = {"up": False}
     if broker:
         try:
-            pong = await inference_call("ping", timeout=min(settings.INFERENCE_TIMEOUT_S, 2.0))
-            inference = {"up": True, **{k: v for k, v in pong.items() if k != "type"}}
+            pong = await inference_client().ping(timeout=min(settings.INFERENCE_TIMEOUT_S, 2.0))
+            inference = {"up": True, **pong.model_dump(exclude={"type"})}
         except MillmError as exc:
             inference = {"up": False, "reason": exc.message}
     status = "ok" if database and broker and inference["up"] else ("down" if not database else "degraded")

@@ -1,6 +1,6 @@
 """What every /v1 request leaves behind when it ends: a history row and the Prometheus counters.
 
-`run_generation` feeds a RequestTracker each reply message and closes it in its `finally`, so a
+`inference.generation_stream.generate` feeds a RequestTracker each reply message and closes it in its `finally`, so a
 completed, failed or abandoned (client gone) request is recorded exactly once, streamed or not.
 """
 

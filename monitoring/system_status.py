@@ -20,7 +20,7 @@ import psutil
 import structlog
 from django.conf import settings
 
-from inference.client import inference_call
+from inference.client import inference_client
 from millm_site.errors import MillmError
 from millm_site.events import event_publish
 from monitoring.alerts import AlertTracker, Check, Thresholds, health_checks, worst_level
@@ -36,10 +36,10 @@ Publish = Callable[[str, str, dict[str, Any]], Awaitable[None]]
 async def inference_ping(*, timeout: float) -> dict[str, Any] | None:
     """The inference process's status (`ping`), or None when none answers in time."""
     try:
-        pong = await inference_call("ping", timeout=timeout)
+        pong = await inference_client().ping(timeout=timeout)
     except MillmError:
         return None
-    return {k: v for k, v in pong.items() if k != "type"}
+    return pong.model_dump(exclude={"type"})
 
 
 def host_snapshot() -> dict[str, Any]:

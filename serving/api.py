@@ -17,7 +17,7 @@ from ninja.errors import HttpError
 from ninja.errors import ValidationError as NinjaValidationError
 
 from catalog.models import LanguageModel
-from inference.client import inference_call
+from inference.client import inference_client
 from millm_site.errors import MillmError
 from profiles.models import Profile
 from serving import completions as openai_serving
@@ -63,9 +63,7 @@ def on_http_error(request, exc: HttpError):
 
 @v1.exception_handler(MillmError)
 def on_domain_error(request, exc: MillmError):
-    status = exc.status
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    return error_response(OpenAIRequestError(exc.message, code=exc.code.lower(), status=status, type=kind))
+    return error_response(openai_serving.openai_error(exc))
 
 
 @v1.exception_handler(Exception)
@@ -124,8 +122,8 @@ async def embeddings(request, payload: EmbeddingRequest):
     target = await openai_serving.resolve_target(payload.model)
     if payload.dimensions is not None:
         raise OpenAIRequestError("dimensions is not supported", param="dimensions")
-    reply = await inference_call("embed", {"model": target.model.name, "texts": payload.input}, timeout=120)
+    reply = await inference_client().embed(model=target.model.name, texts=payload.input)
     encode = base64_floats if payload.encoding_format == "base64" else list
-    data = [{"object": "embedding", "index": i, "embedding": encode(vector)} for i, vector in enumerate(reply["vectors"])]
-    usage = {"prompt_tokens": reply["prompt_tokens"], "total_tokens": reply["prompt_tokens"]}
+    data = [{"object": "embedding", "index": i, "embedding": encode(vector)} for i, vector in enumerate(reply.vectors)]
+    usage = {"prompt_tokens": reply.prompt_tokens, "total_tokens": reply.prompt_tokens}
     return _respond({"object": "list", "data": data, "model": payload.model, "usage": usage}, {"X-miLLM-Steering": "none"})

@@ -8,7 +8,7 @@ from asgiref.sync import sync_to_async
 from ninja import Body, Query, Router, Schema
 from pydantic import Field
 
-from inference.client import inference_call
+from inference.client import inference_client
 from millm_site.envelope import envelope
 from steering import sae_services, selectors, steering_services
 from steering.labels_import import parse_labels
@@ -38,14 +38,14 @@ def get_sae(request, name: str):
 @saes_router.post("/{name}/attach", summary="Attach the SAE to the loaded model (at its hook layer)")
 async def attach_sae(request, name: str):
     await sync_to_async(selectors.sae_get)(name=name)
-    await inference_call("attach_sae", {"sae": name}, timeout=600)
+    await inference_client().attach_sae(name)
     return envelope(sae_as_dict(await sync_to_async(selectors.sae_get)(name=name)))
 
 
 @saes_router.post("/{name}/detach", summary="Detach the SAE (steering stops)")
 async def detach_sae(request, name: str):
     await sync_to_async(selectors.sae_get)(name=name)
-    await inference_call("detach_sae", {"sae": name}, timeout=60)
+    await inference_client().detach_sae(name)
     return envelope(sae_as_dict(await sync_to_async(selectors.sae_get)(name=name)))
 
 

@@ -11,15 +11,17 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 
-from inference.client import inference_call
+from inference import generation_stream
+from inference.client import inference_client
+from inference.messages import Steering
 from millm_site.errors import (
-    InferenceUnavailable,
     InvalidFeatureIndex,
-    MillmError,
     SaeNotAttached,
     ValidationFailed,
 )
 from millm_site.events import event_publish
+from monitoring.live import activation_publisher
+from monitoring.request_tracking import RequestTracker
 from steering.models import SaeStatus, SparseAutoencoder, SteeringState
 from steering.units import strengths_to_raw
 
@@ -78,8 +80,7 @@ async def steering_apply(*, features: list[dict[str, Any]], mode: str = "additiv
     normalised = steering_validate(sae=sae, features=features, mode=mode, positions=positions, units=units)
     raw = await sync_to_async(strengths_to_raw)(sae=sae, features=normalised, units=units) if sae else []
     label = f"profile:{source_profile}" if source_profile else "active"
-    await inference_call("set_steering", {"steering": {"features": raw, "mode": mode, "positions": positions},
-                                          "label": label}, timeout=60)
+    await inference_client().set_steering(Steering(features=raw, mode=mode, positions=positions, label=label))
 
     def save() -> dict[str, Any]:
         state = SteeringState.current()
@@ -101,23 +102,18 @@ async def steering_current() -> dict[str, Any]:
     return await sync_to_async(lambda: steering_data(SteeringState.current()))()
 
 
-def steering_state_engine_spec(state: SteeringState) -> tuple[dict[str, Any], str] | None:
-    """What the inference process must apply for the saved state (raw strengths), with its label."""
+def steering_state_message(state: SteeringState) -> Steering | None:
+    """What the inference process must apply for the saved state (raw strengths, with its label)."""
     if not state.features or state.sae is None:
         return None
     raw = strengths_to_raw(sae=state.sae, features=state.features, units=state.units)
     label = f"profile:{state.source_profile}" if state.source_profile else "active"
-    return {"features": raw, "mode": state.mode, "positions": state.positions}, label
+    return Steering(features=raw, mode=state.mode, positions=state.positions, label=label)
 
 
 async def steering_compare(*, prompt: str, features: list[dict[str, Any]], chat: bool = True, max_tokens: int = 48,
                            mode: str = "additive", positions: str = "all", units: str = "raw") -> dict[str, Any]:
     """The same prompt answered greedily without and with the given steering (the active one is ignored)."""
-    # Imported here: openai_serving reads the attached SAE from this module.
-    from monitoring.request_tracking import RequestTracker
-    from serving.completions import collect, run_generation
-    from serving.protocol import OpenAIRequestError
-
     sae = await sync_to_async(attached_sae)()
     if sae is None:
         raise SaeNotAttached("No SAE is attached: attach one before steering its features")
@@ -125,17 +121,12 @@ async def steering_compare(*, prompt: str, features: list[dict[str, Any]], chat:
     raw = await sync_to_async(strengths_to_raw)(sae=sae, features=normalised, units=units)
     messages = [{"role": "user", "content": prompt}] if chat else None
     runs: dict[str, Any] = {}
-    for key, steering in (("unsteered", {"source": "inline", "features": []}),
-                          ("steered", {"source": "inline", "features": raw, "mode": mode, "positions": positions})):
-        try:
-            result = await collect(run_generation(model=sae.model.name, prompt=None if chat else prompt,
-                                                  messages=messages, params={"max_tokens": max_tokens,
-                                                                             "temperature": 0.0},
-                                                  steering=steering,
-                                                  tracker=RequestTracker(endpoint="compare", model=sae.model.name)))
-        except OpenAIRequestError as exc:
-            error = InferenceUnavailable if exc.status == 503 else ValidationFailed if exc.status < 500 else MillmError
-            raise error(exc.message) from None
+    for key, steering in (("unsteered", Steering()),
+                          ("steered", Steering(features=raw, mode=mode, positions=positions))):
+        result = await generation_stream.collect(generation_stream.generate(
+            model=sae.model.name, prompt=None if chat else prompt, messages=messages,
+            params={"max_tokens": max_tokens, "temperature": 0.0}, steering=steering,
+            observer=RequestTracker(endpoint="compare", model=sae.model.name), on_frames=activation_publisher().offer))
         runs[key] = {"text": result.text, "completion_tokens": result.completion_tokens,
                      "finish_reason": result.finish_reason}
     return {**runs, "features": raw, "mode": mode}

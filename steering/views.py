@@ -6,7 +6,7 @@ from asgiref.sync import sync_to_async
 from django.shortcuts import render
 from django.views.decorators.http import require_POST
 
-from inference.client import inference_call
+from inference.client import inference_client
 from millm_site.errors import MillmError
 from millm_site.htmx import error_fragment
 from steering import steering_services
@@ -20,18 +20,19 @@ def saes_page(request):
 
 @require_POST
 async def sae_attach_action(request, name: str):
-    return await _sae_row_after(request, name, "attach_sae")
+    return await _sae_row_after(request, name, attach=True)
 
 
 @require_POST
 async def sae_detach_action(request, name: str):
-    return await _sae_row_after(request, name, "detach_sae")
+    return await _sae_row_after(request, name, attach=False)
 
 
-async def _sae_row_after(request, name: str, call: str):
+async def _sae_row_after(request, name: str, *, attach: bool):
+    client = inference_client()
     try:
         await sync_to_async(sae_get)(name=name)
-        await inference_call(call, {"sae": name}, timeout=600)
+        await (client.attach_sae(name) if attach else client.detach_sae(name))
     except MillmError as exc:
         return error_fragment(request, exc)
     sae = await sync_to_async(lambda: sae_list().get(name=name))()

@@ -2,10 +2,15 @@
 
 import pytest
 
+from engine.errors import InsufficientMemoryError, SaeNotAttachedError
 from engine.generation import FinishEvent, GenerationRequest
-from engine.loading import InsufficientMemoryError
-from engine.runtime import EngineRuntime, RuntimeRefusal
+from engine.runtime import EngineRuntime
 from engine.sampling import SamplingParams
+from engine.steering import SteeringFeature, SteeringSpec
+
+
+def spec(index: int, strength: float) -> SteeringSpec:
+    return SteeringSpec(features=(SteeringFeature(index, strength),))
 
 
 def generate(runtime: EngineRuntime, steering=None) -> list[int]:
@@ -28,23 +33,21 @@ def test_an_sae_that_does_not_fit_is_refused_and_the_model_serves_on(runtime, te
         runtime.attach_sae(name="sae", path=str(test_tier_assets.sae.local_path))
     assert not runtime.hook.attached and runtime.sae_name is None
     assert generate(runtime) == before
-    with pytest.raises(RuntimeRefusal) as refused:
-        runtime.compile({"features": [{"index": 7, "strength": 10.0}]})
-    assert refused.value.code == "SAE_NOT_ATTACHED"
+    with pytest.raises(SaeNotAttachedError) as refused:
+        runtime.compile(spec(7, 10.0))
+    assert (refused.value.code, refused.value.status) == ("SAE_NOT_ATTACHED", 400)
 
 
-def test_insufficient_memory_is_reported_with_its_code():
-    from inference.handlers import WorkerCalls
-
-    reply = WorkerCalls.error_reply(InsufficientMemoryError("too big"))
-    assert (reply["code"], reply["status"]) == ("INSUFFICIENT_MEMORY", 507)
+def test_insufficient_memory_carries_its_code_and_status():
+    error = InsufficientMemoryError("too big")
+    assert (error.code, error.status, error.message) == ("INSUFFICIENT_MEMORY", 507, "too big")
 
 
 def test_with_room_the_sae_attaches_and_steers(runtime, test_tier_assets):
     runtime.memory_limit_bytes = None
     plain = generate(runtime)
     runtime.attach_sae(name="sae", path=str(test_tier_assets.sae.local_path))
-    steered = generate(runtime, runtime.compile({"features": [{"index": 7, "strength": 80.0}]}))
+    steered = generate(runtime, runtime.compile(spec(7, 80.0)))
     assert steered != plain
     runtime.detach_sae()
     assert generate(runtime) == plain

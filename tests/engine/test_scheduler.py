@@ -198,7 +198,7 @@ def test_context_length_is_checked_at_submit(scheduler, tiny):
     context = tiny.context_length
     with pytest.raises(InvalidRequestError) as caught:
         scheduler.submit(GenerationRequest([5] * (context - 10), SamplingParams(max_tokens=11)))
-    assert caught.value.param == "max_tokens" and caught.value.code == "context_length_exceeded"
+    assert caught.value.param == "max_tokens" and caught.value.code == "CONTEXT_LENGTH_EXCEEDED"
     assert str(context) in caught.value.message
     with pytest.raises(InvalidRequestError) as caught:
         scheduler.submit(GenerationRequest([5] * context, SamplingParams(), prompt_param="messages"))

@@ -12,6 +12,7 @@ from engine.hook_timing import STAGES
 from engine.runtime import EngineRuntime
 from engine.sampling import SamplingParams
 from engine.scheduler import SchedulerStatus
+from engine.steering import SteeringFeature, SteeringSpec
 from engine.throughput import ThroughputSampler
 
 
@@ -38,7 +39,7 @@ def test_a_steered_monitored_generation_times_every_stage_of_its_layer(runtime, 
     attached = runtime.attach_sae(name="sae", path=str(test_tier_assets.sae.local_path))
     layer = attached.hook_layer
     before = {stage: stage_count(layer, stage) for stage in STAGES}
-    tokens = generate(runtime, runtime.compile({"features": [{"index": 7, "strength": 5.0}]}), monitor=True)
+    tokens = generate(runtime, runtime.compile(SteeringSpec(features=(SteeringFeature(7, 5.0),))), monitor=True)
     passes = {stage: stage_count(layer, stage) - before[stage] for stage in STAGES}
     # One prefill and one decode step per token after the first: one observation per stage per pass.
     assert tokens == 6 and passes == {"encode": 6, "steering": 6, "capture": 6}

@@ -1,0 +1,297 @@
+"""Every message between the web tier and the inference process, defined once.
+
+The web tier sends a call to the channel `INFERENCE_CHANNEL` (or a process's own channel) and reads
+the reply on its `reply_channel`. A call gets exactly one reply (`Error` on failure) except:
+`generate` answers `Started`, any number of `Chunk` (tokens coalesced every ~20 ms), then `Done`
+or `Error`; `cancel` gets none. Messages travel as `.model_dump()` dicts (msgpack on the channel
+layer) and are validated on receipt: the inference process answers a malformed call with an
+`Error`, the client refuses a malformed reply.
+
+No Django and no torch here: both processes import this module.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+SteeringMode = Literal["additive", "clamp"]
+SteeringPositions = Literal["all", "generated_only"]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- the steering a request or the active state asks for ----------------------------------------
+
+
+class SteeringFeature(Message):
+    index: int
+    strength: float  # raw units (the web tier converts max_activation / residual_norm first)
+
+
+class Steering(Message):
+    """Steering in raw strengths, with the label reported back (X-miLLM-Steering, history):
+    "active", "profile:<name>" or "inline". The engine checks indices and bounds against the SAE."""
+
+    features: list[SteeringFeature] = Field(default_factory=list)
+    mode: SteeringMode = "additive"
+    positions: SteeringPositions = "all"
+    label: str = "inline"
+
+
+# --- calls ---------------------------------------------------------------------------------------
+
+
+class Call(Message):
+    reply_channel: str | None = None
+
+
+class Ping(Call):
+    type: Literal["ping"] = "ping"
+
+
+class LoadModel(Call):
+    type: Literal["load_model"] = "load_model"
+    model: str
+    dtype: str | None = None  # None: the catalog's
+    quantization: str | None = None
+
+
+class UnloadModel(Call):
+    type: Literal["unload_model"] = "unload_model"
+    model: str | None = None
+
+
+class AttachSae(Call):
+    type: Literal["attach_sae"] = "attach_sae"
+    sae: str
+
+
+class DetachSae(Call):
+    type: Literal["detach_sae"] = "detach_sae"
+    sae: str | None = None
+
+
+class SetSteering(Call):
+    type: Literal["set_steering"] = "set_steering"
+    steering: Steering
+
+
+class ConfigureMonitoring(Call):
+    type: Literal["configure_monitoring"] = "configure_monitoring"
+    enabled: bool | None = None
+    top_k: int | None = None
+    features: list[int] | None = None
+
+
+class GetStatistics(Call):
+    type: Literal["statistics"] = "statistics"
+    top: int = Field(20, ge=1, le=100_000)
+    by: str = "mean"
+
+
+class ResetStatistics(Call):
+    type: Literal["reset_statistics"] = "reset_statistics"
+
+
+class Embed(Call):
+    type: Literal["embed"] = "embed"
+    model: str | None = None
+    texts: list[str]
+
+
+class Generate(Call):
+    type: Literal["generate"] = "generate"
+    request_id: str
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None  # chat messages; the engine checks roles and contents
+    params: dict[str, Any] = Field(default_factory=dict)  # the engine's SamplingParams fields
+    steering: Steering | None = None  # None: the active steering
+    monitor: bool | None = None  # None: the monitoring settings decide
+
+
+class Cancel(Message):
+    type: Literal["cancel"] = "cancel"
+    request_id: str
+
+
+AnyCall = Annotated[
+    Ping | LoadModel | UnloadModel | AttachSae | DetachSae | SetSteering | ConfigureMonitoring | GetStatistics
+    | ResetStatistics | Embed | Generate | Cancel,
+    Field(discriminator="type"),
+]
+_CALL = TypeAdapter(AnyCall)
+
+
+# --- replies -------------------------------------------------------------------------------------
+
+
+class MonitoringState(Message):
+    enabled: bool
+    top_k: int
+    features: list[int]
+    active: bool  # an SAE is attached, so capture runs
+
+
+class Pong(Message):
+    # The runtime's status grows with features (throughput samples, GPU): unknown fields pass through.
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: Literal["pong"] = "pong"
+    pid: int
+    uptime_s: float
+    loaded_model: str | None = None
+    attached_sae: str | None = None
+    steering: str = "none"
+    queue_depth: int = 0
+    active_requests: int = 0
+    tokens_per_second: float = 0.0
+    requests_total: int = 0
+    tokens_total: int = 0
+    memory_bytes: int = 0
+    monitoring: MonitoringState
+    gpu: dict[str, Any] | None = None
+
+
+class Loaded(Message):
+    type: Literal["loaded"] = "loaded"
+    model: str
+    memory_bytes: int
+
+
+class Unloaded(Message):
+    type: Literal["unloaded"] = "unloaded"
+    model: str | None
+
+
+class Attached(Message):
+    type: Literal["attached"] = "attached"
+    sae: str
+
+
+class Detached(Message):
+    type: Literal["detached"] = "detached"
+    sae: str | None
+
+
+class SteeringSet(Message):
+    type: Literal["steering_set"] = "steering_set"
+    label: str
+
+
+class MonitoringSettings(MonitoringState):
+    type: Literal["monitoring"] = "monitoring"
+
+
+class FeatureStatistic(Message):
+    model_config = ConfigDict(extra="allow", frozen=True)  # more metric columns may follow
+    index: int
+    value: float | None  # the ranking metric; None for a never-seen feature's ±inf
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+    active_ratio: float | None
+
+
+class Statistics(Message):
+    type: Literal["statistics"] = "statistics"
+    total_tokens: int
+    by: str
+    top: list[FeatureStatistic]
+
+
+class StatisticsReset(Message):
+    type: Literal["statistics_reset"] = "statistics_reset"
+
+
+class Embeddings(Message):
+    type: Literal["embeddings"] = "embeddings"
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+class Started(Message):
+    type: Literal["started"] = "started"
+    worker_channel: str  # the generating process's own channel: cancel and liveness pings go there
+    request_id: str
+    prompt_tokens: int
+    steering: str  # the label of the steering applied
+    prompt_text: str
+
+
+class TopLogprob(Message):
+    text: str
+    logprob: float
+
+
+class Token(Message):
+    id: int
+    text: str
+    logprob: float | None = None  # only when the request asked for logprobs
+    top_logprobs: list[TopLogprob] | None = None
+
+
+class Chunk(Message):
+    type: Literal["chunk"] = "chunk"
+    text: str  # every token's text since the last chunk
+    tokens: list[Token]
+    frames: list[dict[str, Any]] | None = None  # per-token features (engine.activation_frames), when monitored
+
+
+class Usage(Message):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(Message):
+    queued_s: float | None = None
+    first_token_s: float | None = None
+    total_s: float | None = None
+
+
+class Done(Message):
+    type: Literal["done"] = "done"
+    finish_reason: str
+    steering: str
+    usage: Usage
+    timings: Timings
+
+
+class Error(Message):
+    """A refused or failed call: the code and status from engine.errors' table, the offending param."""
+
+    type: Literal["error"] = "error"
+    code: str
+    status: int
+    message: str
+    param: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+AnyReply = Annotated[
+    Pong | Loaded | Unloaded | Attached | Detached | SteeringSet | MonitoringSettings | Statistics | StatisticsReset
+    | Embeddings | Started | Chunk | Done | Error,
+    Field(discriminator="type"),
+]
+_REPLY = TypeAdapter(AnyReply)
+
+
+def parse_call(message: dict[str, Any]) -> AnyCall:
+    """A received call, validated; raises pydantic's ValidationError."""
+    return _CALL.validate_python(message)
+
+
+def parse_reply(message: dict[str, Any]) -> AnyReply:
+    return _REPLY.validate_python(message)
+
+
+def validation_problem(exc: ValidationError) -> tuple[str, str | None]:
+    """(message, param) from the first problem of a validation error: short, no input values echoed."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    loc = first.get("loc", ())[1:]  # the first element is the call's type (the union's tag)
+    param = ".".join(str(p) for p in loc) or None
+    return (f"{param}: {first['msg']}" if param else first["msg"]), param
