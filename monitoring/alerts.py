@@ -3,6 +3,8 @@
 A light is red at or past its threshold and yellow from WARN_FRACTION of it: yellow warns before the
 limit is reached. Every yellow or red light raises an alert, but the same (kind, level) at most once
 per cooldown, so a page stays readable while a condition lasts; a yellow turning red alerts at once.
+
+The health score (0-100) sums the lights into one number (formula in `health_score`, docs/operations.md).
 """
 
 from __future__ import annotations
@@ -61,6 +63,29 @@ def health_checks(*, latency_p99_ms: float | None, error_rate: float, memory_per
               light(memory_percent, thresholds.memory_percent)),
         Check("inference", 1.0 if inference_up else 0.0, None, "green" if inference_up else "red"),
     ]
+
+
+RED_PENALTY = 40.0
+YELLOW_PENALTY = (10.0, 30.0)  # at WARN_FRACTION of the threshold, and just below it
+
+
+def health_score(checks: list[Check]) -> int:
+    """100 minus a penalty per light; 0 when no inference process answers (nothing can be served).
+
+    green: 0; red: RED_PENALTY; yellow: grows linearly from 10 at 75 % of its threshold to 30 just
+    below it, so a yellow creeping toward red lowers the score before the light changes. Clamped at 0.
+    """
+    penalty = 0.0
+    for check in checks:
+        if check.kind == "inference" and check.level == "red":
+            return 0
+        if check.level == "red":
+            penalty += RED_PENALTY
+        elif check.level == "yellow" and check.value is not None and check.threshold:
+            used = min(1.0, check.value / check.threshold)
+            low, high = YELLOW_PENALTY
+            penalty += low + (high - low) * (used - WARN_FRACTION) / (1.0 - WARN_FRACTION)
+    return max(0, round(100 - penalty))
 
 
 def worst_level(checks: list[Check]) -> Level:

@@ -21,9 +21,9 @@ import structlog
 from django.conf import settings
 
 from inference.client import inference_client
-from millm_site.errors import MillmError
+from millm_site.errors import InferenceUnavailable, MillmError
 from millm_site.events import event_publish
-from monitoring.alerts import AlertTracker, Check, Thresholds, health_checks, worst_level
+from monitoring.alerts import AlertTracker, Check, Thresholds, health_checks, health_score, worst_level
 from monitoring.metrics import RecentStats, recent_stats
 
 log = structlog.get_logger("millm.system")
@@ -40,6 +40,14 @@ async def inference_ping(*, timeout: float) -> dict[str, Any] | None:
     except MillmError:
         return None
     return pong.model_dump(exclude={"type"})
+
+
+async def throughput_samples(*, limit: int) -> list[dict[str, Any]]:
+    """The inference process's throughput-versus-memory samples, newest first (engine/throughput.py)."""
+    pong = await inference_ping(timeout=settings.INFERENCE_TIMEOUT_S)
+    if pong is None:
+        raise InferenceUnavailable("No inference process answered: no throughput samples to show")
+    return list(pong.get("throughput_samples") or [])[:limit]
 
 
 def host_snapshot() -> dict[str, Any]:
@@ -87,6 +95,7 @@ def system_status_build(*, host: dict[str, Any], pong: dict[str, Any] | None, re
         "lights": {check.kind: check.level for check in checks},
         "checks": [check.as_dict() for check in checks],
         "worst": worst_level(checks),
+        "health_score": health_score(checks),
     }
 
 
