@@ -33,7 +33,6 @@ class ModelFacts:
     context_length: int | None
     parameter_count: int | None
     dtype: str
-    needs_remote_code: bool
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ def model_facts(folder: Path) -> ModelFacts:
         tied = bool(config.get("tie_word_embeddings", True))
         count = 12 * layers * hidden * hidden + vocab * hidden * (1 if tied else 2)
     return ModelFacts(hidden_size=hidden, num_layers=layers, context_length=context, parameter_count=count or None,
-                      dtype=dtype, needs_remote_code="auto_map" in config)
+                      dtype=dtype)
 
 
 def safetensors_parameter_count(folder: Path) -> int | None:

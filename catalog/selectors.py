@@ -19,10 +19,6 @@ def model_get(*, name: str) -> LanguageModel:
         raise ModelNotFound(f"No model named {name!r}", details={"name": name}) from None
 
 
-def model_desired_loaded() -> LanguageModel | None:
-    return LanguageModel.objects.filter(desired_loaded=True).first()
-
-
 def model_as_dict(model: LanguageModel) -> dict:
     return {
         "name": model.name, "repo_id": model.repo_id, "revision": model.revision, "local_path": model.local_path,

@@ -121,11 +121,6 @@ class RequestHandle:
             else:
                 await self._ready.wait()
 
-    async def stream(self) -> AsyncIterator[Event]:
-        async for events in self.batches():
-            for event in events:
-                yield event
-
     def _drain(self) -> list[Event]:
         events: list[Event] = []
         while True:

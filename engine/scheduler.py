@@ -161,13 +161,6 @@ class GenerationScheduler:
         """Embeddings computed between decode steps (blocking; call it from a worker thread)."""
         return self.call(lambda: embed(self.loaded, texts, **kwargs)).result()
 
-    def add_interceptor(self, interceptor: ForwardInterceptor) -> None:
-        # The tuple is swapped whole: the loop reads it once per forward pass, never half-updated.
-        self._interceptors = (*self._interceptors, interceptor)
-
-    def remove_interceptor(self, interceptor: ForwardInterceptor) -> None:
-        self._interceptors = tuple(i for i in self._interceptors if i is not interceptor)
-
     def status(self) -> SchedulerStatus:
         now = time.monotonic()
         recent = sum(n for t, n in list(self._throughput) if now - t <= THROUGHPUT_WINDOW_S)

@@ -28,8 +28,6 @@ class ActivationPublisher:
         self.clock = clock
         self.pending: list[dict[str, Any]] = []
         self.last_sent = -float("inf")
-        self.dropped_total = 0
-        self.sent_total = 0
         self._timer: asyncio.TimerHandle | None = None
         self._lock = asyncio.Lock()
 
@@ -38,7 +36,6 @@ class ActivationPublisher:
         overflow = len(self.pending) - MAX_FRAMES_PER_EVENT
         if overflow > 0:
             del self.pending[:overflow]
-            self.dropped_total += overflow
             _count_dropped(overflow)
         wait = self.last_sent + self.interval - self.clock()
         if wait <= 0:
@@ -55,7 +52,6 @@ class ActivationPublisher:
             frames, self.pending = self.pending, []
             self.last_sent = self.clock()
             timestamp = time.time()  # the moment the throttle let this event go
-            self.sent_total += 1
         labels = await feature_labels()
         for frame in frames:
             frame["labels"] = {index: labels[int(index)] for index in frame["features"] if int(index) in labels}
