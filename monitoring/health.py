@@ -41,7 +41,8 @@ async def health_report() -> dict[str, Any]:
     if broker:
         try:
             pong = await inference_client().ping(timeout=min(settings.INFERENCE_TIMEOUT_S, 2.0))
-            inference = {"up": True, **pong.model_dump(exclude={"type"})}
+            # The throughput ring (up to 120 samples) has its own endpoint: a health probe stays small.
+            inference = {"up": True, **pong.model_dump(exclude={"type", "throughput_samples"})}
         except MillmError as exc:
             inference = {"up": False, "reason": exc.message}
     status = "ok" if database and broker and inference["up"] else ("down" if not database else "degraded")
