@@ -214,7 +214,8 @@ class WorkerCalls:
                               if submitted.frames is not None else None)
                     chunk = m.Chunk(text="".join(t.text_delta for t in tokens),
                                     tokens=[self._token(t, wants_logprobs) for t in tokens], frames=frames)
-                    await self.worker.send(reply_channel, chunk.model_dump())
+                    # No "frames" key at all when unmonitored: readers treat the key as "frames follow".
+                    await self.worker.send(reply_channel, chunk.model_dump(exclude={"frames"} if frames is None else None))
                 finish = events[-1] if isinstance(events[-1], FinishEvent) else None
                 if finish is not None:
                     finished = True
