@@ -21,6 +21,8 @@ from inference.handlers import WorkerCalls, error_reply
 
 log = structlog.get_logger("millm.inference")
 
+LAYER_LOST_EXIT_S = 30.0  # Redis away longer than this: exit (exit code 3) and be restarted
+
 Handler = Callable[[m.Message], Awaitable[m.Message | None]]
 
 
@@ -33,6 +35,7 @@ class InferenceWorker:
         self.stopping = asyncio.Event()
         self.calls = WorkerCalls(self, runtime)
         self.in_flight: set[asyncio.Task] = set()
+        self.layer_lost = False
 
     async def serve_until_stopped(self, *, restore: bool = False) -> None:
         self.own_channel = await self.layer.new_channel()
@@ -56,10 +59,28 @@ class InferenceWorker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         await self.serve_until_stopped(restore=True)
+        if self.layer_lost:
+            raise SystemExit(3)  # the supervisor (or the container's restart policy) starts a fresh one
 
     async def _listen(self, channel: str) -> None:
+        lost_since: float | None = None
         while True:
-            message = await self.layer.receive(channel)
+            try:
+                message = await self.layer.receive(channel)
+            except Exception as exc:
+                # Redis is away (restarting?): an unhandled error here would leave the process alive but
+                # deaf. The layer reconnects on its next call, so retry and keep the loaded model; if Redis
+                # stays away, exit so the supervisor (or the container) starts a fresh process.
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > LAYER_LOST_EXIT_S:
+                    log.error("inference_channel_layer_lost", channel=channel, error=exc.__class__.__name__)
+                    self.layer_lost = True
+                    self.stopping.set()
+                    return
+                log.warning("inference_channel_layer_retry", channel=channel, error=exc.__class__.__name__)
+                await asyncio.sleep(0.5)
+                continue
+            lost_since = None
             # Each call runs as its own task: a slow load never blocks a ping or a cancel.
             task = asyncio.ensure_future(self.dispatch(message))
             self.in_flight.add(task)

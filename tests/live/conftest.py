@@ -25,13 +25,15 @@ def free_port() -> int:
 
 
 class LiveStack:
-    def __init__(self, var_dir: Path, *, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None):
-        self.port = free_port()
+    def __init__(self, var_dir: Path, *, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.var_dir = var_dir
         stack_env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
         stack_env.update({"MILLM_VAR_DIR": str(var_dir), "MILLM_ASSET_CACHE": str(ASSET_CACHE), "MILLM_DEMO_TIER": "test",
                           **(env or {})})
+        var_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(var_dir.parent / "serve.log", "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "manage.py", "serve", "--port", str(self.port), *extra_args],

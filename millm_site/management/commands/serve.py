@@ -7,9 +7,9 @@ from django.core.management.base import BaseCommand
 from django.db import OperationalError, connection
 
 from catalog.demo import catalog_is_empty, demo_assets_ensure, demo_assets_mark_desired
-from millm_site.embedded_redis import require_redis, start_embedded_redis
+from millm_site.embedded_redis import embedded_redis_child, require_redis
 from millm_site.env import SettingError
-from millm_site.supervisor import Child, Supervisor, python_argv
+from millm_site.supervisor import Child, ChildFailedToStart, Supervisor, python_argv
 from monitoring.prometheus_dir import prometheus_dir_prepare
 
 
@@ -36,25 +36,25 @@ class Command(BaseCommand):
             demo_assets_mark_desired(model=model, sae=sae)
             self.stdout.write(f"Registered model {model.name} and SAE {sae.name}; they load on start.")
 
-        redis_process = None
+        children = []
         if settings.REDIS_URL_IS_EMBEDDED:
-            redis_process = start_embedded_redis(settings.EMBEDDED_REDIS_SOCKET)
+            children.append(embedded_redis_child(settings.EMBEDDED_REDIS_SOCKET))  # first up, last down
         else:
             require_redis(settings.REDIS_URL)
 
         prometheus_dir_prepare(var_dir=settings.VAR_DIR)  # children inherit it: one scrape sums them all
-        children = [
+        count = settings.INFERENCE_PROCESSES  # each one restarted on its own
+        children += [
             Child("web", python_argv("-m", "daphne", "-b", host, "-p", str(port), "millm_site.asgi:application")),
-            Child("inference", python_argv("manage.py", "run_inference")),
+            *(Child("inference" if count == 1 else f"inference-{i + 1}", python_argv("manage.py", "run_inference"))
+              for i in range(count)),
             Child("worker", python_argv("-m", "celery", "-A", "millm_site", "worker", "--pool=threads",
                                         "--concurrency=4", "--loglevel=WARNING")),
         ]
         try:
             Supervisor(children, cwd=str(settings.BASE_DIR)).run(on_started=lambda: self._announce(host, port))
-        finally:
-            if redis_process is not None:
-                redis_process.terminate()
-                redis_process.wait(timeout=10)
+        except ChildFailedToStart as exc:
+            raise SettingError(str(exc)) from None
 
     def _announce(self, host: str, port: int) -> None:
         deadline = time.monotonic() + 60
