@@ -40,6 +40,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_htmx",
     "channels",
+    "ninja",  # /api/docs serves Swagger UI from ninja's own static files, not a CDN
     "millm_site",
     "catalog",
     "downloads",

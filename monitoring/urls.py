@@ -1,4 +1,6 @@
+from django.templatetags.static import static
 from django.urls import path
+from django.views.generic import RedirectView
 
 from monitoring import views
 
@@ -10,4 +12,6 @@ urlpatterns = [
     path("history/export", views.history_export_download, name="history-export"),
     path("history/<str:request_id>/", views.history_detail_page, name="history-detail"),
     path("system/", views.system_page, name="system"),
+    # Browsers and the admin ask for /favicon.ico whatever the page links.
+    path("favicon.ico", RedirectView.as_view(url=static("favicon.svg"), permanent=True), name="favicon"),
 ]

@@ -140,6 +140,21 @@ def profile_delete(*, profile: Profile) -> None:
     profile.delete()
 
 
+@transaction.atomic
+def profile_update_details(*, profile: Profile, name: str, description: str) -> Profile:
+    """Rename a profile and/or change its description; an active profile keeps its name (the
+    inference process reports it on every request), so it is deactivated first by the caller."""
+    if name != profile.name:
+        if profile.is_active:
+            raise Conflict(f"Profile {profile.name} is active: deactivate it before renaming",
+                           details={"field": "name"})
+        if Profile.objects.filter(name=name).exists():
+            raise Conflict(f"A profile named {name!r} already exists", details={"field": "name"})
+    profile.name, profile.description = name, description
+    profile.save(update_fields=["name", "description", "updated_at"])
+    return profile
+
+
 async def profile_activate_and_apply(*, name: str) -> Profile:
     """Apply the profile's steering in the inference process, then mark it active (nothing half-done)."""
     from steering.steering_services import attached_sae, steering_apply

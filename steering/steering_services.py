@@ -22,6 +22,7 @@ from millm_site.errors import (
 from millm_site.events import event_publish
 from monitoring.live import activation_publisher
 from monitoring.request_tracking import RequestTracker
+from profiles.models import Profile
 from steering.models import SaeStatus, SparseAutoencoder, SteeringState
 from steering.units import strengths_to_raw
 
@@ -87,6 +88,8 @@ async def steering_apply(*, features: list[dict[str, Any]], mode: str = "additiv
         state.sae, state.features, state.mode, state.positions, state.units = sae, normalised, mode, positions, units
         state.source_profile = source_profile
         state.save()
+        # A profile is active only while its steering is the one applied: any other change ends it.
+        Profile.objects.filter(is_active=True).exclude(name=source_profile or None).update(is_active=False)
         return steering_data(state)
 
     data = await sync_to_async(save)()

@@ -11,4 +11,7 @@ urlpatterns = [
     path("steering/slider/<int:index>", views.steering_slider, name="slider"),
     path("steering/apply", views.steering_apply_action, name="apply"),
     path("steering/compare", views.steering_compare_action, name="compare"),
+    path("steering/save-profile", views.steering_save_profile_action, name="save-profile"),
+    path("saes/<slug:name>/features/<int:index>/", views.feature_page, name="feature"),
+    path("saes/<slug:name>/features/<int:index>/label", views.feature_label_action, name="feature-label"),
 ]

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import json
+
 from asgiref.sync import sync_to_async
 from django.shortcuts import render
+from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from inference.client import inference_client
-from millm_site.errors import MillmError
+from millm_site.errors import MillmError, ModelNotLoaded, SaeNotAttached, ValidationFailed
 from millm_site.htmx import error_fragment
+from profiles.from_steering import profile_save_from_steering
 from steering import steering_services
+from steering.feature_facts import feature_file_stats, similar_features
+from steering.feature_services import feature_label_edit
 from steering.models import SteeringState
-from steering.selectors import feature_search, sae_get, sae_list
+from steering.selectors import feature_search_page, sae_get, sae_list
+from steering.text_diff import same_share, word_diff
+
+FEATURE_PAGE_SIZE = 25
+# Slider range (±) and step per strength unit; raw follows the SAE's residual norm when it is recorded.
+SLIDER_RANGES = {"raw": (200.0, 0.5), "max_activation": (20.0, 0.1), "residual_norm": (4.0, 0.01)}
+
+
+def slider_ranges(sae) -> dict[str, dict[str, float]]:
+    ranges = {unit: {"max": limit, "step": step} for unit, (limit, step) in SLIDER_RANGES.items()}
+    if sae is not None and sae.residual_norm:
+        ranges["raw"] = {"max": float(round(4 * sae.residual_norm)), "step": round(sae.residual_norm / 100, 2) or 0.01}
+    return ranges
 
 
 def saes_page(request):
@@ -31,12 +49,21 @@ async def sae_detach_action(request, name: str):
 async def _sae_row_after(request, name: str, *, attach: bool):
     client = inference_client()
     try:
-        await sync_to_async(sae_get)(name=name)
+        sae = await sync_to_async(sae_get)(name=name)
+        if attach and sae.model.status != "loaded":
+            raise ModelNotLoaded(f"Model {sae.model.name} is not loaded: load it on the Models page first")
         await (client.attach_sae(name) if attach else client.detach_sae(name))
     except MillmError as exc:
         return error_fragment(request, exc)
     sae = await sync_to_async(lambda: sae_list().get(name=name))()
-    return render(request, "steering/_sae_row.html", {"s": sae})
+    return await sync_to_async(render)(request, "steering/_sae_row.html", {"s": sae})
+
+
+def _page_number(request) -> int:
+    try:
+        return max(1, int(request.GET.get("page", 1)))
+    except ValueError:
+        return 1
 
 
 def steering_page(request):
@@ -45,24 +72,60 @@ def steering_page(request):
     attached = steering_services.attached_sae()
     chosen = next((s for s in saes if str(s.pk) == request.GET.get("sae")), attached or (saes[0] if saes else None))
     query = request.GET.get("q", "")
-    features = feature_search(sae=chosen, query=query) if chosen else []
-    context = {"saes": saes, "sae": chosen, "attached": attached, "q": query, "features": features,
+    found = (feature_search_page(sae=chosen, query=query, page=_page_number(request), page_size=FEATURE_PAGE_SIZE)
+             if chosen else None)
+    context = {"saes": saes, "sae": chosen, "attached": attached, "q": query.strip(), "found": found,
                "state": SteeringState.current(), "nav": "steering"}
     if request.htmx and request.htmx.target == "feature-rows":
         return render(request, "steering/_feature_rows.html", context)
-    context["rows"] = _state_rows(context["state"], chosen)
+    context["rows"] = _state_rows(context["state"], attached)
+    context["pending"] = _add_requested_row(request, context["rows"], attached)
+    context["ranges"] = slider_ranges(attached)
+    context["range"] = context["ranges"].get(context["state"].units, context["ranges"]["raw"])
+    context["ranges_json"] = json.dumps(context["ranges"])
     return render(request, "steering/steering.html", context)
 
 
 def _state_rows(state: SteeringState, sae) -> list[dict]:
-    labels = dict(sae.labels.values_list("index", "label")) if sae else {}
+    if sae is None or state.sae_id != sae.pk:
+        return []
+    labels = dict(sae.labels.values_list("index", "label"))
     return [{"index": f["index"], "strength": f["strength"], "label": labels.get(f["index"], "")} for f in state.features]
 
 
+def _add_requested_row(request, rows: list[dict], sae) -> bool:
+    """`?steer=<index>` (from a feature page) adds that feature's slider, not yet applied."""
+    wanted = request.GET.get("steer", "")
+    if sae is None or not wanted.isdigit() or not int(wanted) < sae.d_sae:
+        return False
+    index = int(wanted)
+    if any(row["index"] == index for row in rows):
+        return False
+    label = sae.labels.filter(index=index).first()
+    rows.append({"index": index, "strength": getattr(label, "recommended_strength", None) or 0.0,
+                 "label": label.label if label else "", "new": True})
+    return True
+
+
 def steering_slider(request, index: int):
+    """One slider row for the panel; a feature already in the panel is refused, not added twice."""
     sae = steering_services.attached_sae()
-    label = sae.labels.filter(index=index).values_list("label", flat=True).first() if sae else ""
-    return render(request, "steering/_slider_row.html", {"row": {"index": index, "strength": 0.0, "label": label or ""}})
+    try:
+        if sae is None:
+            raise SaeNotAttached("No SAE is attached: attach one on the SAEs page to steer its features")
+        if not 0 <= index < sae.d_sae:
+            raise ValidationFailed(f"Feature {index} is outside 0..{sae.d_sae - 1} for SAE {sae.name}")
+        if str(index) in request.GET.getlist("index"):
+            raise ValidationFailed(f"Feature #{index} is already in the steering panel")
+    except MillmError as exc:
+        return error_fragment(request, exc)
+    label = sae.labels.filter(index=index).first()
+    units = request.GET.get("units", "raw")
+    ranges = slider_ranges(sae)
+    strength = getattr(label, "recommended_strength", None) or 0.0  # another change may add recommended strengths
+    row = {"index": index, "strength": strength, "label": label.label if label else "", "new": True}
+    return render(request, "steering/_slider_row.html", {"row": row, "range": ranges.get(units, ranges["raw"]),
+                                                        "attached": sae})
 
 
 def _form_features(request) -> list[dict]:
@@ -85,16 +148,71 @@ async def steering_apply_action(request):
             positions=request.POST.get("positions", "all"), units=request.POST.get("units", "raw"))
     except MillmError as exc:
         return error_fragment(request, exc)
-    return render(request, "steering/_applied.html", {"state": state})
+    return await sync_to_async(render)(request, "steering/_applied.html", {"state": state})
 
 
 @require_POST
 async def steering_compare_action(request):
+    features = _form_features(request)
+    units = request.POST.get("units", "raw")
     try:
+        try:
+            max_tokens = int(request.POST.get("max_tokens", 48) or 48)
+        except ValueError:
+            raise ValidationFailed("max_tokens: must be a whole number") from None
+        if not 1 <= max_tokens <= 1024:
+            raise ValidationFailed("max_tokens: must be between 1 and 1024")
         result = await steering_services.steering_compare(
-            prompt=request.POST.get("prompt", "").strip() or "Hello!", features=_form_features(request),
+            prompt=request.POST.get("prompt", "").strip() or "Hello!", features=features,
             mode=request.POST.get("mode", "additive"), positions=request.POST.get("positions", "all"),
-            units=request.POST.get("units", "raw"), max_tokens=int(request.POST.get("max_tokens", 48) or 48))
-    except (MillmError, ValueError) as exc:
-        return error_fragment(request, exc if isinstance(exc, MillmError) else MillmError(str(exc)))
-    return render(request, "steering/_compare.html", {"result": result})
+            units=units, max_tokens=max_tokens)
+    except MillmError as exc:
+        return error_fragment(request, exc)
+    before, after = result["unsteered"]["text"], result["steered"]["text"]
+    context = {"result": result, "diff": word_diff(before, after), "same": same_share(before, after),
+               "typed": features, "units": units}
+    return await sync_to_async(render)(request, "steering/_compare.html", context)
+
+
+@require_POST
+async def steering_save_profile_action(request):
+    try:
+        profile = await sync_to_async(profile_save_from_steering)(
+            name=request.POST.get("profile_name", ""), description=request.POST.get("profile_description", ""),
+            features=_form_features(request), mode=request.POST.get("mode", "additive"),
+            positions=request.POST.get("positions", "all"), units=request.POST.get("units", "raw"),
+            replace=request.POST.get("profile_replace") == "on")
+    except MillmError as exc:
+        return error_fragment(request, exc)
+    return await sync_to_async(render)(request, "steering/_profile_saved.html",
+                  {"profile": profile, "profiles_url": reverse("profiles:profiles")})
+
+
+def feature_page(request, name: str, index: int):
+    """One feature: its label (editable), measured statistics, nearest features, and steer it."""
+    try:
+        sae = sae_get(name=name)
+        if not 0 <= index < sae.d_sae:
+            raise ValidationFailed(f"Feature {index} is outside 0..{sae.d_sae - 1} for SAE {sae.name}")
+    except MillmError as exc:
+        return render(request, "steering/feature_missing.html", {"message": exc.message, "nav": "steering"},
+                      status=404)
+    label = sae.labels.filter(index=index).first()
+    state = SteeringState.current()
+    steered = next((f["strength"] for f in state.features if f["index"] == index), None) if state.sae_id == sae.pk else None
+    context = {"sae": sae, "index": index, "label": label, "stats": feature_file_stats(sae=sae, index=index),
+               "similar": similar_features(sae=sae, index=index), "steered": steered, "state": state,
+               "recommended": getattr(label, "recommended_strength", None), "nav": "steering",
+               "attached": steering_services.attached_sae()}
+    return render(request, "steering/feature.html", context)
+
+
+@require_POST
+def feature_label_action(request, name: str, index: int):
+    try:
+        sae = sae_get(name=name)
+        label = feature_label_edit(sae=sae, index=index, label=request.POST.get("label", ""),
+                                   description=request.POST.get("description", ""))
+    except MillmError as exc:
+        return error_fragment(request, exc)
+    return render(request, "steering/_feature_label.html", {"sae": sae, "index": index, "label": label, "saved": True})
