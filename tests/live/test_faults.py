@@ -126,7 +126,8 @@ def test_killed_redis_is_restarted_and_every_process_recovers_its_state(steered)
 def test_killed_inference_process_is_restarted_with_its_state(steered):
     before = children(steered.process.pid)["inference"][0]
     os.kill(before.pid, signal.SIGKILL)
-    recovered_s, statuses = wait_for_steered_text(steered, steered.expected, timeout_s=30)
+    # A fresh process imports torch and loads the model again: 18-30 s measured on 2 busy cores.
+    recovered_s, statuses = wait_for_steered_text(steered, steered.expected, timeout_s=60)
     assert 500 not in statuses, statuses
     assert children(steered.process.pid)["inference"][0].pid != before.pid
     assert_same_state(steered)
