@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from django.conf import settings
 from django.db import transaction
 from django.utils.text import slugify
@@ -10,7 +12,7 @@ from catalog.asset_facts import model_facts, sae_facts
 from catalog.models import LanguageModel, ModelStatus
 from catalog.selectors import model_as_dict, model_get
 from catalog.services import model_register
-from downloads.cache_paths import local_path_resolve, tree_remove
+from downloads.cache_paths import local_path_resolve, path_for_client, tree_remove
 from downloads.models import Download, DownloadStatus
 from downloads.progress import progress_event
 from millm_site.errors import Conflict, ValidationFailed
@@ -28,11 +30,21 @@ def _slug(raw: str, *, max_length: int) -> str:
     return raw
 
 
+def _read_facts(read, folder: Path):
+    """The folder's facts; an error names the folder as `<SETTING>/...`, not by the server's absolute path."""
+    try:
+        return read(folder)
+    except ValidationFailed as exc:
+        exc.message = exc.message.replace(str(folder), path_for_client(folder))
+        exc.args = (exc.message,)
+        raise
+
+
 def model_register_local(*, path: str, name: str, repo_id: str = "") -> LanguageModel:
     """Register a transformers model folder (config.json + weights) found inside the allowed roots."""
     folder = local_path_resolve(path, default_root=settings.MODEL_CACHE_DIR)
     name = _slug(name, max_length=100)
-    facts = model_facts(folder)
+    facts = _read_facts(model_facts, folder)
     if facts.hidden_size is None or facts.num_layers is None:
         raise ValidationFailed(f"config.json in {path!r} names no hidden size or layer count", details={"field": "path"})
     if LanguageModel.objects.filter(name=name).exists():
@@ -50,7 +62,7 @@ def sae_register_local(*, path: str, model: str, name: str = "") -> SparseAutoen
     """Register a sae-lens SAE folder (cfg.json + sae_weights.safetensors) for a catalog model."""
     folder = local_path_resolve(path, default_root=settings.SAE_CACHE_DIR)
     target = model_get(name=model)
-    facts = sae_facts(folder)
+    facts = _read_facts(sae_facts, folder)
     name = _slug(name or slugify(f"{target.name}-{folder.name}")[:120], max_length=120)
     if SparseAutoencoder.objects.filter(name=name).exists():
         raise Conflict(f"An SAE named {name!r} is already in the catalog", details={"field": "name"})

@@ -20,12 +20,26 @@ _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")
 _REPO_PATH = re.compile(r"^[A-Za-z0-9_.\-/=]{1,300}$")
 
 
+# Clients are told these names, never the server's absolute paths (which reveal its layout).
+ROOT_SETTINGS = ("MODEL_CACHE_DIR", "SAE_CACHE_DIR", "MILLM_ASSET_CACHE")
+
+
 def download_roots() -> tuple[Path, ...]:
     return (Path(settings.MODEL_CACHE_DIR).resolve(), Path(settings.SAE_CACHE_DIR).resolve())
 
 
 def allowed_roots() -> tuple[Path, ...]:
     return (*download_roots(), Path(settings.DEMO_ASSETS_DIR).resolve())
+
+
+def path_for_client(path: str | Path) -> str:
+    """A server path as a client may see it: `<SETTING>/<relative>` inside a root, else its last part."""
+    resolved = Path(path).resolve()
+    for setting, root in zip(ROOT_SETTINGS, allowed_roots(), strict=True):
+        if resolved.is_relative_to(root):
+            relative = resolved.relative_to(root).as_posix()
+            return setting if relative == "." else f"{setting}/{relative}"
+    return resolved.name
 
 
 def repo_dir(root: Path, repo_id: str, revision: str) -> Path:
@@ -67,8 +81,8 @@ def local_path_resolve(raw: str, *, default_root: Path) -> Path:
     roots = allowed_roots()
     if not any(resolved.is_relative_to(root) for root in roots):
         raise ValidationFailed(
-            f"path {raw!r} is outside the allowed folders (MODEL_CACHE_DIR, SAE_CACHE_DIR, MILLM_ASSET_CACHE)",
-            details={"field": "path", "allowed_roots": [str(r) for r in roots]},
+            f"path {raw!r} is outside the allowed folders ({', '.join(ROOT_SETTINGS)})",
+            details={"field": "path", "allowed_roots": list(ROOT_SETTINGS)},
         )
     if not resolved.is_dir():
         raise ValidationFailed(f"path {raw!r} is not a folder", details={"field": "path"})

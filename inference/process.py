@@ -103,8 +103,11 @@ class InferenceWorker:
             try:
                 reply = await handler(call)
             except Exception as exc:  # a failing call must never take the process down
-                log.exception("inference_call_failed", call=call.type)
                 reply = error_reply(exc)
+                if reply.status < 500:  # a refusal (bad input, wrong state): one quiet line, never the prompt
+                    log.info("inference_call_refused", call=call.type, code=reply.code, status=reply.status)
+                else:
+                    log.exception("inference_call_failed", call=call.type)
         if reply is not None and isinstance(reply_channel, str) and reply_channel:
             await self.layer.send(reply_channel, reply.model_dump())
 

@@ -19,13 +19,13 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
-from millm_site.routing import BrowserOriginValidator, websocket_urlpatterns  # noqa: E402
+from millm_site.routing import guarded_websockets, websocket_urlpatterns  # noqa: E402
 
 http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else django_asgi_app
 
 application = ProtocolTypeRouter(
     {
         "http": http_app,
-        "websocket": BrowserOriginValidator(URLRouter(websocket_urlpatterns)),
+        "websocket": guarded_websockets(URLRouter(websocket_urlpatterns)),
     }
 )

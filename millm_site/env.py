@@ -64,6 +64,21 @@ def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def env_list(name: str, default: str = "") -> list[str]:
+    """A comma-separated list, blanks dropped."""
+    return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
+
+
+def env_origins(name: str) -> list[str]:
+    """Comma-separated origins (`scheme://host[:port]`), lower-cased without a trailing slash."""
+    origins = [origin.rstrip("/").lower() for origin in env_list(name)]
+    for origin in origins:
+        parsed = urlparse(origin)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path:
+            raise SettingError(f"{name}: {origin!r} is not an origin like https://host:port")
+    return origins
+
+
 def env_path(name: str, default: Path) -> Path:
     raw = env_str(name)
     return Path(raw).expanduser().resolve() if raw else default

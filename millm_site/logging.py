@@ -12,8 +12,11 @@ def logging_config(*, level: str, fmt: str) -> dict:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso"),
     ]
+    # Plain tracebacks: the console renderer's default (rich) prints every frame's local variables,
+    # which puts users' prompts into the log and turns one error into hundreds of lines.
     renderer = (
-        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer() if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

@@ -16,6 +16,8 @@ from millm_site.env import (
     env_choice,
     env_float,
     env_int,
+    env_list,
+    env_origins,
     env_path,
     env_str,
     redis_url,
@@ -27,8 +29,22 @@ VAR_DIR = env_path("MILLM_VAR_DIR", BASE_DIR / "var")
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
 SECRET_KEY = env_str("DJANGO_SECRET_KEY") or "millm-embedded-default-not-for-production"
-ALLOWED_HOSTS = [h.strip() for h in env_str("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver").split(",") if h.strip()]
-CSRF_TRUSTED_ORIGINS = [o.strip() for o in env_str("CSRF_TRUSTED_ORIGINS").split(",") if o.strip()]
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver")
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+
+# Security (docs/operations.md "Security"). The defaults keep `make run` on http://127.0.0.1 working;
+# production behind TLS turns these on and `manage.py check --deploy` says what is still missing.
+MILLM_ALLOWED_ORIGINS = env_origins("MILLM_ALLOWED_ORIGINS")  # other sites whose pages may call /api, /v1, /ws
+SECURE_SSL_REDIRECT = env_bool("MILLM_SECURE_SSL_REDIRECT", False)
+SECURE_REDIRECT_EXEMPT = [r"^api/health$", r"^metrics$"]  # probes may speak plain http inside the cluster
+SECURE_HSTS_SECONDS = env_int("MILLM_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("MILLM_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("MILLM_HSTS_PRELOAD", False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("MILLM_SECURE_COOKIES", False)
+if env_bool("MILLM_BEHIND_TLS_PROXY", False):  # trust the proxy's X-Forwarded-Proto (only behind one)
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_AGE = env_int("MILLM_SESSION_AGE_S", 14 * 24 * 3600, minimum=60)
+X_FRAME_OPTIONS = "DENY"
 
 INSTALLED_APPS = [
     "daphne",
@@ -59,7 +75,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
-    "millm_site.middleware.ApiKeyMiddleware",
+    "millm_site.middleware.AccessMiddleware",
 ]
 
 ROOT_URLCONF = "millm_site.urls"
@@ -121,6 +137,8 @@ MEMORY_LIMIT_BYTES = env_int("MILLM_MEMORY_LIMIT_BYTES", 0, minimum=0) or None
 INFERENCE_CHANNEL = env_str("MILLM_INFERENCE_CHANNEL", "inference")
 INFERENCE_TIMEOUT_S = env_float("MILLM_INFERENCE_TIMEOUT", 5.0, minimum=0.1)
 INFERENCE_PROCESSES = env_int("MILLM_INFERENCE_PROCESSES", 1, minimum=1)  # how many `serve` starts
+# Pin an inference process to one model (several GPUs/hosts serving different models behind one /v1).
+INFERENCE_MODEL = env_str("MILLM_INFERENCE_MODEL", "")
 MONITOR_MAX_HZ = env_float("MILLM_MONITOR_MAX_HZ", 10.0, minimum=0.1)
 HISTORY_RETENTION_DAYS = env_int("MILLM_HISTORY_RETENTION_DAYS", 30, minimum=0)  # 0 keeps history forever
 SYSTEM_INTERVAL_S = env_float("MILLM_SYSTEM_INTERVAL", 2.0, minimum=0.2)
