@@ -25,10 +25,11 @@ async def get_model(request, name: str):
 
 @router.post("/{name}/load", summary="Load a model in the inference process (replaces the loaded one)")
 async def load_model(request, name: str, dtype: str | None = None, quantization: str | None = None):
-    model = await services.model_load_request(name=name, dtype=dtype, quantization=quantization)
-    return envelope(model_as_dict(model))
+    model, processes = await services.model_load_request(name=name, dtype=dtype, quantization=quantization)
+    return envelope({**model_as_dict(model), "processes": processes})
 
 
 @router.post("/{name}/unload", summary="Unload a model and free its memory")
 async def unload_model(request, name: str):
-    return envelope(model_as_dict(await services.model_unload_request(name=name)))
+    model, processes = await services.model_unload_request(name=name)
+    return envelope({**model_as_dict(model), "processes": processes})

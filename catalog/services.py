@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.db import transaction
 
-from catalog.models import LanguageModel, ModelStatus
+from catalog.models import Dtype, LanguageModel, ModelStatus, Quantization
 from catalog.selectors import model_as_dict, model_get
 from inference.client import inference_client
+from millm_site.errors import ValidationFailed
 from millm_site.events import event_publish_sync
 
 
@@ -68,17 +70,27 @@ def model_set_desired_loaded(*, model: LanguageModel | None) -> None:
         LanguageModel.objects.filter(pk=model.pk).update(desired_loaded=True)
 
 
-async def model_load_request(*, name: str, dtype: str | None = None, quantization: str | None = None) -> LanguageModel:
+async def model_load_request(*, name: str, dtype: str | None = None,
+                             quantization: str | None = None) -> tuple[LanguageModel, dict[str, Any]]:
     """Ask the inference process to load a model; returns its catalog row once loaded (or raises)."""
-    await sync_to_async(model_get)(name=name)  # MODEL_NOT_FOUND before bothering the inference process
-    await inference_client().load_model(name, dtype=dtype, quantization=quantization)
-    return await sync_to_async(model_get)(name=name)
+    # Every parameter is checked before the inference process hears of it: loading first unloads
+    # the serving model, so a refusal found there would already have changed what is served.
+    for field, value, choices in (("dtype", dtype, Dtype), ("quantization", quantization, Quantization)):
+        if value is not None and value not in choices.values:
+            raise ValidationFailed(f"{field}: must be one of {', '.join(choices.values)}",
+                                   details={"field": field, "choices": list(choices.values)})
+    model = await sync_to_async(model_get)(name=name)  # MODEL_NOT_FOUND before bothering the inference process
+    if model.gguf_file and quantization not in (None, Quantization.NONE):
+        raise ValidationFailed("quantization: a GGUF model is dequantized when it loads and cannot be re-quantized; "
+                               "load it without quantization", details={"field": "quantization"})
+    fanout = await inference_client().load_model(name, dtype=dtype, quantization=quantization)
+    return await sync_to_async(model_get)(name=name), fanout.report()
 
 
-async def model_unload_request(*, name: str) -> LanguageModel:
+async def model_unload_request(*, name: str) -> tuple[LanguageModel, dict[str, Any]]:
     await sync_to_async(model_get)(name=name)
-    await inference_client().unload_model(name)
-    return await sync_to_async(model_get)(name=name)
+    fanout = await inference_client().unload_model(name)
+    return await sync_to_async(model_get)(name=name), fanout.report()
 
 
 def model_set_status(*, name: str, status: str, message: str = "", loaded: bool | None = None) -> LanguageModel:

@@ -23,7 +23,7 @@ async def model_unload_action(request, name: str):
 
 async def _row_after(request, action):
     try:
-        model = await action
+        model, _processes = await action
     except MillmError as exc:
         return error_fragment(request, exc)
     return render(request, "catalog/_model_row.html", {"m": model})

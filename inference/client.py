@@ -1,23 +1,34 @@
 """The one way the web tier reaches the inference process: `inference_client()`, a method per call.
 
-Each method sends its typed call (inference/messages.py) to the inference channel (any inference
-process listening there may take it; a process's own channel for pings and cancels) and waits on a
-reply channel of its own, within the call's timeout. An `error` reply becomes the MillmError for
-its code; silence becomes INFERENCE_UNAVAILABLE (503). Generations stream: `generate` and
-`collect` live in inference/generation_stream.py and use this client.
+Each method sends its typed call (inference/messages.py) and waits on a reply channel of its own,
+within the call's timeout. An `error` reply becomes the MillmError for its code; silence becomes
+INFERENCE_UNAVAILABLE (503). Three routes:
+- management calls that change state (load, attach, steering, monitoring) are broadcast to every
+  inference process through the control group; each acknowledges receipt at once, then answers, and
+  the method returns a `Fanout`: the first process's reply plus which processes applied it, skipped
+  it (pinned to another model), failed or did not answer. With no live process on record (one is
+  still starting) the call goes to the shared channel instead and waits for whichever starts first;
+- generations and embeddings go to the channel of their model (`channel_for_model`), which every
+  process serving it listens on;
+- pings, statistics and cancels go to the shared channel or a process's own channel.
+Generations stream: `generate` and `collect` live in inference/generation_stream.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, TypeVar
+import time
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 from channels.layers import get_channel_layer
 from django.conf import settings
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from inference import messages as m
-from millm_site.errors import InferenceUnavailable, MillmError, error_for_code
+from inference import registry
+from millm_site.errors import Conflict, InferenceUnavailable, MillmError, error_for_code
 
 R = TypeVar("R", bound=m.Message)
 
@@ -25,11 +36,28 @@ LOAD_TIMEOUT_S = 900.0  # a large model from a slow disk
 ATTACH_TIMEOUT_S = 600.0
 SHORT_TIMEOUT_S = 60.0  # unload, detach, set steering: quick unless the process is stuck
 EMBED_TIMEOUT_S = 120.0
+RECEIPT_WINDOW_S = 2.0  # a process on record that has not acknowledged a broadcast by then is gone
+ROUTES_TTL_S = 1.0  # how long a web process reuses its view of which process serves which model
+
+
+@dataclass(frozen=True)
+class Fanout(Generic[R]):
+    """A broadcast call's outcome: one applied reply, and what every process did with the call."""
+
+    reply: R
+    applied: list[str] = field(default_factory=list)  # process ids
+    skipped: list[str] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)  # {process_id, code, message}
+    no_answer: list[str] = field(default_factory=list)
+
+    def report(self) -> dict[str, Any]:
+        return {"applied": self.applied, "skipped": self.skipped, "failed": self.failed, "no_answer": self.no_answer}
 
 
 class InferenceClient:
     def __init__(self, *, channel: str | None = None) -> None:
         self._channel = channel  # None: settings.INFERENCE_CHANNEL, read at call time (tests override it)
+        self._routes_cache: tuple[float, set[str]] | None = None
 
     @property
     def channel(self) -> str:
@@ -59,6 +87,82 @@ class InferenceClient:
             raise MillmError(f"The inference process answered {call.type} with {reply.type}")
         return reply
 
+    async def broadcast(self, call: m.Call, expected: type[R], *, timeout: float | None = None) -> Fanout[R]:
+        """Send a management call to every inference process and gather their answers."""
+        wait = settings.INFERENCE_TIMEOUT_S if timeout is None else timeout
+        try:
+            on_record = {record.process_id for record in await registry.processes_live()}
+        except (OSError, RedisError) as exc:
+            raise InferenceUnavailable(f"The message broker (REDIS_URL) is unreachable: {exc.__class__.__name__}") from None
+        if not on_record:  # none has announced itself yet: the first to start takes the call
+            reply = await self.call(call, expected, timeout=timeout)
+            return Fanout(reply=reply, applied=[getattr(reply, "process_id", None) or "?"])
+        layer = self.layer
+        try:
+            reply_channel = await layer.new_channel()
+            await layer.group_send(m.control_group(self.channel),
+                                   call.model_copy(update={"reply_channel": reply_channel, "broadcast": True}).model_dump())
+            received, answers = await self._gather(layer, reply_channel, on_record, wait)
+        except (OSError, RedisError) as exc:
+            raise InferenceUnavailable(f"The message broker (REDIS_URL) is unreachable: {exc.__class__.__name__}") from None
+        return _fanout(call, expected, answers, no_answer=sorted((on_record | received) - answers.keys()), wait=wait)
+
+    async def _gather(self, layer, reply_channel: str, on_record: set[str],
+                      wait: float) -> tuple[set[str], dict[str, m.AnyReply]]:
+        """Answers from every process that acknowledged the call. A process on record that sends no
+        receipt within RECEIPT_WINDOW_S is gone (its heartbeat has not expired yet): not waited for."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        received: set[str] = set()
+        answers: dict[str, m.AnyReply] = {}
+        while True:
+            in_window = loop.time() - start < RECEIPT_WINDOW_S
+            if not (received | (on_record if in_window else set())) - answers.keys():
+                return received, answers
+            deadline = start + wait
+            if in_window and not on_record <= received:
+                deadline = min(deadline, start + RECEIPT_WINDOW_S)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                if loop.time() - start >= wait:
+                    return received, answers
+                continue  # the receipt window closed: from now on only the acknowledged ones count
+            try:
+                raw = await asyncio.wait_for(layer.receive(reply_channel), remaining)
+            except TimeoutError:
+                continue
+            try:
+                message = m.parse_reply(raw)
+            except ValidationError:
+                continue
+            if isinstance(message, m.Received | m.Applied):
+                received.add(message.process_id)
+            if isinstance(message, m.Applied):
+                try:
+                    answers[message.process_id] = m.parse_reply(message.reply)
+                except ValidationError:
+                    answers[message.process_id] = m.Error(code="INTERNAL_ERROR", status=500,
+                                                          message="malformed reply from an inference process")
+
+    async def channel_for_model(self, model: str | None) -> str:
+        """The channel of the processes serving `model`; the shared one when none does (any process then
+        answers with the refusal, or the first to start serves it)."""
+        if not model:
+            return self.channel
+        routes = await self._routes()
+        return m.model_channel(self.channel, model) if model in routes else self.channel
+
+    async def _routes(self) -> set[str]:
+        now = time.monotonic()
+        if self._routes_cache is not None and now - self._routes_cache[0] < ROUTES_TTL_S:
+            return self._routes_cache[1]
+        try:
+            served = {r.loaded_model for r in await registry.processes_live() if r.loaded_model}
+        except (OSError, RedisError):
+            served = set()  # Redis away: the shared channel's send reports it
+        self._routes_cache = (now, served)
+        return served
+
     async def send(self, call: m.Message, *, channel: str | None = None) -> None:
         """A call that gets no reply (cancel)."""
         await self.layer.send(channel or self.channel, call.model_dump())
@@ -68,38 +172,59 @@ class InferenceClient:
     async def ping(self, *, timeout: float | None = None, channel: str | None = None) -> m.Pong:
         return await self.call(m.Ping(), m.Pong, timeout=timeout, channel=channel)
 
-    async def load_model(self, name: str, *, dtype: str | None = None, quantization: str | None = None) -> m.Loaded:
-        return await self.call(m.LoadModel(model=name, dtype=dtype, quantization=quantization), m.Loaded,
-                               timeout=LOAD_TIMEOUT_S)
+    async def load_model(self, name: str, *, dtype: str | None = None,
+                         quantization: str | None = None) -> Fanout[m.Loaded]:
+        return await self.broadcast(m.LoadModel(model=name, dtype=dtype, quantization=quantization), m.Loaded,
+                                    timeout=LOAD_TIMEOUT_S)
 
-    async def unload_model(self, name: str | None = None) -> m.Unloaded:
-        return await self.call(m.UnloadModel(model=name), m.Unloaded, timeout=SHORT_TIMEOUT_S)
+    async def unload_model(self, name: str | None = None) -> Fanout[m.Unloaded]:
+        return await self.broadcast(m.UnloadModel(model=name), m.Unloaded, timeout=SHORT_TIMEOUT_S)
 
-    async def attach_sae(self, name: str) -> m.Attached:
-        return await self.call(m.AttachSae(sae=name), m.Attached, timeout=ATTACH_TIMEOUT_S)
+    async def attach_sae(self, name: str) -> Fanout[m.Attached]:
+        return await self.broadcast(m.AttachSae(sae=name), m.Attached, timeout=ATTACH_TIMEOUT_S)
 
-    async def detach_sae(self, name: str | None = None) -> m.Detached:
-        return await self.call(m.DetachSae(sae=name), m.Detached, timeout=SHORT_TIMEOUT_S)
+    async def detach_sae(self, name: str | None = None) -> Fanout[m.Detached]:
+        return await self.broadcast(m.DetachSae(sae=name), m.Detached, timeout=SHORT_TIMEOUT_S)
 
-    async def set_steering(self, steering: m.Steering) -> m.SteeringSet:
-        return await self.call(m.SetSteering(steering=steering), m.SteeringSet, timeout=SHORT_TIMEOUT_S)
+    async def set_steering(self, steering: m.Steering, *, sae: str | None = None) -> Fanout[m.SteeringSet]:
+        return await self.broadcast(m.SetSteering(steering=steering, sae=sae), m.SteeringSet, timeout=SHORT_TIMEOUT_S)
 
     async def configure_monitoring(self, *, enabled: bool | None = None, top_k: int | None = None,
-                                   features: list[int] | None = None) -> m.MonitoringSettings:
-        return await self.call(m.ConfigureMonitoring(enabled=enabled, top_k=top_k, features=features),
-                               m.MonitoringSettings)
+                                   features: list[int] | None = None) -> Fanout[m.MonitoringSettings]:
+        return await self.broadcast(m.ConfigureMonitoring(enabled=enabled, top_k=top_k, features=features),
+                                    m.MonitoringSettings)
 
     async def statistics(self, *, top: int = 20, by: str = "mean") -> m.Statistics:
         return await self.call(m.GetStatistics(top=top, by=by), m.Statistics)
 
-    async def reset_statistics(self) -> m.StatisticsReset:
-        return await self.call(m.ResetStatistics(), m.StatisticsReset)
+    async def reset_statistics(self) -> Fanout[m.StatisticsReset]:
+        return await self.broadcast(m.ResetStatistics(), m.StatisticsReset)
 
     async def embed(self, *, model: str | None, texts: list[str]) -> m.Embeddings:
-        return await self.call(m.Embed(model=model, texts=texts), m.Embeddings, timeout=EMBED_TIMEOUT_S)
+        return await self.call(m.Embed(model=model, texts=texts), m.Embeddings, timeout=EMBED_TIMEOUT_S,
+                               channel=await self.channel_for_model(model))
 
     async def cancel(self, *, request_id: str, channel: str) -> None:
         await self.send(m.Cancel(request_id=request_id), channel=channel)
+
+
+def _fanout(call: m.Call, expected: type[R], answers: dict[str, m.AnyReply], *, no_answer: list[str],
+            wait: float) -> Fanout[R]:
+    """Which processes applied the call; when none did, the refusal they gave (or why nobody answered)."""
+    applied = {pid: reply for pid, reply in answers.items() if isinstance(reply, expected)}
+    skipped = sorted(pid for pid, reply in answers.items() if isinstance(reply, m.Skipped))
+    errors = {pid: reply for pid, reply in answers.items() if isinstance(reply, m.Error)}
+    failed = [{"process_id": pid, "code": e.code, "message": e.message} for pid, e in sorted(errors.items())]
+    if applied:
+        first = sorted(applied)[0]
+        return Fanout(reply=applied[first], applied=sorted(applied), skipped=skipped, failed=failed, no_answer=no_answer)
+    if errors:
+        error = errors[sorted(errors)[0]]
+        raise error_for_code(error.code, error.message, status=error.status, param=error.param, details=error.details)
+    if skipped:
+        raise Conflict(f"No inference process can apply {call.type}: each is pinned to another model",
+                       details={"skipped": skipped})
+    raise InferenceUnavailable(f"No inference process answered within {wait:g}s")
 
 
 def reply_from(raw: dict[str, Any]) -> m.AnyReply:

@@ -99,7 +99,8 @@ async def generate(*, model: str, prompt: str | None, messages: list | None, par
 
     try:
         reply_channel = await layer.new_channel()
-        await layer.send(client.channel, call.model_copy(update={"reply_channel": reply_channel}).model_dump())
+        await layer.send(await client.channel_for_model(model),
+                         call.model_copy(update={"reply_channel": reply_channel}).model_dump())
     except OSError:
         await fail("error", "the message broker is unreachable")
         raise InferenceUnavailable("The message broker is unreachable") from None

@@ -21,6 +21,7 @@ from engine.generation import FinishEvent, TokenEvent
 from engine.runtime import EngineRuntime
 from engine.steering import SteeringFeature, SteeringSpec
 from inference import messages as m
+from monitoring.models import CaptureSettings
 from steering.models import SaeStatus, SparseAutoencoder, SteeringState
 from steering.sae_services import sae_detach_all_marks, sae_set_status
 from steering.steering_services import steering_state_message
@@ -41,6 +42,8 @@ class Transport(Protocol):
 
     own_channel: str
     started_at: float
+    process_id: str
+    pinned_model: str | None  # serves this model only, whatever the catalog's desired model is
 
     async def send(self, channel: str, message: dict) -> None: ...
 
@@ -70,9 +73,18 @@ class WorkerCalls:
     # --- state ---------------------------------------------------------------------------------
 
     async def restore_desired_state(self) -> None:
-        """After a (re)start: load what should be loaded, attach, steer — so a crash loses nothing."""
-        model = await db(lambda: LanguageModel.objects.filter(desired_loaded=True).first())()
+        """After a (re)start: load what should be loaded, attach, steer — so a crash loses nothing.
+
+        A pinned process loads its own model; the others the catalog's desired one."""
+        capture = await db(CaptureSettings.current)()
+        await in_thread(self.runtime.configure_monitoring, enabled=capture.enabled, top_k=capture.top_k,
+                        features=list(capture.features))
+        pinned = self.worker.pinned_model
+        model = await db(lambda: LanguageModel.objects.filter(**({"name": pinned} if pinned else {"desired_loaded": True}))
+                         .first())()
         if model is None:
+            if pinned:
+                log.warning("pinned_model_unknown", model=pinned)
             return
         reply = await self.call_load_model(m.LoadModel(model=model.name))
         if isinstance(reply, m.Error):
@@ -87,7 +99,7 @@ class WorkerCalls:
             state = await db(lambda: SteeringState.objects.select_related("sae").get_or_create(pk=1)[0])()
             steering = await db(steering_state_message)(state) if state.sae_id == sae.pk else None
             if steering is not None:
-                await self.call_set_steering(m.SetSteering(steering=steering))
+                await self.call_set_steering(m.SetSteering(steering=steering, sae=sae.name))
         log.info("desired_state_restored", model=model.name, sae=sae.name if sae else None)
 
     async def shutdown(self) -> None:
@@ -98,9 +110,19 @@ class WorkerCalls:
     # --- management calls ----------------------------------------------------------------------
 
     async def call_ping(self, call: m.Ping) -> m.Pong:
-        return m.Pong(pid=os.getpid(), uptime_s=round(time.time() - self.worker.started_at, 3), **self.runtime.status())
+        return m.Pong(pid=os.getpid(), uptime_s=round(time.time() - self.worker.started_at, 3),
+                      process_id=self.worker.process_id, pinned_model=self.worker.pinned_model, **self.runtime.status())
 
-    async def call_load_model(self, call: m.LoadModel) -> m.Loaded | m.Error:
+    def _pinned_elsewhere(self, model: str | None) -> m.Skipped | None:
+        """A pinned process ignores management calls about another model (and never unloads its own)."""
+        pinned = self.worker.pinned_model
+        if pinned and model != pinned:
+            return m.Skipped(reason=f"this process is pinned to model {pinned}")
+        return None
+
+    async def call_load_model(self, call: m.LoadModel) -> m.Loaded | m.Error | m.Skipped:
+        if (skipped := self._pinned_elsewhere(call.model)) is not None:
+            return skipped
         model = await db(lambda: LanguageModel.objects.filter(name=call.model).first())()
         if model is None:
             return m.Error(code="MODEL_NOT_FOUND", status=404, message=f"No model named {call.model!r}")
@@ -108,8 +130,10 @@ class WorkerCalls:
             return m.Error(code="CONFLICT", status=409, message=f"Model {model.name} is still downloading")
         dtype = call.dtype or model.dtype
         quantization = call.quantization or model.quantization
+        pinned = self.worker.pinned_model is not None
         await db(model_set_status)(name=model.name, status=ModelStatus.LOADING, message=f"loading ({dtype})")
-        await db(sae_detach_all_marks)()
+        if not pinned:  # a pinned process never changes model, so it never detaches another one's SAEs
+            await db(sae_detach_all_marks)()
         try:
             loaded = await in_thread(self.runtime.load, name=model.name, path=model.local_path, dtype=dtype,
                                      quantization=None if quantization == "none" else quantization,
@@ -119,10 +143,14 @@ class WorkerCalls:
             await db(model_set_status)(name=model.name, status=ModelStatus.ERROR, message=reply.message)
             return reply
         message_text = f"{loaded.memory_bytes / 2**20:.0f} MiB, loaded in {loaded.load_seconds:.1f}s"
-        await db(model_set_status)(name=model.name, status=ModelStatus.LOADED, message=message_text, loaded=True)
+        # Only an unpinned load changes the catalog's desired model; a pinned one serves beside it.
+        await db(model_set_status)(name=model.name, status=ModelStatus.LOADED, message=message_text,
+                                   loaded=None if pinned else True)
         return m.Loaded(model=model.name, memory_bytes=loaded.memory_bytes)
 
-    async def call_unload_model(self, call: m.UnloadModel) -> m.Unloaded:
+    async def call_unload_model(self, call: m.UnloadModel) -> m.Unloaded | m.Skipped:
+        if self.worker.pinned_model:
+            return m.Skipped(reason=f"this process is pinned to model {self.worker.pinned_model}")
         name = self.runtime.model_name
         await in_thread(self.runtime.unload)
         await db(sae_detach_all_marks)()
@@ -132,10 +160,12 @@ class WorkerCalls:
             await db(lambda: LanguageModel.objects.filter(name=call.model).update(desired_loaded=False))()
         return m.Unloaded(model=name)
 
-    async def call_attach_sae(self, call: m.AttachSae) -> m.Attached | m.Error:
+    async def call_attach_sae(self, call: m.AttachSae) -> m.Attached | m.Error | m.Skipped:
         sae = await db(lambda: SparseAutoencoder.objects.select_related("model").filter(name=call.sae).first())()
         if sae is None:
             return m.Error(code="SAE_NOT_FOUND", status=404, message=f"No SAE named {call.sae!r}")
+        if (skipped := self._pinned_elsewhere(sae.model.name)) is not None:
+            return skipped
         if self.runtime.model_name != sae.model.name:
             return m.Error(code="MODEL_NOT_LOADED", status=400,
                            message=f"SAE {sae.name} reads model {sae.model.name}, which is not loaded "
@@ -150,14 +180,18 @@ class WorkerCalls:
         await db(sae_set_status)(name=sae.name, status=SaeStatus.ATTACHED, attached=True)
         return m.Attached(sae=sae.name)
 
-    async def call_detach_sae(self, call: m.DetachSae) -> m.Detached:
+    async def call_detach_sae(self, call: m.DetachSae) -> m.Detached | m.Skipped:
         name = self.runtime.sae_name
+        if self.worker.pinned_model and call.sae and name != call.sae:
+            return m.Skipped(reason=f"SAE {call.sae} is not attached in this process")
         await in_thread(self.runtime.detach_sae)
         if name is not None:
             await db(sae_set_status)(name=name, status=SaeStatus.READY, attached=False)
         return m.Detached(sae=name)
 
-    async def call_set_steering(self, call: m.SetSteering) -> m.SteeringSet | m.Error:
+    async def call_set_steering(self, call: m.SetSteering) -> m.SteeringSet | m.Error | m.Skipped:
+        if self.worker.pinned_model and call.sae and self.runtime.sae_name != call.sae:
+            return m.Skipped(reason=f"SAE {call.sae} is not attached in this process")
         try:
             self.runtime.set_active_steering(engine_spec(call.steering), label=call.steering.label)
         except MemoryError as exc:

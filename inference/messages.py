@@ -47,6 +47,9 @@ class Steering(Message):
 
 class Call(Message):
     reply_channel: str | None = None
+    # A management call sent to every process (the control group): each answers with `Applied`, so the
+    # web tier can tell which processes applied the change.
+    broadcast: bool = False
 
 
 class Ping(Call):
@@ -78,6 +81,7 @@ class DetachSae(Call):
 class SetSteering(Call):
     type: Literal["set_steering"] = "set_steering"
     steering: Steering
+    sae: str | None = None  # the SAE the features index; a process pinned to another model's SAE skips it
 
 
 class ConfigureMonitoring(Call):
@@ -142,6 +146,8 @@ class Pong(Message):
     model_config = ConfigDict(extra="allow", frozen=True)
     type: Literal["pong"] = "pong"
     pid: int
+    process_id: str | None = None
+    pinned_model: str | None = None  # MILLM_INFERENCE_MODEL of this process
     uptime_s: float
     loaded_model: str | None = None
     attached_sae: str | None = None
@@ -272,12 +278,46 @@ class Error(Message):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+class Skipped(Message):
+    """A broadcast call that does not concern this process (it is pinned to another model)."""
+
+    type: Literal["skipped"] = "skipped"
+    reason: str
+
+
+class Received(Message):
+    """Sent at once by each process that got a broadcast call, before it runs it: the web tier then
+    waits (up to the call's timeout) only for processes that are really alive."""
+
+    type: Literal["received"] = "received"
+    process_id: str
+
+
+class Applied(Message):
+    """One process's answer to a broadcast call: who it is, and the call's own reply (or `Skipped`)."""
+
+    type: Literal["applied"] = "applied"
+    process_id: str
+    reply: dict[str, Any]
+
+
 AnyReply = Annotated[
     Pong | Loaded | Unloaded | Attached | Detached | SteeringSet | MonitoringSettings | Statistics | StatisticsReset
-    | Embeddings | Started | Chunk | Done | Error,
+    | Embeddings | Started | Chunk | Done | Error | Skipped | Received | Applied,
     Field(discriminator="type"),
 ]
 _REPLY = TypeAdapter(AnyReply)
+
+
+def control_group(channel: str) -> str:
+    """The group every inference process on `channel` joins: broadcast management calls go there."""
+    return f"{channel}.control"
+
+
+def model_channel(channel: str, model: str) -> str:
+    """The channel every process serving `model` listens on: its generations and embeddings go there,
+    and the processes take turns receiving them, which spreads the load."""
+    return f"{channel}.model.{model}"
 
 
 def parse_call(message: dict[str, Any]) -> AnyCall:

@@ -1,8 +1,15 @@
 """The dedicated inference process: the only process that holds model weights.
 
-It listens on the shared inference channel (any of N processes may take a call) and on its own
-channel (cancels for the generations it runs), restores the desired state from the database when
-it starts, and drains cleanly on SIGTERM/SIGINT. The torch side is `engine.runtime`.
+N of them may run side by side. Each one listens on
+- the shared inference channel (any process may take a call there: pings, statistics, and requests
+  for a model nobody serves, which get the refusal),
+- the channel of the model it serves (`messages.model_channel`): generations and embeddings, taken
+  in turns by every process serving that model,
+- its own channel: cancels and liveness pings for the generations it runs, and the broadcast
+  management calls that reach it through the control group (`messages.control_group`).
+It restores the desired state from the database when it starts, refreshes its heartbeat record
+(inference/registry.py) every few seconds, and drains cleanly on SIGTERM/SIGINT. A process may be
+pinned to one model (MILLM_INFERENCE_MODEL). The torch side is `engine.runtime`.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import structlog
 from pydantic import ValidationError
 
 from inference import messages as m
+from inference import registry
 from inference.handlers import WorkerCalls, error_reply
 
 log = structlog.get_logger("millm.inference")
@@ -27,10 +35,13 @@ Handler = Callable[[m.Message], Awaitable[m.Message | None]]
 
 
 class InferenceWorker:
-    def __init__(self, *, channel_layer, channel_name: str, runtime=None) -> None:
+    def __init__(self, *, channel_layer, channel_name: str, runtime=None, pinned_model: str | None = None) -> None:
         self.layer = channel_layer
         self.channel_name = channel_name
         self.own_channel = ""
+        self.process_id = registry.new_process_id()
+        self.pinned_model = pinned_model or None
+        self.model_listener: tuple[str, asyncio.Future] | None = None  # (model, its channel's listener)
         self.started_at = time.time()
         self.stopping = asyncio.Event()
         self.calls = WorkerCalls(self, runtime)
@@ -39,14 +50,21 @@ class InferenceWorker:
 
     async def serve_until_stopped(self, *, restore: bool = False) -> None:
         self.own_channel = await self.layer.new_channel()
+        await self.layer.group_add(m.control_group(self.channel_name), self.own_channel)
         if restore:
             await self.calls.restore_desired_state()
-        log.info("inference_ready", channel=self.channel_name, pid=os.getpid())
+        self.follow_model()
+        log.info("inference_ready", channel=self.channel_name, pid=os.getpid(), process_id=self.process_id,
+                 pinned_model=self.pinned_model)
         listeners = [asyncio.ensure_future(self._listen(self.channel_name)),
-                     asyncio.ensure_future(self._listen(self.own_channel))]
+                     asyncio.ensure_future(self._listen(self.own_channel)),
+                     asyncio.ensure_future(self._heartbeat())]
         await self.stopping.wait()
+        if self.model_listener is not None:
+            listeners.append(self.model_listener[1])
         for listener in listeners:
             listener.cancel()
+        await self._leave()
         await self.calls.shutdown()  # cancels running generations, so their tasks finish quickly
         for task in list(self.in_flight):
             task.cancel()
@@ -86,6 +104,43 @@ class InferenceWorker:
             self.in_flight.add(task)
             task.add_done_callback(self.in_flight.discard)
 
+    def follow_model(self) -> None:
+        """Listen on the channel of the model loaded now (and on no other model's)."""
+        model = self.calls.runtime.model_name
+        current = self.model_listener[0] if self.model_listener else None
+        if model == current:
+            return
+        if self.model_listener is not None:
+            # Between two receives only: a model switch runs while its generations are drained.
+            self.model_listener[1].cancel()
+        self.model_listener = None
+        if model is not None:
+            self.model_listener = (model, asyncio.ensure_future(self._listen(m.model_channel(self.channel_name, model))))
+
+    def heartbeat_record(self) -> registry.ProcessRecord:
+        status = self.calls.runtime.status()
+        return registry.ProcessRecord(
+            process_id=self.process_id, pid=os.getpid(), host=registry.host_name(), channel=self.own_channel,
+            pinned_model=self.pinned_model, started_at=self.started_at,
+            **{key: status[key] for key in ("loaded_model", "attached_sae", "steering", "queue_depth",
+                                            "active_requests", "tokens_per_second", "memory_bytes")})
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                await registry.heartbeat_write(self.heartbeat_record())
+            except Exception as exc:  # Redis away: the next beat tries again; expiry says we are gone meanwhile
+                log.warning("inference_heartbeat_failed", error=exc.__class__.__name__)
+            await asyncio.sleep(registry.HEARTBEAT_S)
+
+    async def _leave(self) -> None:
+        """Tell the others at once that this process is gone, instead of waiting for its record to expire."""
+        try:
+            await registry.heartbeat_remove(self.process_id)
+            await self.layer.group_discard(m.control_group(self.channel_name), self.own_channel)
+        except Exception as exc:  # Redis away while stopping: the record expires by itself
+            log.warning("inference_leave_failed", error=exc.__class__.__name__)
+
     async def dispatch(self, message: dict) -> None:
         """Validate one received call, run it, send its reply: a malformed call gets an error reply."""
         reply_channel = message.get("reply_channel") if isinstance(message, dict) else None
@@ -99,6 +154,9 @@ class InferenceWorker:
             reply = m.Error(code="VALIDATION_ERROR", status=422, message=f"malformed {str(kind)[:64]!r} call: {text}",
                             param=param)
         else:
+            broadcast = getattr(call, "broadcast", False)
+            if broadcast and isinstance(reply_channel, str) and reply_channel:
+                await self.layer.send(reply_channel, m.Received(process_id=self.process_id).model_dump())
             handler: Handler = getattr(self.calls, f"call_{call.type}")
             try:
                 reply = await handler(call)
@@ -108,6 +166,9 @@ class InferenceWorker:
                     log.info("inference_call_refused", call=call.type, code=reply.code, status=reply.status)
                 else:
                     log.exception("inference_call_failed", call=call.type)
+            self.follow_model()  # a load or unload changes which model channel this process serves
+            if reply is not None and broadcast:
+                reply = m.Applied(process_id=self.process_id, reply=reply.model_dump())
         if reply is not None and isinstance(reply_channel, str) and reply_channel:
             await self.layer.send(reply_channel, reply.model_dump())
 

@@ -6,7 +6,7 @@ read its running statistics. Request history lives in monitoring/history_api.py.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from ninja import Body, Router, Schema
 from pydantic import Field
@@ -18,9 +18,8 @@ from millm_site.envelope import envelope
 from millm_site.errors import (
     ModelNotLoaded,
     SaeNotAttached,
-    ValidationFailed,
 )
-from millm_site.events import event_publish
+from monitoring.capture_services import capture_configure
 from monitoring.live import activation_publisher
 from monitoring.request_tracking import RequestTracker
 
@@ -28,10 +27,6 @@ monitoring_router = Router(tags=["monitoring"])
 inspect_router = Router(tags=["monitoring"])
 
 METRIC = Literal["mean", "std", "sample_std", "min", "max", "active_ratio", "active_count", "mean_when_active"]
-
-
-def _settings(reply) -> dict:
-    return reply.model_dump(exclude={"type"})
 
 
 @monitoring_router.get("", summary="Monitoring settings and whether capture is active (an SAE attached)")
@@ -42,17 +37,14 @@ async def get_monitoring(request):
 
 class ConfigureIn(Schema):
     top_k: int | None = Field(None, ge=1, le=100)
-    features: list[int] | None = Field(None, max_length=256, description="feature indices always reported")
+    # Bounded so no index overflows the transport to the inference process (which checks the SAE's width).
+    features: list[Annotated[int, Field(ge=0, le=(1 << 31) - 1)]] | None = Field(
+        None, max_length=256, description="feature indices always reported")
 
 
 @monitoring_router.post("/configure", summary="Top-k per token and the features always reported")
 async def configure(request, payload: ConfigureIn = Body(...)):  # noqa: B008
-    if payload.features is not None and any(i < 0 for i in payload.features):
-        raise ValidationFailed("features: indices must be >= 0", details={"field": "features"})
-    reply = await inference_client().configure_monitoring(top_k=payload.top_k, features=payload.features)
-    data = _settings(reply)
-    await event_publish("monitoring", "monitoring_state_changed", data)
-    return envelope(data)
+    return envelope(await capture_configure(top_k=payload.top_k, features=payload.features))
 
 
 class EnableIn(Schema):
@@ -61,10 +53,7 @@ class EnableIn(Schema):
 
 @monitoring_router.post("/enable", summary="Turn per-token capture on or off")
 async def enable(request, payload: EnableIn = Body(...)):  # noqa: B008
-    reply = await inference_client().configure_monitoring(enabled=payload.enabled)
-    data = _settings(reply)
-    await event_publish("monitoring", "monitoring_state_changed", data)
-    return envelope(data)
+    return envelope(await capture_configure(enabled=payload.enabled))
 
 
 @monitoring_router.get("/statistics", summary="Running per-feature statistics (top 20 by mean)")
@@ -74,8 +63,8 @@ async def statistics(request):
 
 @monitoring_router.delete("/statistics", summary="Reset the running statistics")
 async def reset_statistics(request):
-    await inference_client().reset_statistics()
-    return envelope({"reset": True})
+    fanout = await inference_client().reset_statistics()
+    return envelope({"reset": True, "processes": fanout.report()})
 
 
 class TopIn(Schema):

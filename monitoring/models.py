@@ -43,3 +43,25 @@ class RequestRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} ({self.model_name}, {self.status})"
+
+
+class CaptureSettings(models.Model):
+    """The live-capture settings every inference process applies (one row): kept here so a restarted
+    or added process monitors exactly as the others do."""
+
+    enabled = models.BooleanField(default=True)
+    top_k = models.PositiveSmallIntegerField(default=10)
+    features = models.JSONField(default=list, blank=True)  # feature indices always reported
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=models.Q(top_k__gte=1) & models.Q(top_k__lte=100),
+                                              name="capture_top_k_range")]
+
+    def __str__(self) -> str:
+        return f"capture {'on' if self.enabled else 'off'}, top {self.top_k}"
+
+    @classmethod
+    def current(cls) -> CaptureSettings:
+        settings, _ = cls.objects.get_or_create(pk=1)
+        return settings

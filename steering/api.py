@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from asgiref.sync import sync_to_async
 from ninja import Body, Query, Router, Schema
 from pydantic import Field
 
-from inference.client import inference_client
 from millm_site.envelope import envelope
 from steering import sae_services, selectors, steering_services
 from steering.labels_import import parse_labels
 from steering.models import LabelSource, SparseAutoencoder
+from steering.sae_attachment import sae_attach_request, sae_detach_request
 
 saes_router = Router(tags=["saes"])
 steering_router = Router(tags=["steering"])
@@ -37,16 +36,14 @@ def get_sae(request, name: str):
 
 @saes_router.post("/{name}/attach", summary="Attach the SAE to the loaded model (at its hook layer)")
 async def attach_sae(request, name: str):
-    await sync_to_async(selectors.sae_get)(name=name)
-    await inference_client().attach_sae(name)
-    return envelope(sae_as_dict(await sync_to_async(selectors.sae_get)(name=name)))
+    sae, processes = await sae_attach_request(name=name)
+    return envelope({**sae_as_dict(sae), "processes": processes})
 
 
 @saes_router.post("/{name}/detach", summary="Detach the SAE (steering stops)")
 async def detach_sae(request, name: str):
-    await sync_to_async(selectors.sae_get)(name=name)
-    await inference_client().detach_sae(name)
-    return envelope(sae_as_dict(await sync_to_async(selectors.sae_get)(name=name)))
+    sae, processes = await sae_detach_request(name=name)
+    return envelope({**sae_as_dict(sae), "processes": processes})
 
 
 @saes_router.get("/{name}/features", summary="Find features by label text or index")
@@ -64,8 +61,8 @@ class LabelFile(Schema):
 @saes_router.post("/{name}/labels/import", summary="Import labels (Neuronpedia JSON/CSV); hand edits are kept")
 def import_labels(request, name: str, payload: LabelFile):
     sae = selectors.sae_get(name=name)
-    count = sae_services.feature_labels_replace(sae=sae, labels=parse_labels(payload.content),
-                                            source=LabelSource.NEURONPEDIA)
+    count = sae_services.feature_labels_import(sae=sae, labels=parse_labels(payload.content),
+                                               source=LabelSource.NEURONPEDIA)
     return envelope({"imported": count})
 
 

@@ -81,7 +81,8 @@ async def steering_apply(*, features: list[dict[str, Any]], mode: str = "additiv
     normalised = steering_validate(sae=sae, features=features, mode=mode, positions=positions, units=units)
     raw = await sync_to_async(strengths_to_raw)(sae=sae, features=normalised, units=units) if sae else []
     label = f"profile:{source_profile}" if source_profile else "active"
-    await inference_client().set_steering(Steering(features=raw, mode=mode, positions=positions, label=label))
+    fanout = await inference_client().set_steering(Steering(features=raw, mode=mode, positions=positions, label=label),
+                                                   sae=sae.name if sae else None)
 
     def save() -> dict[str, Any]:
         state = SteeringState.current()
@@ -92,7 +93,7 @@ async def steering_apply(*, features: list[dict[str, Any]], mode: str = "additiv
         Profile.objects.filter(is_active=True).exclude(name=source_profile or None).update(is_active=False)
         return steering_data(state)
 
-    data = await sync_to_async(save)()
+    data = {**await sync_to_async(save)(), "processes": fanout.report()}
     await event_publish("monitoring", "steering_changed", data)
     return data
 

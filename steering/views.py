@@ -9,7 +9,6 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from inference.client import inference_client
 from millm_site.errors import MillmError, ModelNotLoaded, SaeNotAttached, ValidationFailed
 from millm_site.htmx import error_fragment
 from profiles.from_steering import profile_save_from_steering
@@ -17,6 +16,7 @@ from steering import steering_services
 from steering.feature_facts import feature_file_stats, similar_features
 from steering.feature_services import feature_label_edit
 from steering.models import SteeringState
+from steering.sae_attachment import sae_attach_request, sae_detach_request
 from steering.selectors import feature_search_page, sae_get, sae_list
 from steering.text_diff import same_share, word_diff
 
@@ -47,12 +47,11 @@ async def sae_detach_action(request, name: str):
 
 
 async def _sae_row_after(request, name: str, *, attach: bool):
-    client = inference_client()
     try:
         sae = await sync_to_async(sae_get)(name=name)
         if attach and sae.model.status != "loaded":
             raise ModelNotLoaded(f"Model {sae.model.name} is not loaded: load it on the Models page first")
-        await (client.attach_sae(name) if attach else client.detach_sae(name))
+        await (sae_attach_request(name=name) if attach else sae_detach_request(name=name))
     except MillmError as exc:
         return error_fragment(request, exc)
     sae = await sync_to_async(lambda: sae_list().get(name=name))()
