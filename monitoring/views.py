@@ -13,16 +13,17 @@ from django.views.decorators.http import require_GET
 from catalog.selectors import model_list
 from millm_site.errors import NotFound
 from monitoring.forms import HistoryFilterForm
+from monitoring.heatmap import heatmap, user_prompt
 from monitoring.history_export import history_export_response
 from monitoring.history_selectors import (
     history_choices,
     history_page,
     history_record_get,
-    token_feature_table,
 )
 from monitoring.metrics import CONTENT_TYPE, registry
 from monitoring.models import RequestRecord
 from monitoring.system_status import inference_ping, system_publisher
+from steering.models import SparseAutoencoder
 from steering.selectors import sae_list
 
 HISTORY_PAGE_SIZE = 50
@@ -60,8 +61,21 @@ def history_detail_page(request, request_id: str):
     except NotFound as exc:
         return render(request, "monitoring/history_missing.html", {"message": exc.message, "nav": "history"},
                       status=404)
-    context = {"r": record, "table": token_feature_table(record.token_features), "nav": "history"}
+    include_special, per_column = request.GET.get("special") == "1", request.GET.get("scale") == "column"
+    table = heatmap(record.token_features, labels=_labels_for(record.model_name, record.token_features),
+                    include_special=include_special, per_column=per_column)
+    context = {"r": record, "table": table, "user_prompt": user_prompt(record.prompt), "special": include_special,
+               "per_column": per_column, "nav": "history"}
     return render(request, "monitoring/history_detail.html", context)
+
+
+def _labels_for(model_name: str, frames: list[dict]) -> dict[int, str]:
+    """Labels from the model's SAE (the attached one first) for the features these frames name."""
+    sae = (SparseAutoencoder.objects.filter(model__name=model_name).order_by("-desired_attached", "name").first())
+    if sae is None:
+        return {}
+    indices = {int(k) for frame in frames or [] for k in (frame.get("features") or {})}
+    return dict(sae.labels.filter(index__in=indices).values_list("index", "label"))
 
 
 @require_GET

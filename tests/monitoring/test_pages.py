@@ -50,7 +50,7 @@ def test_invalid_filters_are_reported_not_fatal(client, records):
 def test_detail_page_shows_the_token_feature_table(client, records):
     html = client.get("/history/req-00002/").content.decode()
     assert "<code>req-00002</code>" in html and "prompt 2" in html and "output number 2" in html
-    assert '<th class="num">f7</th><th class="num">f3</th>' in html  # strongest feature first
+    assert html.index('<span class="col-index">#7</span>') < html.index('<span class="col-index">#3</span>')  # strongest first
     assert '<td class="token">Hel</td>' in html and "rgba(59, 91, 219, 1.00)" in html
     assert client.get("/history/req-none/").status_code == 404
 
