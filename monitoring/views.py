@@ -36,7 +36,9 @@ def home_page(request):
 
 
 def monitor_page(request):
-    recent = RequestRecord.objects.all()[:20]
+    recent = list(RequestRecord.objects.defer("token_features")[:20])
+    for record in recent:
+        record.user_prompt = user_prompt(record.prompt)
     return render(request, "monitoring/monitor.html", {"recent": recent, "nav": "monitor"})
 
 
