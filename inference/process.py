@@ -123,7 +123,8 @@ class InferenceWorker:
             process_id=self.process_id, pid=os.getpid(), host=registry.host_name(), channel=self.own_channel,
             pinned_model=self.pinned_model, started_at=self.started_at,
             **{key: status[key] for key in ("loaded_model", "attached_sae", "steering", "queue_depth",
-                                            "active_requests", "tokens_per_second", "memory_bytes")})
+                                            "active_requests", "tokens_per_second", "requests_total",
+                                            "memory_bytes")})
 
     async def _heartbeat(self) -> None:
         while True:

@@ -17,6 +17,7 @@ import uuid
 import redis.asyncio as aioredis
 from django.conf import settings
 from pydantic import BaseModel, Field, ValidationError
+from redis.exceptions import RedisError
 
 HEARTBEAT_S = 2.0
 HEARTBEAT_TTL_S = 6.0
@@ -36,6 +37,7 @@ class ProcessRecord(BaseModel):
     queue_depth: int = 0
     active_requests: int = 0
     tokens_per_second: float = 0.0
+    requests_total: int = 0  # generations this process has run (shows the load spreading)
     memory_bytes: int | None = None
     started_at: float
     updated_at: float = Field(default_factory=time.time)
@@ -67,6 +69,23 @@ async def heartbeat_write(record: ProcessRecord) -> None:
 async def heartbeat_remove(process_id: str) -> None:
     async with _client() as redis:
         await redis.delete(f"{_prefix()}:{process_id}")
+
+
+async def processes_summary() -> list[dict]:
+    """Every live process as plain data for pages and /api/health; empty when Redis cannot be read."""
+    try:
+        return [record.model_dump() for record in await processes_live()]
+    except (OSError, RedisError):
+        return []
+
+
+async def models_served() -> set[str] | None:
+    """The models the live processes serve; None when no process is on record (or Redis is away)."""
+    try:
+        records = await processes_live()
+    except (OSError, RedisError):
+        return None
+    return {r.loaded_model for r in records if r.loaded_model} if records else None
 
 
 async def processes_live() -> list[ProcessRecord]:

@@ -10,6 +10,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
 
+from inference import registry
 from inference.client import inference_client
 from millm_site.errors import MillmError
 
@@ -51,5 +52,6 @@ async def health_report() -> dict[str, Any]:
         "database": "ok" if database else "unreachable",
         "redis": "ok" if broker else "unreachable",
         "inference": inference,
+        "processes": await registry.processes_summary() if broker else [],  # every inference process on record
         "checked_in_ms": round((time.monotonic() - started) * 1000, 1),
     }

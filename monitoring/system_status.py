@@ -20,6 +20,7 @@ import psutil
 import structlog
 from django.conf import settings
 
+from inference import registry
 from inference.client import inference_client
 from millm_site.errors import InferenceUnavailable, MillmError
 from millm_site.events import event_publish
@@ -113,8 +114,9 @@ async def system_status_collect() -> dict[str, Any]:
     interval = settings.SYSTEM_INTERVAL_S
     # Bounded by the interval, so a dead inference process does not slow the feed down.
     pong = await inference_ping(timeout=max(0.2, min(settings.INFERENCE_TIMEOUT_S, 0.75 * interval)))
-    return system_status_build(host=host_snapshot(), pong=pong, recent=recent_stats(),
-                               thresholds=Thresholds.from_settings())
+    status = system_status_build(host=host_snapshot(), pong=pong, recent=recent_stats(),
+                                 thresholds=Thresholds.from_settings())
+    return {**status, "processes": await registry.processes_summary()}
 
 
 class SystemPublisher:

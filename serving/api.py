@@ -11,6 +11,7 @@ import struct
 
 import structlog
 from asgiref.sync import sync_to_async
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from ninja import NinjaAPI
 from ninja.errors import HttpError
@@ -18,8 +19,11 @@ from ninja.errors import ValidationError as NinjaValidationError
 from redis.exceptions import RedisError
 
 from catalog.models import LanguageModel
+from inference import registry
 from inference.client import inference_client
+from millm_site.api_fallbacks import V1, body_too_large
 from millm_site.errors import BROKER_UNAVAILABLE_MESSAGE, MillmError
+from millm_site.json_body import BadJsonBody, StrictJsonParser
 from profiles.models import Profile
 from serving import completions as openai_serving
 from serving.protocol import (
@@ -32,7 +36,7 @@ from serving.protocol import (
 
 log = structlog.get_logger("millm.v1")
 
-v1 = NinjaAPI(title="miLLM OpenAI-compatible API", version="1.0", urls_namespace="v1",
+v1 = NinjaAPI(title="miLLM OpenAI-compatible API", version="1.0", urls_namespace="v1", parser=StrictJsonParser(),
               description="OpenAI's /v1 models, completions, chat completions and embeddings, served by the "
               "steered model. Extra body field `steering: {features: [{index, strength}], mode, positions}`; "
               "`model` may name a profile as `<model>:<profile>`.")
@@ -58,8 +62,15 @@ def on_validation_error(request, exc: NinjaValidationError):
 
 @v1.exception_handler(HttpError)
 def on_http_error(request, exc: HttpError):
+    if isinstance(exc.__cause__, BadJsonBody):
+        return error_response(OpenAIRequestError(exc.__cause__.message, param=exc.__cause__.param))
     message = "Request body is not valid JSON" if exc.status_code == 400 else str(exc.message)
     return error_response(OpenAIRequestError(message, code=None, status=exc.status_code))
+
+
+@v1.exception_handler(RequestDataTooBig)
+def on_body_too_large(request, exc: RequestDataTooBig):
+    return body_too_large(V1)
 
 
 @v1.exception_handler(MillmError)
@@ -97,19 +108,35 @@ def _respond(body, headers: dict[str, str]) -> HttpResponse:
     return response
 
 
+def model_cards(served: set[str] | None = None) -> list[dict]:
+    """The models (and their profile aliases) clients can use: those the inference processes serve, or,
+    while no process is on record (none started yet), the whole catalog."""
+    data = []
+    profiles = list(Profile.objects.select_related("model"))
+    models = LanguageModel.objects.all()
+    if served is not None:
+        models = models.filter(name__in=served)
+    for model in models:
+        created = int(model.created_at.timestamp())
+        data.append(model_card(model.name, created))
+        data += [model_card(f"{model.name}:{p.name}", int(p.created_at.timestamp()))
+                 for p in profiles if p.model_id in (None, model.pk)]
+    return data
+
+
 @v1.get("/models", summary="List the models (and <model>:<profile> aliases)")
 async def list_models(request):
-    def cards():
-        data = []
-        profiles = list(Profile.objects.select_related("model"))
-        for model in LanguageModel.objects.all():
-            created = int(model.created_at.timestamp())
-            data.append(model_card(model.name, created))
-            data += [model_card(f"{model.name}:{p.name}", int(p.created_at.timestamp()))
-                     for p in profiles if p.model_id in (None, model.pk)]
-        return data
+    return JsonResponse({"object": "list", "data": await sync_to_async(model_cards)(await registry.models_served())})
 
-    return JsonResponse({"object": "list", "data": await sync_to_async(cards)()})
+
+@v1.get("/models/{model_id}", summary="One model (or <model>:<profile> alias), as in the list")
+async def retrieve_model(request, model_id: str):
+    cards = await sync_to_async(model_cards)(await registry.models_served())
+    card = next((c for c in cards if c["id"] == model_id), None)
+    if card is None:
+        raise OpenAIRequestError(f"The model {model_id[:200]!r} does not exist", param="model",
+                                 code="model_not_found", status=404)
+    return JsonResponse(card)
 
 
 @v1.post("/chat/completions", summary="Chat completion (SSE when stream: true)")
