@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine import rules
+from engine.errors import UnsupportedSaeError
 from millm_site.errors import ValidationFailed
 
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp32": "float32", "fp16": "float16",
            "bf16": "bfloat16"}
 _ARCHITECTURES = {"standard": "standard", "relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}
-# Same reading as the engine's `hook_layer_from_name` (engine/sae.py, which imports torch).
-_RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
-_HF_LAYER_HOOK = re.compile(r"^model\.layers\.(\d+)$")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -108,19 +106,11 @@ def safetensors_parameter_count(folder: Path) -> int | None:
 
 
 def hook_layer_from_name(hook_name: str) -> int:
-    """Decoder layer whose output the hook reads: resid_post of L is L, resid_pre of L is L-1."""
-    if match := _RESID_HOOK.match(hook_name):
-        layer, kind = int(match[1]), match[2]
-        if kind == "post":
-            return layer
-        if layer >= 1:
-            return layer - 1
-        raise ValidationFailed("an SAE on blocks.0.hook_resid_pre (the embeddings) is not supported",
-                               details={"field": "hook_name"})
-    if match := _HF_LAYER_HOOK.match(hook_name):
-        return int(match[1])
-    raise ValidationFailed(f"hook {hook_name!r} is not a residual-stream hook (blocks.<layer>.hook_resid_post)",
-                           details={"field": "hook_name"})
+    """Decoder layer whose output the hook reads (engine.rules), refused in the /api's terms."""
+    try:
+        return rules.hook_layer_from_name(hook_name)
+    except UnsupportedSaeError as exc:
+        raise ValidationFailed(exc.message, details={"field": "hook_name"}) from None
 
 
 def sae_facts(folder: Path) -> SaeFacts:

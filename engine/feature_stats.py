@@ -17,7 +17,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-METRICS = ("mean", "std", "sample_std", "min", "max", "active_ratio", "active_count", "mean_when_active")
+from engine.rules import FEATURE_METRICS
+
+METRICS = FEATURE_METRICS
 
 
 class TopFeatures(NamedTuple):

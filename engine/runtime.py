@@ -119,7 +119,7 @@ class EngineRuntime:
             try:
                 sae = load_sae(path)  # slow I/O off the loop thread; validation happens in attach
             except (MemoryError, torch.OutOfMemoryError) as exc:
-                raise InsufficientMemoryError(f"not enough memory to load the SAE in {path}") from exc
+                raise InsufficientMemoryError(f"not enough memory to load the SAE in {Path(path).name!r}") from exc
             attached = scheduler.call(lambda: self.hook.attach(self.loaded.model, sae)).result()
             self.sae_name, self.active_steering, self.active_label = name, None, "none"
             monitored = [i for i in self.monitoring.features if i < attached.d_sae]

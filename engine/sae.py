@@ -8,7 +8,6 @@ tensors whose `encode` reproduces sae-lens' own `SAE.encode` for the supported a
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,13 @@ from typing import Any
 import torch
 
 from engine.errors import SaeError, SaeIncompatibleError, UnsupportedSaeError  # noqa: F401 - re-exported
+from engine.rules import hook_layer_from_name
 
 SUPPORTED_ARCHITECTURES = ("standard", "jumprelu", "topk")
 # sae-lens treats these as identity at inference time (expected_average_only_in is folded into the
 # weights by from_pretrained; covariance whitening is folded at the end of training).
 _IDENTITY_NORMALIZATIONS = ("none", "expected_average_only_in", "covariance_whitening")
 
-_RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
-_HF_LAYER_HOOK = re.compile(r"^model\.layers\.(\d+)$")
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors do not compare to a bool
@@ -117,29 +115,6 @@ class SaeWeights:
         return f.to(self.dtype) @ self.W_dec + self.b_dec
 
 
-def hook_layer_from_name(hook_name: str) -> int:
-    """Decoder-layer index whose output is the residual stream the hook name points at.
-
-    `blocks.L.hook_resid_post` is the output of layer L; `blocks.L.hook_resid_pre` (L >= 1) is the
-    input of layer L, i.e. the output of layer L-1. The embeddings (resid_pre of block 0) are not
-    a decoder layer's output and are refused.
-    """
-    match = _RESID_HOOK.match(hook_name)
-    if match:
-        layer, kind = int(match.group(1)), match.group(2)
-        if kind == "post":
-            return layer
-        if layer >= 1:
-            return layer - 1
-        raise UnsupportedSaeError("an SAE on blocks.0.hook_resid_pre (the embeddings) is not supported")
-    match = _HF_LAYER_HOOK.match(hook_name)
-    if match:
-        return int(match.group(1))
-    raise UnsupportedSaeError(
-        f"hook {hook_name!r} is not a residual-stream hook; expected blocks.<layer>.hook_resid_post"
-    )
-
-
 def load_sae(
     path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> SaeWeights:
@@ -148,11 +123,11 @@ def load_sae(
 
     path = Path(path)
     if not (path / "cfg.json").is_file():
-        raise UnsupportedSaeError(f"no sae-lens cfg.json in {path}")
+        raise UnsupportedSaeError(f"no sae-lens cfg.json in the SAE folder {path.name!r}")
     try:
         sae: Any = SAE.load_from_disk(path, device=str(device))
     except (KeyError, ValueError) as exc:  # sae-lens reports unknown architectures/configs this way
-        raise UnsupportedSaeError(f"sae-lens could not load the SAE in {path}: {exc}") from exc
+        raise UnsupportedSaeError(f"sae-lens could not load the SAE in {path.name!r} ({type(exc).__name__})") from exc
     return sae_weights_from_sae_lens(sae, dtype=dtype)
 
 

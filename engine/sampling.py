@@ -7,6 +7,10 @@ position, with no per-row `torch.Generator` call in the hot loop. Unseeded reque
 
 Logprobs are those of the model's own distribution (log-softmax of the raw logits, before temperature
 and top_p), as OpenAI and vLLM report them.
+
+logit_bias (OpenAI's): `logits'[b, v] = logits[b, v] + bias_b[v]`, bias in [-100, 100], added before the
+greedy argmax and before temperature/top_p; the batch keeps every row's biases as one sparse
+(row, token, value) list, applied with one `index_put` per step.
 """
 
 from __future__ import annotations
@@ -19,10 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import InvalidRequestError  # noqa: F401 - re-exported: most callers know it from here
+from engine.rules import LOGIT_BIAS_LIMIT, MAX_STOP_SEQUENCES, MAX_TEMPERATURE, MAX_TOP_LOGPROBS
 
-MAX_STOP_SEQUENCES = 4  # OpenAI's limit
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit (chat)
-MAX_TEMPERATURE = 2.0
+MAX_LOGIT_BIAS = LOGIT_BIAS_LIMIT
 _SEED_MASK = (1 << 63) - 1
 _M32 = 0xFFFFFFFF
 
@@ -37,13 +40,25 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False  # keep going past EOS until max_tokens (benchmarks; not an OpenAI field)
+    # (token id, bias) pairs; a {token id: bias} mapping is accepted too. Values clamped to ±100.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         stop = self.stop
         if isinstance(stop, str):
             stop = (stop,)
         object.__setattr__(self, "stop", tuple(stop) if stop is not None else ())
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         self.validate()
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuse logit_bias token ids the loaded model does not have."""
+        bad = [token for token, _ in self.logit_bias if token >= vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                param="logit_bias", message=f"logit_bias: token id {bad[0]} is outside this model's vocabulary "
+                f"(0..{vocab_size - 1})"
+            )
 
     def validate(self) -> None:
         """Raise InvalidRequestError naming the first bad field."""
@@ -82,6 +97,24 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def _bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
+    items = value.items() if isinstance(value, dict) else (value or ())
+    pairs = []
+    for item in items:
+        try:
+            token, bias = item
+        except (TypeError, ValueError):
+            raise InvalidRequestError(param="logit_bias", message="logit_bias must map token ids to numbers") from None
+        if isinstance(token, str) and token.isascii() and token.isdigit():
+            token = int(token)
+        if not _is_int(token) or token < 0 or not _is_number(bias):
+            raise InvalidRequestError(
+                param="logit_bias", message="logit_bias must map non-negative token ids to finite numbers"
+            )
+        pairs.append((token, max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, float(bias)))))
+    return tuple(pairs)
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -107,12 +140,17 @@ class SamplingBatch:
     any_top_p: bool
     logprobs: bool  # some row wants logprobs
     top_logprobs: int  # the largest top_logprobs of any row
+    bias_rows: torch.Tensor | None = None  # (N,) int64 row of each logit_bias entry; None: no row has any
+    bias_tokens: torch.Tensor | None = None  # (N,) int64 token id
+    bias_values: torch.Tensor | None = None  # (N,) float32 bias, added to logits[row, token]
 
     @classmethod
     def build(
         cls, params: Sequence[SamplingParams], seeds: Sequence[int], device: torch.device
     ) -> SamplingBatch:
         greedy = [p.greedy for p in params]
+        biases = [(row, token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias]
+        rows, tokens, values = zip(*biases, strict=True) if biases else ((), (), ())
         return cls(
             temperature=torch.tensor(
                 [[1.0 if g else p.temperature] for p, g in zip(params, greedy, strict=True)], device=device
@@ -125,6 +163,9 @@ class SamplingBatch:
             any_top_p=any(p.top_p < 1.0 and not g for p, g in zip(params, greedy, strict=True)),
             logprobs=any(p.logprobs for p in params),
             top_logprobs=max((p.top_logprobs for p in params), default=0),
+            bias_rows=torch.tensor(rows, dtype=torch.int64, device=device) if biases else None,
+            bias_tokens=torch.tensor(tokens, dtype=torch.int64, device=device) if biases else None,
+            bias_values=torch.tensor(values, dtype=torch.float32, device=device) if biases else None,
         )
 
 
@@ -140,11 +181,15 @@ def sample_next(logits: torch.Tensor, batch: SamplingBatch, steps: torch.Tensor)
     """Choose one token per row from (B, V) last-position logits; `steps` (B,) counts each row's
     generated tokens so far, which with the row's seed fixes its random draw."""
     logits = logits.float()
-    greedy_ids = logits.argmax(dim=-1)
+    biased = logits
+    if batch.bias_rows is not None:
+        # Out of place: `logits` stays the model's own distribution, which logprobs report.
+        biased = logits.index_put((batch.bias_rows, batch.bias_tokens), batch.bias_values, accumulate=True)
+    greedy_ids = biased.argmax(dim=-1)
     if batch.all_greedy:
         token_ids = greedy_ids
     else:
-        token_ids = torch.where(batch.greedy, greedy_ids, _sample(logits, batch, steps))
+        token_ids = torch.where(batch.greedy, greedy_ids, _sample(biased, batch, steps))
     if not batch.logprobs:
         return SampledTokens(token_ids, None, None, None)
     logprobs = torch.log_softmax(logits, dim=-1)

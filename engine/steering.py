@@ -5,6 +5,18 @@ Math (DESIGN "Steering math"), per token with residual h at the hooked layer:
 - additive: h' = h + Σ_i s_i · W_dec[i]   (one precomputed d_in vector per spec)
 - clamp:    h' = x̂' + e = h + Σ_i (v_i - f_i(h)) · W_dec[i]   (f_i := v_i, the SAE error e kept)
 
+Spread over layers (additive only, `SteeringSpec.layers`): the same direction is added at each
+listed decoder layer l, scaled to that layer's residual norm: h_l' = h_l + (n_l / n_L) · Σ_i s_i W_dec[i],
+with n_l the median residual norm after block l and L the SAE's layer. Several layers at a fraction
+of the strength move the text toward a concept with less damage than one layer at the full strength
+(docs/steering.md, "What works on SmolLM2"). `engine/steering_layers.py` applies the other layers.
+
+Direction (additive only, `SteeringSpec.direction`): "decoder" adds W_dec[i]; "concept" adds the
+feature's concept direction c_i instead: the normalised mean of the normalised unembedding rows of the
+tokens the feature fires on most (`concept_directions`). A residual-stream SAE's decoder row says
+"this token is here", which makes a model continue after the token rather than write it; c_i says
+"write this next", which is what turning a feature up is meant to do (docs/steering.md).
+
 Everything a spec needs is computed once in `compile_steering`; everything a batch of rows needs is
 stacked once in `batch_steering` (the hook caches it while the set of rows does not change), so a
 forward step costs a few fused tensor ops: no Python loop over features, no host sync.
@@ -14,21 +26,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
 from engine.errors import InvalidFeatureIndexError, InvalidSteeringError
+from engine.rules import (  # noqa: F401 - re-exported: the engine's callers name them here
+    MAX_ABS_STRENGTH,
+    STEERING_MODES,
+    STEERING_POSITIONS,
+    SteeringMode,
+    SteeringPositions,
+)
 from engine.sae import SaeWeights
 
-SteeringMode = Literal["additive", "clamp"]
-SteeringPositions = Literal["all", "generated_only"]
-STEERING_MODES: tuple[str, ...] = ("additive", "clamp")
-STEERING_POSITIONS: tuple[str, ...] = ("all", "generated_only")
-# Residual norms of small models are O(10²) (SmolLM2 layer 15: median ≈ 174) and ≈ 700 along one
-# decoder row already collapses the text, so anything past this is a typo, not an experiment.
-MAX_ABS_STRENGTH = 1000.0
+MAX_STEERING_LAYERS = 64
+SteeringDirection = Literal["decoder", "concept"]
+STEERING_DIRECTIONS: tuple[str, ...] = ("decoder", "concept")
 
 
 @dataclass(frozen=True)
@@ -45,13 +60,36 @@ class SteeringSpec:
     # input is the previously generated token, so the first generated token (predicted from the last
     # prompt position) is unsteered; steering shows from the second generated token on.
     positions: SteeringPositions = "all"
+    # Additive only: the decoder layers to add the direction at, each scaled to its residual norm
+    # (see the module docstring). Empty: the SAE's own layer only.
+    layers: tuple[int, ...] = ()
+    # Additive only: "decoder" (W_dec[i]) or "concept" (the feature's concept direction, see above).
+    direction: SteeringDirection = "decoder"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(self.features))  # accept a list, stay hashable
+        object.__setattr__(self, "layers", tuple(self.layers))
 
 
-def validate_steering(spec: SteeringSpec, *, d_sae: int, max_abs_strength: float = MAX_ABS_STRENGTH) -> None:
+def validate_steering(spec: SteeringSpec, *, d_sae: int, max_abs_strength: float = MAX_ABS_STRENGTH,
+                      num_layers: int | None = None) -> None:
     """Raise InvalidFeatureIndexError / InvalidSteeringError unless the spec can be applied to this SAE."""
+    if spec.layers:
+        if spec.mode != "additive":
+            raise InvalidSteeringError("steering layers apply to additive steering only")
+        if len(set(spec.layers)) != len(spec.layers) or len(spec.layers) > MAX_STEERING_LAYERS:
+            raise InvalidSteeringError(f"steering layers must be at most {MAX_STEERING_LAYERS} distinct layers")
+        for layer in spec.layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0 or (
+                    num_layers is not None and layer >= num_layers):
+                bound = f"[0, {num_layers})" if num_layers is not None else "non-negative"
+                raise InvalidSteeringError(f"steering layer {layer!r} must be an integer in {bound}")
+    if spec.direction not in STEERING_DIRECTIONS:
+        raise InvalidSteeringError(
+            f"steering direction must be one of {', '.join(STEERING_DIRECTIONS)}, got {spec.direction!r}"
+        )
+    if spec.direction != "decoder" and spec.mode != "additive":
+        raise InvalidSteeringError("a concept direction applies to additive steering only")
     if spec.mode not in STEERING_MODES:
         raise InvalidSteeringError(
             f"steering mode must be one of {', '.join(STEERING_MODES)}, got {spec.mode!r}"
@@ -94,6 +132,8 @@ class CompiledSteering:
     clamp_threshold: torch.Tensor | None = None  # (K,) jumprelu only
     # topk: whether feature i is active depends on all other features, so clamp encodes in full.
     full_encoder: SaeWeights | None = None
+    # spread (spec.layers): the additive steering of each layer other than the SAE's, {layer: steering}
+    other_layers: dict[int, CompiledSteering] | None = None
 
     @property
     def mode(self) -> SteeringMode:
@@ -105,10 +145,26 @@ class CompiledSteering:
 
 
 def compile_steering(
-    sae: SaeWeights, spec: SteeringSpec, *, max_abs_strength: float = MAX_ABS_STRENGTH
+    sae: SaeWeights, spec: SteeringSpec, *, max_abs_strength: float = MAX_ABS_STRENGTH,
+    layer_norms: Sequence[float] | None = None, concept_directions: torch.Tensor | None = None,
 ) -> CompiledSteering:
-    """Validate the spec and precompute its tensors (on the SAE's device and dtype)."""
-    validate_steering(spec, d_sae=sae.d_sae, max_abs_strength=max_abs_strength)
+    """Validate the spec and precompute its tensors (on the SAE's device and dtype).
+
+    `layer_norms[l]`: median residual norm after decoder layer l, needed when the spec spreads
+    over layers (the runtime measures them when the SAE is attached). `concept_directions`
+    (d_sae, d_in): needed for direction "concept" (see `concept_direction_matrix`).
+    """
+    validate_steering(spec, d_sae=sae.d_sae, max_abs_strength=max_abs_strength,
+                      num_layers=len(layer_norms) if layer_norms is not None else None)
+    if spec.layers:
+        if layer_norms is None:
+            raise InvalidSteeringError("steering over several layers needs the model's residual norms per layer")
+        return _compile_spread(sae, spec, layer_norms, concept_directions)
+    if spec.direction == "concept":
+        if concept_directions is None:
+            raise InvalidSteeringError("this SAE has no concept directions: steer along its decoder rows")
+        sae = replace(sae, W_dec=concept_directions.to(device=sae.device, dtype=sae.dtype),
+                      encoder_bias=sae.encoder_bias, decoder_row_norms=None)
     indices = torch.tensor([f.index for f in spec.features], dtype=torch.long, device=sae.device)
     strengths = torch.tensor(
         [float(f.strength) for f in spec.features], dtype=torch.float32, device=sae.device
@@ -135,6 +191,32 @@ def compile_steering(
         clamp_encoder_bias=sae.encoder_bias.index_select(0, indices),
         clamp_threshold=sae.threshold.index_select(0, indices) if sae.threshold is not None else None,
     )
+
+
+def _compile_spread(sae: SaeWeights, spec: SteeringSpec, layer_norms: Sequence[float],
+                    concept_directions: torch.Tensor | None) -> CompiledSteering:
+    single = replace(spec, layers=())
+    base = compile_steering(sae, single, concept_directions=concept_directions)  # Σ s_i W_dec[i] at layer L
+    hook_norm = float(layer_norms[sae.hook_layer])
+
+    def scaled(layer: int) -> torch.Tensor:
+        return base.additive_delta * (float(layer_norms[layer]) / hook_norm)
+
+    own = scaled(sae.hook_layer) if sae.hook_layer in spec.layers else torch.zeros_like(base.additive_delta)
+    others = {layer: CompiledSteering(spec=single, feature_indices=base.feature_indices, additive_delta=scaled(layer))
+              for layer in spec.layers if layer != sae.hook_layer}
+    return CompiledSteering(spec=spec, feature_indices=base.feature_indices, additive_delta=own,
+                            other_layers=others)
+
+
+def concept_direction_matrix(unembedding: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """(d_sae, d_in) concept directions: per feature, the normalised mean of the normalised
+    unembedding rows of its tokens. `unembedding` (vocab, d_in); `token_ids` (d_sae, k) long, -1 where
+    a feature has fewer tokens. A feature without tokens (dead) gets a zero row: steering it adds nothing."""
+    rows = torch.nn.functional.normalize(unembedding.float(), dim=-1)
+    valid = (token_ids >= 0).unsqueeze(-1).float()  # (d_sae, k, 1)
+    summed = (rows[token_ids.clamp_min(0)] * valid).sum(1)  # (d_sae, d_in)
+    return torch.nn.functional.normalize(summed, dim=-1)  # a zero sum stays zero
 
 
 @dataclass(frozen=True, eq=False)

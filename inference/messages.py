@@ -16,8 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-SteeringMode = Literal["additive", "clamp"]
-SteeringPositions = Literal["all", "generated_only"]
+from engine.rules import SteeringMode, SteeringPositions
 
 
 class Message(BaseModel):

@@ -6,11 +6,12 @@ read its running statistics. Request history lives in monitoring/history_api.py.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from ninja import Body, Router, Schema
 from pydantic import Field
 
+from engine.rules import FeatureMetric
 from inference import generation_stream
 from inference.client import inference_client
 from inference.messages import Steering
@@ -26,7 +27,7 @@ from monitoring.request_tracking import RequestTracker
 monitoring_router = Router(tags=["monitoring"])
 inspect_router = Router(tags=["monitoring"])
 
-METRIC = Literal["mean", "std", "sample_std", "min", "max", "active_ratio", "active_count", "mean_when_active"]
+METRIC = FeatureMetric
 
 
 @monitoring_router.get("", summary="Monitoring settings and whether capture is active (an SAE attached)")

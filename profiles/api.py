@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from ninja import Body, Router, Schema
 from pydantic import Field
 
 from catalog.selectors import model_get
+from engine.rules import SteeringMode, SteeringPositions
 from millm_site.envelope import envelope
 from profiles import services
 from profiles.models import Profile
@@ -23,8 +24,8 @@ class ProfileIn(Schema):
     description: str = ""
     model: str | None = None  # catalog name
     sae: str | None = None  # catalog name
-    mode: Literal["additive", "clamp"] = "additive"
-    positions: Literal["all", "generated_only"] = "all"
+    mode: SteeringMode = "additive"
+    positions: SteeringPositions = "all"
     features: list[ProfileFeatureFile] = Field(default_factory=list, max_length=1024)
 
 

@@ -7,12 +7,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.rules import SteeringMode, SteeringPositions
+
 MAX_STRENGTH = 10000.0  # the database's bound (profiles.models); the engine applies its own at steering time
+MAX_FEATURE_INDEX = (1 << 31) - 1  # the index column is a 32-bit integer on PostgreSQL (and SQLite's is 64)
 
 
 class ProfileFeatureFile(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    index: int = Field(ge=0)
+    index: int = Field(ge=0, le=MAX_FEATURE_INDEX)
     strength: float = Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)
     label: str = Field(default="", max_length=300)
 
@@ -40,7 +43,7 @@ class ProfileFile(BaseModel):
     model: ProfileModelRef | None = None
     sae: ProfileSaeRef | None = None
     features: list[ProfileFeatureFile] = Field(default_factory=list, max_length=1024)
-    mode: Literal["additive", "clamp"] = "additive"
-    positions: Literal["all", "generated_only"] = "all"
+    mode: SteeringMode = "additive"
+    positions: SteeringPositions = "all"
     created_at: datetime | None = None
     updated_at: datetime | None = None

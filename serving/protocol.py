@@ -11,10 +11,24 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
-MAX_STOP_SEQUENCES = 4
-MAX_TOP_LOGPROBS = 20
+from engine.rules import (
+    LOGIT_BIAS_LIMIT,
+    MAX_STOP_SEQUENCES,
+    MAX_TOP_LOGPROBS,
+    SteeringMode,
+    SteeringPositions,
+    StrengthUnit,
+)
+
+# Integers are strict (OpenAI's spec says integer: "4" is refused, not coerced) and bounded, so
+# nothing past 64 bits ever reaches the msgpack transport to the inference process.
+MAX_TOKENS_LIMIT = 1 << 20  # far past any context length; the engine refuses what does not fit
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1  # int64, as in OpenAI's spec
+MAX_TOKEN_ID = (1 << 31) - 1  # the engine checks the loaded vocabulary
+MAX_LOGIT_BIAS_ENTRIES = 1024
+TokenCount = Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_LIMIT)]
 
 
 class OpenAIRequestError(Exception):
@@ -31,7 +45,7 @@ class OpenAIRequestError(Exception):
 
 class SteeringFeatureIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    index: int = Field(ge=0)
+    index: StrictInt = Field(ge=0, le=MAX_TOKEN_ID)
     strength: float = Field(allow_inf_nan=False)
 
 
@@ -40,9 +54,9 @@ class InlineSteering(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     features: list[SteeringFeatureIn] = Field(default_factory=list, max_length=256)
-    mode: Literal["additive", "clamp"] = "additive"
-    positions: Literal["all", "generated_only"] = "all"
-    units: Literal["raw", "max_activation", "residual_norm"] = "raw"
+    mode: SteeringMode = "additive"
+    positions: SteeringPositions = "all"
+    units: StrengthUnit = "raw"
 
 
 class StreamOptions(BaseModel):
@@ -55,16 +69,18 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, metadata, …) are harmless
 
     model: Annotated[str, Field(min_length=1, max_length=200)]
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: TokenCount | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    seed: int | None = None
+    seed: Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1)
+    n: StrictInt = Field(default=1, ge=1, le=128)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(allow_inf_nan=False)]] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS_ENTRIES)
     steering: InlineSteering | None = None
     ignore_eos: bool = False  # miLLM extension for benchmarks: generate exactly max_tokens
 
@@ -78,6 +94,17 @@ class SamplingFields(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, value: dict[str, float] | None) -> list[list[int | float]]:
+        # Pairs, not a map: msgpack refuses integer map keys on the way to the inference process.
+        pairs = []
+        for key, bias in (value or {}).items():
+            if not key.isascii() or not key.isdigit() or int(key) > MAX_TOKEN_ID:
+                raise ValueError(f"keys must be token ids (0..{MAX_TOKEN_ID}); got {key[:20]!r}")
+            pairs.append([int(key), max(-LOGIT_BIAS_LIMIT, min(LOGIT_BIAS_LIMIT, bias))])
+        return pairs
+
     def refuse_unsupported(self) -> None:
         if self.n != 1:
             raise OpenAIRequestError("n > 1 is not supported; send n separate requests", param="n")
@@ -89,7 +116,8 @@ class SamplingFields(BaseModel):
 
     def sampling_params(self, *, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> dict[str, Any]:
         return {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                "stop": self.stop, "logprobs": logprobs, "top_logprobs": top_logprobs, "ignore_eos": self.ignore_eos}
+                "stop": self.stop, "logprobs": logprobs, "top_logprobs": top_logprobs, "ignore_eos": self.ignore_eos,
+                "logit_bias": self.logit_bias or None}
 
 
 class ChatMessage(BaseModel):
@@ -110,9 +138,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: TokenCount | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -145,11 +173,11 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for /v1/completions
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    max_tokens: TokenCount | None = 16  # OpenAI's default for /v1/completions
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = Field(default=None, ge=1)
+    best_of: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -181,7 +209,7 @@ class EmbeddingRequest(BaseModel):
     model: Annotated[str, Field(min_length=1)]
     input: str | list[str] = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1)
+    dimensions: Annotated[StrictInt, Field(ge=1, le=1 << 20)] | None = None
 
     @field_validator("input")
     @classmethod

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from ninja import Body, Query, Router, Schema
 from pydantic import Field
 
+from engine.rules import SteeringMode, SteeringPositions
 from millm_site.envelope import envelope
 from steering import sae_services, selectors, steering_services
 from steering.labels_import import parse_labels
@@ -73,8 +74,8 @@ class SteeringFeatureIn(Schema):
 
 class SteeringIn(Schema):
     features: list[SteeringFeatureIn] = Field(default_factory=list, max_length=256)
-    mode: Literal["additive", "clamp"] = "additive"
-    positions: Literal["all", "generated_only"] = "all"
+    mode: SteeringMode = "additive"
+    positions: SteeringPositions = "all"
     units: Literal["raw", "max_activation", "residual_norm"] = Field(
         "raw", description="raw activation units, or multiples of the feature's typical max activation, "
         "or of the hooked residual stream's median norm")

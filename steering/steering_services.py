@@ -11,6 +11,13 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 
+from engine.rules import (
+    MAX_ABS_STRENGTH,
+    STEERING_MODES,
+    STEERING_POSITIONS,
+    STRENGTH_UNITS,
+    feature_index_problem,
+)
 from inference import generation_stream
 from inference.client import inference_client
 from inference.messages import Steering
@@ -26,10 +33,7 @@ from profiles.models import Profile
 from steering.models import SaeStatus, SparseAutoencoder, SteeringState
 from steering.units import strengths_to_raw
 
-MAX_ABS_STRENGTH = 1000.0  # the engine's bound (engine.steering.MAX_ABS_STRENGTH)
-MODES = ("additive", "clamp")
-POSITIONS = ("all", "generated_only")
-UNITS = ("raw", "max_activation", "residual_norm")
+MODES, POSITIONS, UNITS = STEERING_MODES, STEERING_POSITIONS, STRENGTH_UNITS
 
 
 def attached_sae() -> SparseAutoencoder | None:
@@ -54,8 +58,8 @@ def steering_validate(*, sae: SparseAutoencoder | None, features: list[dict[str,
         field = f"features[{position}]"
         if isinstance(index, bool) or not isinstance(index, int):
             raise ValidationFailed(f"{field}.index: must be an integer", details={"field": f"{field}.index"})
-        if not 0 <= index < sae.d_sae:
-            raise InvalidFeatureIndex(f"{field}.index: {index} is outside 0..{sae.d_sae - 1} for SAE {sae.name}",
+        if (problem := feature_index_problem(index, sae.d_sae)) is not None:
+            raise InvalidFeatureIndex(f"{field}.index: {problem} for SAE {sae.name}",
                                       details={"field": f"{field}.index", "d_sae": sae.d_sae})
         if isinstance(strength, bool) or not isinstance(strength, int | float) or not math.isfinite(strength):
             raise ValidationFailed(f"{field}.strength: must be a finite number", details={"field": f"{field}.strength"})
