@@ -98,8 +98,11 @@ def test_history_needs_the_api_key_but_metrics_does_not(client, six, settings):
     assert client.get("/metrics").status_code == 200
 
 
-def test_the_page_export_link_downloads_without_the_api_key(client, six, settings):
+def test_the_page_export_link_needs_the_key_then_downloads_in_the_logged_in_session(client, six, settings):
     settings.MILLM_API_KEY = "sekret"
+    anonymous = client.get("/history/export", {"format": "json", "model": "a"})
+    assert anonymous.status_code == 302 and anonymous["Location"].startswith("/login/")  # it dumps every prompt
+    assert client.post("/login/", {"key": "sekret"}).status_code == 302
     response = client.get("/history/export", {"format": "json", "model": "a"})
     assert response.status_code == 200
     assert len(json.loads(streamed(response))) == 4

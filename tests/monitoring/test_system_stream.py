@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
@@ -12,6 +13,10 @@ from millm_site.routing import websocket_urlpatterns
 from monitoring import metrics
 from monitoring.metrics import MetricsRegistry
 from monitoring.system_status import system_publisher
+
+# Consumers close stale database connections on connect (channels.db), and the system feed reads the
+# inference processes on record: allow the access rather than depend on which test ran before.
+pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def test_system_status_arrives_as_json_and_as_html_fragments(settings, monkeypatch):
@@ -40,7 +45,7 @@ def test_system_status_arrives_as_json_and_as_html_fragments(settings, monkeypat
         fragments = [await as_html.receive_from(timeout=5) for _ in range(4)]
         joined = "".join(fragments)
         assert 'id="system-status" class="status-dot status-live status-red"' in joined
-        assert 'id="system-live" hx-swap-oob="true"' in joined
+        assert 'id="system-live" hx-swap-oob="innerHTML"' in joined
         await as_json.disconnect()
         assert system_publisher.running  # the HTML client still listens
         await as_html.disconnect()
