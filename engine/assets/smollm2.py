@@ -15,10 +15,12 @@ Run `python -m engine.assets.smollm2 OUT_DIR [--force]` to build and print a sum
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
 import importlib.util
 import json
+import re
 import shutil
 import sys
 import time
@@ -246,6 +248,17 @@ def read_manifest(out_dir: Path) -> dict[str, Any] | None:
     return manifest
 
 
+# What steering that visibly works needs on SmolLM2-135M (measured with bench/steering_quality.py,
+# docs/benchmarks.md): the feature's concept direction, spread over layers 8–23 at a fraction of each
+# layer's residual norm, on generated positions only. Strengths are in residual_norm units.
+STEERING_RECIPE_VERSION = 1
+RECOMMENDED_STEERING = {
+    "mode": "additive", "direction": "concept", "positions": "generated_only",
+    "layers": [8, 11, 14, 17, 20, 23], "units": "residual_norm",
+    "recommended_strength": 0.115, "strength_range": [0.05, 0.15],
+}
+
+
 def build_demo_tier(out_dir: Path, *, force: bool = False, progress: bool = True) -> DemoAssets:
     """Build (or reuse from `out_dir`) the SmolLM2 model and its labelled layer-15 SAE."""
     out_dir = Path(out_dir)
@@ -254,7 +267,49 @@ def build_demo_tier(out_dir: Path, *, force: bool = False, progress: bool = True
         if manifest is None:
             with _transformers_progress(progress):
                 manifest = _build(out_dir, force=force, progress=progress)
+        ensure_steering_assets(out_dir)
         return _assets_from_manifest(out_dir, manifest)
+
+
+def label_token_ids(label: str, encode: Any) -> list[int]:
+    """Token ids of the tokens a label lists (`' Paris', ' France'`), those that are one token each."""
+    ids = []
+    for literal in re.findall(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"", label):
+        with contextlib.suppress(ValueError, SyntaxError):
+            encoded = encode(ast.literal_eval(literal))
+            if len(encoded) == 1:
+                ids.append(encoded[0])
+    return ids
+
+
+def ensure_steering_assets(out_dir: Path) -> None:
+    """sae/concept_directions.safetensors and sae/steering.json (the recommended steering), from the
+    labels and the model's unembedding: seconds, so a cached build gains them without retraining."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from engine.steering import concept_direction_matrix
+
+    sae_dir = out_dir / "sae"
+    recipe = sae_dir / "steering.json"
+    if recipe.is_file() and json.loads(recipe.read_text()).get("version") == STEERING_RECIPE_VERSION:
+        return
+    tokenizer = AutoTokenizer.from_pretrained(out_dir / "model")
+    labels = json.loads((sae_dir / "feature_labels.json").read_text())
+    with safe_open(str(out_dir / "model" / "model.safetensors"), "pt") as weights:
+        names = set(weights.keys())
+        unembedding = weights.get_tensor("lm_head.weight" if "lm_head.weight" in names else "model.embed_tokens.weight")
+    width = 3
+    token_ids = torch.full((len(labels), width), -1, dtype=torch.long)
+    for row in labels:
+        if row["label"] != "dead":
+            ids = label_token_ids(row["label"], lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
+            token_ids[row["index"], :len(ids[:width])] = torch.tensor(ids[:width], dtype=torch.long)
+    directions = concept_direction_matrix(unembedding, token_ids)
+    save_file({"concept_directions": directions.contiguous(), "token_ids": token_ids},
+              sae_dir / "concept_directions.safetensors")
+    recipe.write_text(json.dumps({"version": STEERING_RECIPE_VERSION, **RECOMMENDED_STEERING}, indent=1))
 
 
 @contextlib.contextmanager
