@@ -56,9 +56,13 @@ class MonitoringSettings:
 
 class EngineRuntime:
     def __init__(self, *, max_batch_size: int = 16, memory_limit_bytes: int | None = None,
-                 torch_threads: int | None = None) -> None:
+                 torch_threads: int | None = None, max_tokens_default: int | None = None,
+                 max_prompt_bytes: int | None = None, max_embed_tokens: int | None = None) -> None:
         torch.set_num_threads(torch_threads or default_torch_threads())
         self.max_batch_size = max_batch_size
+        self.max_tokens_default = max_tokens_default  # MILLM_MAX_TOKENS_DEFAULT (None: the context)
+        self.max_prompt_bytes = max_prompt_bytes  # MILLM_MAX_PROMPT_BYTES: refused before tokenizing
+        self.max_embed_tokens = max_embed_tokens  # MILLM_EMBED_MAX_TOKENS
         # A cap below the machine's free memory (MILLM_MEMORY_LIMIT_BYTES): SAEs that do not fit are refused.
         self.memory_limit_bytes = memory_limit_bytes
         self.loaded: LoadedModel | None = None
@@ -81,7 +85,9 @@ class EngineRuntime:
             loaded = load_model(path, dtype=dtype, quantization=quantization, gguf_file=gguf_file or None)
             self.loaded, self.model_name = loaded, name
             self.scheduler = GenerationScheduler(loaded, max_batch_size=self.max_batch_size,
-                                                 interceptors=[self.hook]).start()
+                                                 interceptors=[self.hook],
+                                                 max_tokens_default=self.max_tokens_default,
+                                                 max_embed_tokens=self.max_embed_tokens).start()
             self.throughput.start()
             return loaded
 
@@ -171,8 +177,9 @@ class EngineRuntime:
                params: dict[str, Any], steering: SteeringSpec | None, steering_label: str = "inline",
                monitor: bool | None = None) -> Submitted:
         """Queue a generation; `steering` None runs the active steering, `monitor` None follows the
-        monitoring settings."""
+        monitoring settings. Blocking (tokenizes): call it from a worker thread."""
         scheduler = self.require_model(model)
+        self._check_prompt_size(prompt, messages)
         compiled, label = self.resolve_steering(steering, steering_label)
         sampling = SamplingParams(**{k: v for k, v in params.items() if v is not None})
         tokenizer = self.loaded.tokenizer
@@ -190,6 +197,21 @@ class EngineRuntime:
         frames = FrameBuilder(prompt_ids, lambda token_id: tokenizer.decode([token_id])) if monitored else None
         return Submitted(handle=scheduler.submit(request), steering_label=label, prompt_text=prompt_text,
                          frames=frames)
+
+    def _check_prompt_size(self, prompt: str | None, messages: list | None) -> None:
+        """Refuse an oversized prompt before tokenizing it (megabytes take seconds to tokenize)."""
+        limit = self.max_prompt_bytes
+        if limit is None:
+            return
+        if messages is not None:
+            size = sum(_text_bytes(message.get("content")) if isinstance(message, dict) else 0
+                       for message in messages)
+            param = "messages"
+        else:
+            size, param = _text_bytes(prompt), "prompt"
+        if size > limit:
+            raise InvalidRequestError(param=param, message=f"the prompt has {size} bytes; this server accepts at "
+                                      f"most {limit} (MILLM_MAX_PROMPT_BYTES)")
 
     def configure_monitoring(self, *, enabled: bool | None = None, top_k: int | None = None,
                              features: list[int] | None = None) -> MonitoringSettings:
@@ -226,8 +248,9 @@ class EngineRuntime:
         if self.hook.statistics is not None:
             self.hook.statistics.reset()
 
-    def embed(self, *, model: str | None, texts: list[str]) -> EmbeddingResult:
-        return self.require_model(model).embed(texts)
+    def embed(self, *, model: str | None, texts: list[str], timeout_s: float | None = None) -> EmbeddingResult:
+        """Blocking: call it from a worker thread. Runs in pieces between decode steps; dropped after timeout_s."""
+        return self.require_model(model).embed(texts, timeout_s=timeout_s)
 
     def status(self) -> dict[str, Any]:
         scheduler = self.scheduler.status() if self.scheduler is not None else None
@@ -246,6 +269,15 @@ class EngineRuntime:
             "gpu": gpu_status(),
             "throughput_samples": self.throughput.samples(),  # newest first, for batch-size tuning
         }
+
+
+def _text_bytes(content: Any) -> int:
+    """UTF-8 size of a prompt or a message's content (a string or a list of text parts)."""
+    if isinstance(content, str):
+        return len(content.encode("utf-8", "surrogatepass"))
+    if isinstance(content, list):
+        return sum(_text_bytes(part.get("text")) if isinstance(part, dict) else 0 for part in content)
+    return 0
 
 
 def gpu_status() -> dict[str, Any] | None:

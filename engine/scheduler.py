@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,7 +27,7 @@ import torch
 
 from engine.batch_cache import check_cache_support
 from engine.decode_batch import DecodeBatch
-from engine.embeddings import EmbeddingResult, embed
+from engine.embeddings import EmbeddingJob, EmbeddingResult
 from engine.errors import SchedulerUnavailableError
 from engine.generation import GenerationRequest, RequestHandle
 from engine.interceptors import ForwardInterceptor
@@ -59,6 +60,9 @@ class GenerationScheduler:
         max_prefill_tokens: int = 4096,
         max_queued: int = 1024,
         interceptors: Sequence[ForwardInterceptor] = (),
+        max_tokens_default: int | None = None,
+        embed_piece_tokens: int = 256,
+        max_embed_tokens: int | None = None,
     ) -> None:
         check_cache_support(loaded.model.config)
         self.loaded = loaded
@@ -67,6 +71,13 @@ class GenerationScheduler:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.max_queued = max_queued
+        # max_tokens when a request leaves it out, and the most one may ask for (None: the context).
+        self.max_tokens_default = max_tokens_default
+        # Embeddings run in pieces of this many tokens between decode steps: a long input never
+        # holds generation for more than one piece.
+        self.embed_piece_tokens = embed_piece_tokens
+        self.max_embed_tokens = max_embed_tokens
+        self._embeds: collections.deque[tuple[EmbeddingJob, Future]] = collections.deque()
         self._interceptors: tuple[ForwardInterceptor, ...] = tuple(interceptors)
         self._eos = loaded.eos_token_ids
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -116,9 +127,13 @@ class GenerationScheduler:
         SchedulerUnavailableError (HTTP 503)."""
         prompt_ids = self._prompt_ids(request)
         params = request.params
+        params.check_vocab(self.loaded.vocab_size)
         context = self.loaded.context_length
+        ceiling = self.max_tokens_default
         if params.max_tokens is None:
             max_tokens = context - len(prompt_ids)
+            if ceiling is not None:
+                max_tokens = min(max_tokens, ceiling)
             if max_tokens < 1:
                 raise InvalidRequestError(
                     param=request.prompt_param,
@@ -128,6 +143,12 @@ class GenerationScheduler:
                 )
         else:
             max_tokens = params.max_tokens
+            if ceiling is not None and max_tokens > ceiling:
+                raise InvalidRequestError(
+                    param="max_tokens",
+                    message=f"max_tokens is {max_tokens}; this server allows at most {ceiling} "
+                    "(MILLM_MAX_TOKENS_DEFAULT)",
+                )
             if len(prompt_ids) + max_tokens > context:
                 raise InvalidRequestError(
                     param="max_tokens",
@@ -157,9 +178,22 @@ class GenerationScheduler:
             self._lock.notify()
         return future
 
-    def embed(self, texts: Sequence[str | Sequence[int]], **kwargs: Any) -> EmbeddingResult:
-        """Embeddings computed between decode steps (blocking; call it from a worker thread)."""
-        return self.call(lambda: embed(self.loaded, texts, **kwargs)).result()
+    def embed(self, texts: Sequence[str | Sequence[int]], *, timeout_s: float | None = None,
+              normalize: bool = True) -> EmbeddingResult:
+        """Embeddings computed in pieces between decode steps (blocking; call it from a worker thread:
+        tokenizing happens here). After timeout_s the work is dropped and SchedulerUnavailableError raised."""
+        job = EmbeddingJob(self.loaded, texts, normalize=normalize, max_total_tokens=self.max_embed_tokens)
+        future: Future[EmbeddingResult] = Future()
+        with self._lock:
+            if self._stopping:
+                raise SchedulerUnavailableError("the generation scheduler is not running")
+            self._embeds.append((job, future))
+            self._lock.notify()
+        try:
+            return future.result(timeout=timeout_s)
+        except FutureTimeoutError:
+            job.cancelled = True  # the loop drops it before its next piece
+            raise SchedulerUnavailableError(f"the embeddings did not finish within {timeout_s:g}s") from None
 
     def status(self) -> SchedulerStatus:
         now = time.monotonic()
@@ -205,6 +239,7 @@ class GenerationScheduler:
                 with self._lock:
                     while not (
                         self._intake or self._batch or self._calls or self._stopping or self._cancel_seen
+                        or self._embeds
                     ):
                         self._lock.wait()
                     calls = list(self._calls)
@@ -219,6 +254,7 @@ class GenerationScheduler:
                     if reap:
                         self._reap_cancelled()
                     if not stopping:
+                        self._embed_piece()
                         self._admit()
                     if self._batch:
                         self._count(self._batch.step())
@@ -235,7 +271,38 @@ class GenerationScheduler:
         for row in queued:
             row.finish("cancelled")
         self._batch.finish_all("cancelled")
+        with self._lock:
+            embeds = list(self._embeds)
+            self._embeds.clear()
+        for _, future in embeds:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(SchedulerUnavailableError("the generation scheduler stopped"))
         return True
+
+    def _embed_piece(self) -> None:
+        """One bounded piece of the oldest embeddings request (then the decode step runs)."""
+        with self._lock:
+            if not self._embeds:
+                return
+            job, future = self._embeds[0]
+        if job.cancelled or future.cancelled():
+            with self._lock:
+                self._embeds.popleft()
+            return
+        self._batch.set_context(None)  # the interceptors neither steer nor capture an embedding
+        try:
+            job.run_piece(batch_tokens=self.embed_piece_tokens)
+        except Exception as exc:  # handed to the caller, never kills the loop
+            with self._lock:
+                self._embeds.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_exception(exc)
+            return
+        if job.done:
+            with self._lock:
+                self._embeds.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_result(job.result())
 
     def _run_call(self, fn: Callable[[], Any], future: Future) -> None:
         if not future.set_running_or_notify_cancel():

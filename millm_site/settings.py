@@ -137,6 +137,15 @@ MEMORY_LIMIT_BYTES = env_int("MILLM_MEMORY_LIMIT_BYTES", 0, minimum=0) or None
 INFERENCE_CHANNEL = env_str("MILLM_INFERENCE_CHANNEL", "inference")
 INFERENCE_TIMEOUT_S = env_float("MILLM_INFERENCE_TIMEOUT", 5.0, minimum=0.1)
 INFERENCE_PROCESSES = env_int("MILLM_INFERENCE_PROCESSES", 1, minimum=1)  # how many `serve` starts
+# A request for a model no process serves yet while a process is on record (it is still restoring
+# its model after a start) waits this long for it instead of MILLM_INFERENCE_TIMEOUT.
+INFERENCE_START_TIMEOUT_S = env_float("MILLM_INFERENCE_START_TIMEOUT", 120.0, minimum=0.1)
+# max_tokens: the default when a request leaves it out (or null) and the most one may ask for.
+MAX_TOKENS_DEFAULT = env_int("MILLM_MAX_TOKENS_DEFAULT", 1024, minimum=1)
+# Prompts (text or chat messages) longer than this many UTF-8 bytes are refused before tokenizing.
+MAX_PROMPT_BYTES = env_int("MILLM_MAX_PROMPT_BYTES", 1024 * 1024, minimum=1)
+# Tokens per /v1/embeddings request, all inputs together (400 beyond).
+EMBED_MAX_TOKENS = env_int("MILLM_EMBED_MAX_TOKENS", 32768, minimum=1)
 # Pin an inference process to one model (several GPUs/hosts serving different models behind one /v1).
 INFERENCE_MODEL = env_str("MILLM_INFERENCE_MODEL", "")
 MONITOR_MAX_HZ = env_float("MILLM_MONITOR_MAX_HZ", 10.0, minimum=0.1)
