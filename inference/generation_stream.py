@@ -9,6 +9,7 @@ engine gave, or INFERENCE_UNAVAILABLE when the process is gone); each surface ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,11 +19,14 @@ from typing import Any, Protocol
 from django.conf import settings
 
 from inference import messages as m
+from inference import registry
 from inference.client import InferenceClient, inference_client, reply_from
 from millm_site.errors import InferenceUnavailable, MillmError
 
 LIVENESS_CHECK_S = 1.0  # silence on a running generation after which its process is pinged
 LIVENESS_TIMEOUT_S = 3.0  # no pong within this: the process is gone
+LEASE_S = 5.0  # the inference process cancels a generation whose lease was not renewed for this long
+LEASE_RENEW_S = 1.0
 
 GenerationReply = m.Started | m.Chunk | m.Done
 
@@ -70,6 +74,29 @@ async def _worker_alive(client: InferenceClient, worker_channel: str) -> bool:
     return True
 
 
+async def _renew_lease(client: InferenceClient, worker_channel: str, request_id: str) -> None:
+    """While this task lives the requester listens; it dies with the generator (client gone, 503, crash)."""
+    lease = m.Lease(request_ids=[request_id])
+    while True:
+        await asyncio.sleep(LEASE_RENEW_S)
+        with contextlib.suppress(Exception):  # Redis away: the liveness ping reports it; the lease lapses
+            await client.send(lease, channel=worker_channel)
+
+
+async def _answer_wait(client: InferenceClient, model: str) -> float:
+    """How long to wait for `started`: MILLM_INFERENCE_TIMEOUT, or the start bound while no process serves
+    the model yet but one is on record (it is restoring its model after a start or a restart)."""
+    if model in await client._routes():  # the usual case: no extra Redis round trip
+        return settings.INFERENCE_TIMEOUT_S
+    try:
+        records = await registry.processes_live()
+    except Exception:
+        return settings.INFERENCE_TIMEOUT_S
+    if records and not any(r.loaded_model == model for r in records):
+        return max(settings.INFERENCE_TIMEOUT_S, settings.INFERENCE_START_TIMEOUT_S)
+    return settings.INFERENCE_TIMEOUT_S
+
+
 async def generate(*, model: str, prompt: str | None, messages: list | None, params: dict[str, Any],
                    steering: m.Steering | None, monitor: bool | None = None,
                    observer: GenerationObserver | None = None, on_frames: FramesSink | None = None,
@@ -84,7 +111,7 @@ async def generate(*, model: str, prompt: str | None, messages: list | None, par
     layer = client.layer
     call = m.Generate(request_id=observer.request_id if observer and observer.request_id else new_request_id(),
                       model=model, prompt=prompt, messages=messages, params=params, steering=steering,
-                      monitor=monitor)
+                      monitor=monitor, lease_s=LEASE_S)
     request_id = call.request_id
     if observer is not None:
         observer.request_id, observer.params = request_id, params
@@ -98,6 +125,7 @@ async def generate(*, model: str, prompt: str | None, messages: list | None, par
             await observer.finish(status, message)
 
     try:
+        answer_wait = await _answer_wait(client, model)
         reply_channel = await layer.new_channel()
         await layer.send(await client.channel_for_model(model),
                          call.model_copy(update={"reply_channel": reply_channel}).model_dump())
@@ -107,6 +135,7 @@ async def generate(*, model: str, prompt: str | None, messages: list | None, par
     worker_channel: str | None = None
     finished = False
     pending: asyncio.Future | None = None
+    lease: asyncio.Task | None = None
     silent_s = 0.0
     try:
         while True:
@@ -114,7 +143,7 @@ async def generate(*, model: str, prompt: str | None, messages: list | None, par
             done, _ = await asyncio.wait({pending}, timeout=LIVENESS_CHECK_S)
             if not done:
                 silent_s += LIVENESS_CHECK_S
-                if worker_channel is None and silent_s >= settings.INFERENCE_TIMEOUT_S:
+                if worker_channel is None and silent_s >= answer_wait:
                     await fail("error", "no inference process answered")
                     raise InferenceUnavailable("No inference process answered in time")
                 if worker_channel is not None and not await _worker_alive(client, worker_channel):
@@ -136,6 +165,7 @@ async def generate(*, model: str, prompt: str | None, messages: list | None, par
                 observer.see(raw)
             if isinstance(reply, m.Started):
                 worker_channel = reply.worker_channel
+                lease = asyncio.ensure_future(_renew_lease(client, worker_channel, request_id))
             elif isinstance(reply, m.Chunk) and reply.frames and on_frames is not None:
                 for frame in reply.frames:
                     frame["request_id"] = request_id
@@ -150,6 +180,8 @@ async def generate(*, model: str, prompt: str | None, messages: list | None, par
     finally:
         if pending is not None:
             pending.cancel()
+        if lease is not None:
+            lease.cancel()
         if not finished:
             await fail("cancelled", "the client went away")
             if worker_channel is not None:  # free the batch row

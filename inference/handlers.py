@@ -21,6 +21,7 @@ from engine.generation import FinishEvent, TokenEvent
 from engine.runtime import EngineRuntime
 from engine.steering import SteeringFeature, SteeringSpec
 from inference import messages as m
+from inference.client import EMBED_TIMEOUT_S
 from monitoring.models import CaptureSettings
 from steering.models import SaeStatus, SparseAutoencoder, SteeringState
 from steering.sae_services import sae_detach_all_marks, sae_set_status
@@ -28,6 +29,7 @@ from steering.steering_services import steering_state_message
 
 log = structlog.get_logger("millm.inference")
 CHUNK_INTERVAL_S = 0.02  # coalesce tokens into at most one message per request per 20 ms
+LEASE_CHECK_S = 0.5
 
 
 def in_thread(fn, *args, **kwargs):
@@ -67,8 +69,12 @@ class WorkerCalls:
     def __init__(self, worker: Transport, runtime: EngineRuntime | None) -> None:
         self.worker = worker
         self.runtime = runtime or EngineRuntime(memory_limit_bytes=settings.MEMORY_LIMIT_BYTES,
-                                                torch_threads=settings.TORCH_THREADS)
+                                                torch_threads=settings.TORCH_THREADS,
+                                                max_tokens_default=settings.MAX_TOKENS_DEFAULT,
+                                                max_prompt_bytes=settings.MAX_PROMPT_BYTES,
+                                                max_embed_tokens=settings.EMBED_MAX_TOKENS)
         self.handles: dict[str, Any] = {}
+        self.leases: dict[str, float] = {}  # request id -> when its requester last said it listens
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -200,7 +206,8 @@ class WorkerCalls:
         return m.SteeringSet(label=self.runtime.active_label)
 
     async def call_embed(self, call: m.Embed) -> m.Embeddings:
-        result = await in_thread(self.runtime.embed, model=call.model, texts=call.texts)
+        # Within the web side's wait: work nobody waits for any more is dropped.
+        result = await in_thread(self.runtime.embed, model=call.model, texts=call.texts, timeout_s=EMBED_TIMEOUT_S)
         return m.Embeddings(vectors=result.embeddings, prompt_tokens=result.total_tokens)
 
     async def call_configure_monitoring(self, call: m.ConfigureMonitoring) -> m.MonitoringSettings:
@@ -216,6 +223,24 @@ class WorkerCalls:
         self.runtime.reset_statistics()
         return m.StatisticsReset()
 
+    async def call_lease(self, call: m.Lease) -> None:
+        now = time.monotonic()
+        for request_id in call.request_ids:
+            if request_id in self.leases:
+                self.leases[request_id] = now
+
+    async def _watch_lease(self, handle: Any, lease_s: float) -> None:
+        """Cancel a generation whose requester stopped renewing its lease: nobody reads it any more."""
+        while True:
+            await asyncio.sleep(min(LEASE_CHECK_S, lease_s))
+            renewed = self.leases.get(handle.request_id)
+            if renewed is None:
+                return
+            if time.monotonic() - renewed > lease_s:
+                log.info("generation_orphaned", request_id=handle.request_id, lease_s=lease_s)
+                handle.cancel()
+                return
+
     async def call_cancel(self, call: m.Cancel) -> None:
         handle = self.handles.get(call.request_id)
         if handle is not None:
@@ -226,13 +251,19 @@ class WorkerCalls:
     async def call_generate(self, call: m.Generate) -> m.Done | m.Error | None:
         reply_channel = call.reply_channel
         steering = call.steering
-        submitted = self.runtime.submit(
+        # In a thread: tokenizing a long prompt must not stall pings and other requests on this loop.
+        submitted = await in_thread(
+            self.runtime.submit,
             request_id=call.request_id, model=call.model, prompt=call.prompt, messages=call.messages,
             params=call.params, steering=engine_spec(steering) if steering is not None else None,
             steering_label=steering.label if steering is not None else "inline", monitor=call.monitor)
         handle = submitted.handle
         self.handles[handle.request_id] = handle
         finished = False
+        watchdog = None
+        if call.lease_s:
+            self.leases[handle.request_id] = time.monotonic()
+            watchdog = asyncio.ensure_future(self._watch_lease(handle, call.lease_s))
         try:
             await self.worker.send(reply_channel, m.Started(
                 worker_channel=self.worker.own_channel, request_id=handle.request_id,
@@ -257,6 +288,9 @@ class WorkerCalls:
                 await asyncio.sleep(max(0.0, CHUNK_INTERVAL_S - (time.monotonic() - sent_at)))
         finally:
             self.handles.pop(handle.request_id, None)
+            self.leases.pop(handle.request_id, None)
+            if watchdog is not None:
+                watchdog.cancel()
             if not finished:  # the reply channel broke or the process is stopping: free the batch row
                 handle.cancel()
         return None

@@ -115,6 +115,9 @@ class Generate(Call):
     params: dict[str, Any] = Field(default_factory=dict)  # the engine's SamplingParams fields
     steering: Steering | None = None  # None: the active steering
     monitor: bool | None = None  # None: the monitoring settings decide
+    # Set: the requester renews a lease (`Lease`) while it listens; with no renewal for this long
+    # after `started` the generation is orphaned (web process gone, request given up) and cancelled.
+    lease_s: float | None = None
 
 
 class Cancel(Message):
@@ -122,9 +125,16 @@ class Cancel(Message):
     request_id: str
 
 
+class Lease(Message):
+    """The requester still listens to these generations (sent to the process's own channel)."""
+
+    type: Literal["lease"] = "lease"
+    request_ids: list[str]
+
+
 AnyCall = Annotated[
     Ping | LoadModel | UnloadModel | AttachSae | DetachSae | SetSteering | ConfigureMonitoring | GetStatistics
-    | ResetStatistics | Embed | Generate | Cancel,
+    | ResetStatistics | Embed | Generate | Cancel | Lease,
     Field(discriminator="type"),
 ]
 _CALL = TypeAdapter(AnyCall)

@@ -15,6 +15,7 @@ pinned to one model (MILLM_INFERENCE_MODEL). The torch side is `engine.runtime`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -51,14 +52,18 @@ class InferenceWorker:
     async def serve_until_stopped(self, *, restore: bool = False) -> None:
         self.own_channel = await self.layer.new_channel()
         await self.layer.group_add(m.control_group(self.channel_name), self.own_channel)
+        # On record while it restores its model: the web tier then knows a process is starting and lets
+        # requests for that model wait for it (MILLM_INFERENCE_START_TIMEOUT) instead of a quick 503.
+        heartbeat = asyncio.ensure_future(self._heartbeat())
         if restore:
             await self.calls.restore_desired_state()
         self.follow_model()
         log.info("inference_ready", channel=self.channel_name, pid=os.getpid(), process_id=self.process_id,
                  pinned_model=self.pinned_model)
+        with contextlib.suppress(Exception):  # the model's route appears now, not at the next beat
+            await registry.heartbeat_write(self.heartbeat_record())
         listeners = [asyncio.ensure_future(self._listen(self.channel_name)),
-                     asyncio.ensure_future(self._listen(self.own_channel)),
-                     asyncio.ensure_future(self._heartbeat())]
+                     asyncio.ensure_future(self._listen(self.own_channel)), heartbeat]
         await self.stopping.wait()
         if self.model_listener is not None:
             listeners.append(self.model_listener[1])

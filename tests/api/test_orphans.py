@@ -1,0 +1,74 @@
+"""Orphaned generations: the inference process cancels a generation whose requester stopped renewing
+its lease (web process gone, request given up with a 503) instead of running it out with nobody
+listening; a requester that listens (inference/generation_stream.generate) keeps it alive."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from channels_redis.core import RedisChannelLayer
+from django.conf import settings
+
+from inference import generation_stream
+from inference import messages as m
+from inference.client import InferenceClient
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+LONG = {"max_tokens": 1000, "ignore_eos": True, "temperature": 0}
+
+
+def new_layer() -> RedisChannelLayer:
+    return RedisChannelLayer(**settings.CHANNEL_LAYERS["default"]["CONFIG"])
+
+
+async def ask(layer, call: m.Message, timeout: float = 60) -> dict:
+    reply_channel = await layer.new_channel()
+    await layer.send(settings.INFERENCE_CHANNEL, {**call.model_dump(), "reply_channel": reply_channel})
+    return await asyncio.wait_for(layer.receive(reply_channel), timeout)
+
+
+async def run_unrenewed(lease_s: float | None) -> tuple[dict, float, int]:
+    """A generation whose requester reads its replies but never renews the lease."""
+    layer = new_layer()
+    loaded = await ask(layer, m.LoadModel(model="tiny-llama"))
+    assert loaded["type"] == "loaded", loaded
+    reply_channel = await layer.new_channel()
+    call = m.Generate(request_id=f"orphan-{lease_s}", prompt="Once upon a time", params=LONG, lease_s=lease_s)
+    started = time.monotonic()
+    await layer.send(settings.INFERENCE_CHANNEL, {**call.model_dump(), "reply_channel": reply_channel})
+    tokens = 0
+    while True:
+        reply = await asyncio.wait_for(layer.receive(reply_channel), 120)
+        if reply["type"] == "chunk":
+            tokens += len(reply["tokens"])
+        if reply["type"] in ("done", "error"):
+            return reply, time.monotonic() - started, tokens
+
+
+def test_a_generation_nobody_renews_is_cancelled_within_its_lease(inference_worker, tiny_catalog):
+    """Before: no lease; the generation ran all its 1,000 tokens with nobody listening."""
+    done, elapsed_s, tokens = asyncio.run(run_unrenewed(lease_s=0.5))
+    assert done["type"] == "done" and done["finish_reason"] == "cancelled", done
+    assert tokens < 1000 and elapsed_s < 5, (tokens, elapsed_s)
+    print(f"\norphan cancelled after {elapsed_s:.2f}s and {tokens} tokens")
+
+
+def test_a_listening_requester_keeps_its_generation_alive(inference_worker, tiny_catalog, monkeypatch):
+    monkeypatch.setattr(generation_stream, "LEASE_S", 0.6)
+    monkeypatch.setattr(generation_stream, "LEASE_RENEW_S", 0.2)
+
+    async def run():
+        loaded = await ask(new_layer(), m.LoadModel(model="tiny-llama"))
+        assert loaded["type"] == "loaded", loaded
+        started = time.monotonic()
+        result = await generation_stream.collect(generation_stream.generate(
+            model="tiny-llama", prompt="Once upon a time", messages=None, params=LONG, steering=None,
+            client=InferenceClient()))
+        return result, time.monotonic() - started
+
+    result, elapsed_s = asyncio.run(run())
+    assert (result.finish_reason, result.completion_tokens) == ("length", 1000)
+    assert elapsed_s > 0.6  # it outlived several leases: the renewals kept it
