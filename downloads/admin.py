@@ -9,3 +9,8 @@ class DownloadAdmin(admin.ModelAdmin):
     list_filter = ("kind", "status")
     search_fields = ("repo_id", "error_message")
     readonly_fields = [f.name for f in Download._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        # Downloads are started through the API or the models page (which also queues the task);
+        # a row added by hand would be a download that never runs.
+        return False

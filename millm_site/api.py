@@ -7,6 +7,7 @@ Success: `{"success": true, "data": ..., "error": null}`; failure: `{"success": 
 from __future__ import annotations
 
 import structlog
+from django.core.exceptions import RequestDataTooBig
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as NinjaValidationError
@@ -15,8 +16,10 @@ from redis.exceptions import RedisError
 from catalog.api import router as models_router
 from downloads.api import catalog_deletes_mount
 from downloads.api import router as downloads_router
+from millm_site.api_fallbacks import API, body_too_large
 from millm_site.envelope import error_envelope
 from millm_site.errors import BROKER_UNAVAILABLE_MESSAGE, InferenceUnavailable, MillmError
+from millm_site.json_body import BadJsonBody, StrictJsonParser
 from monitoring.capture_api import inspect_router
 from monitoring.capture_api import monitoring_router as live_monitoring_router
 from monitoring.history_api import router as history_router
@@ -30,6 +33,7 @@ api = NinjaAPI(
     title="miLLM management API",
     version="1.0",
     urls_namespace="api",
+    parser=StrictJsonParser(),
     description="Models, SAEs, steering, profiles, monitoring and health. Every answer uses the envelope "
     "{success, data, error}.",
 )
@@ -66,8 +70,17 @@ def on_auth_error(request, exc):
 
 @api.exception_handler(HttpError)
 def on_http_error(request, exc: HttpError):
+    if isinstance(exc.__cause__, BadJsonBody):
+        details = {"field": exc.__cause__.param} if exc.__cause__.param else None
+        return api.create_response(request, error_envelope("VALIDATION_ERROR", exc.__cause__.message, details),
+                                   status=400)
     code = "NOT_FOUND" if exc.status_code == 404 else "HTTP_ERROR"
     return api.create_response(request, error_envelope(code, str(exc.message)), status=exc.status_code)
+
+
+@api.exception_handler(RequestDataTooBig)
+def on_body_too_large(request, exc: RequestDataTooBig):
+    return body_too_large(API)
 
 
 @api.exception_handler(Exception)

@@ -45,8 +45,12 @@ class HistoryQuery(Schema):
                               endpoint=self.endpoint, since=_aware(self.since), until=_aware(self.until), q=self.q)
 
 
+MAX_PAGE = 1_000_000  # page * page_size stays far inside the database's 64-bit OFFSET
+MAX_AGE_DAYS = 36_500  # a hundred years: "now - days" stays a valid datetime
+
+
 class HistoryPageQuery(HistoryQuery):
-    page: int = Field(1, ge=1)
+    page: int = Field(1, ge=1, le=MAX_PAGE)
     page_size: int = Field(50, ge=1, le=MAX_PAGE_SIZE)
 
 
@@ -56,7 +60,8 @@ class HistoryExportQuery(HistoryQuery):
 
 class HistoryDeleteQuery(Schema):
     before: datetime | None = Field(None, description="delete requests created before this instant")
-    older_than_days: float | None = Field(None, gt=0, description="delete requests older than this many days")
+    older_than_days: float | None = Field(None, gt=0, le=MAX_AGE_DAYS, allow_inf_nan=False,
+                                          description="delete requests older than this many days")
 
 
 @router.get("/monitoring/history", summary="Stored requests, newest first, paginated and filtered",
