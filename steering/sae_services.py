@@ -70,13 +70,7 @@ def feature_labels_replace(
 
     Labels edited by hand are kept: an automatic relabel must never overwrite a person's work.
     """
-    rows = list(labels)
-    bad = [index for index, *_ in rows if not 0 <= index < sae.d_sae]
-    if bad:
-        raise ValidationFailed(
-            f"Feature index {bad[0]} is outside 0..{sae.d_sae - 1} for SAE {sae.name}",
-            details={"field": "index", "count": len(bad)},
-        )
+    rows = _checked_label_rows(sae=sae, labels=labels)
     manual = set(sae.labels.filter(source=LabelSource.MANUAL).values_list("index", flat=True))
     sae.labels.exclude(source=LabelSource.MANUAL).delete()
     FeatureLabel.objects.bulk_create(
@@ -89,6 +83,56 @@ def feature_labels_replace(
         batch_size=1000,
     )
     return len(rows) - len(manual & {index for index, *_ in rows})
+
+
+def _checked_label_rows(
+    *, sae: SparseAutoencoder, labels: Iterable[tuple[int, str, str, float | None]]
+) -> list[tuple[int, str, str, float | None]]:
+    """The rows, refused whole on an index outside the SAE or listed twice."""
+    rows = list(labels)
+    bad = [index for index, *_ in rows if not 0 <= index < sae.d_sae]
+    if bad:
+        raise ValidationFailed(
+            f"Feature index {bad[0]} is outside 0..{sae.d_sae - 1} for SAE {sae.name}",
+            details={"field": "index", "count": len(bad)},
+        )
+    seen: set[int] = set()
+    for index, *_ in rows:
+        if index in seen:
+            raise ValidationFailed(f"Feature index {index} is listed twice", details={"field": "index", "index": index})
+        seen.add(index)
+    return rows
+
+
+@transaction.atomic
+def feature_labels_import(
+    *,
+    sae: SparseAutoencoder,
+    labels: Iterable[tuple[int, str, str, float | None]],
+    source: str = LabelSource.NEURONPEDIA,
+) -> int:
+    """Merge imported (index, label, description, max_activation) rows into the SAE's labels.
+
+    An import names some features: their text is replaced, every other label stays, and so does every
+    statistic (max_activation, the unit of relative strengths) the file does not carry. Labels edited by
+    hand are kept. Returns how many labels the import wrote.
+    """
+    rows = _checked_label_rows(sae=sae, labels=labels)
+    existing = {label.index: label for label in sae.labels.filter(index__in=[index for index, *_ in rows])}
+    updated, created = [], []
+    for index, text, description, max_activation in rows:
+        label = existing.get(index)
+        if label is None:
+            created.append(FeatureLabel(sae=sae, index=index, label=text[:300], description=description,
+                                        max_activation=max_activation, source=source))
+        elif label.source != LabelSource.MANUAL:
+            label.label, label.description, label.source = text[:300], description, source
+            if max_activation is not None:
+                label.max_activation = max_activation
+            updated.append(label)
+    FeatureLabel.objects.bulk_update(updated, ["label", "description", "source", "max_activation"], batch_size=1000)
+    FeatureLabel.objects.bulk_create(created, batch_size=1000)
+    return len(updated) + len(created)
 
 
 def sae_set_status(*, name: str, status: str, message: str = "", attached: bool | None = None) -> SparseAutoencoder:

@@ -52,3 +52,26 @@ def test_a_bad_file_is_refused_whole(client, sae, content, fragment):
     response = upload(client, content)
     assert response.status_code == 422 and fragment in response.json()["error"]["message"]
     assert list(sae.labels.values_list("label", flat=True)) == ["before"]
+
+
+def test_an_import_merges_and_keeps_every_statistic(client, sae):
+    FeatureLabel.objects.create(sae=sae, index=1, label="old one", source=LabelSource.AUTO, max_activation=4.5)
+    FeatureLabel.objects.create(sae=sae, index=2, label="two", source=LabelSource.AUTO, max_activation=2.0)
+    FeatureLabel.objects.create(sae=sae, index=5, label="mine", source=LabelSource.MANUAL, max_activation=1.0)
+    response = upload(client, json.dumps([{"index": 1, "description": "new one"},
+                                          {"index": 9, "description": "nine"}]))
+    assert response.status_code == 200 and response.json()["data"] == {"imported": 2}
+    rows = {i: (label, source, peak) for i, label, source, peak
+            in sae.labels.values_list("index", "label", "source", "max_activation")}
+    assert rows == {1: ("new one", LabelSource.NEURONPEDIA, 4.5), 2: ("two", LabelSource.AUTO, 2.0),
+                    5: ("mine", LabelSource.MANUAL, 1.0), 9: ("nine", LabelSource.NEURONPEDIA, None)}
+
+
+@pytest.mark.parametrize("content", [json.dumps([{"index": 4, "description": "a"}, {"index": "4", "description": "b"}]),
+                                     "index,description\n3,x\n4,y\n4,z\n"])
+def test_a_duplicate_index_refuses_the_file_whole_naming_it(client, sae, content):
+    FeatureLabel.objects.create(sae=sae, index=4, label="before", source=LabelSource.AUTO, max_activation=3.0)
+    response = upload(client, content)
+    assert response.status_code == 422
+    assert "feature index 4 is listed twice" in response.json()["error"]["message"]
+    assert list(sae.labels.values_list("index", "label", "max_activation")) == [(4, "before", 3.0)]
