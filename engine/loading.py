@@ -1,5 +1,8 @@
 """Loading a causal LM and its tokenizer from a local folder (or GGUF file) for serving.
 
+Q4/Q8 use bitsandbytes on CUDA and torch's own int4/int8 weight-only kernels on CPU
+(engine/quantization.py; bitsandbytes is slower than float32 there).
+
 Every failure a user can cause (a missing folder, quantizing a GGUF file, an unknown dtype, a
 machine without a bitsandbytes backend) is a ModelLoadError subclass with a message that says what
 to do instead; the original exception stays chained for the log.
@@ -16,6 +19,7 @@ from typing import Any
 
 import torch
 
+from engine import quantization as cpu_quantization
 from engine.errors import (  # noqa: F401 - re-exported: the loading errors belong with the loader
     InsufficientMemoryError,
     InvalidModelError,
@@ -37,6 +41,8 @@ DEFAULT_CONTEXT_LENGTH = 2048
 # bitsandbytes storage per quantized weight element: int8 + one fp32 scale per output row (q8);
 # packed nf4 + one fp32 absmax per 64-element block (q4, no double quantization).
 _Q8_BYTES, _Q4_BYTES, _Q4_BLOCK = 1.0, 0.5, 64
+# torch's CPU kernels: packed int4 + bf16 (scale, zero) per 32 columns; int8 + one bf16 scale per row.
+_CPU_Q4_BYTES = 0.5 + 4 / cpu_quantization.GROUP_SIZE
 
 
 @dataclass(eq=False)
@@ -57,6 +63,13 @@ class LoadedModel:
     estimated_memory_bytes: int  # what estimate_memory_bytes predicted
     eos_token_ids: frozenset[int]
     load_seconds: float
+    kernel: str = "dense"  # which matmuls serve it: "dense", "bitsandbytes", or a torch CPU kernel
+
+    @property
+    def variant(self) -> str:
+        """What is served, in words, e.g. "float32, Q4 (torch int4 CPU kernel, ...), cpu"."""
+        quantized = f"{self.quantization.upper()} ({self.kernel})" if self.quantization else "not quantized"
+        return f"{self.dtype}, {quantized}, {self.device.type}"
 
     @property
     def loaded(self) -> bool:
@@ -106,7 +119,8 @@ def load_model(
     }
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    if quantization is not None:
+    on_cpu = target.type == "cpu"
+    if quantization is not None and not on_cpu:
         kwargs["quantization_config"] = _quantization_config(quantization, DTYPES[dtype])
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,6 +134,13 @@ def load_model(
         "model", folder, lambda: AutoModelForCausalLM.from_pretrained(str(folder), **kwargs), quantization
     )
     model.eval().requires_grad_(False)
+    kernel = "dense"
+    if quantization is not None:
+        kernel = "bitsandbytes"
+        if on_cpu:
+            cpu_quantization.quantize_for_cpu(model, quantization)
+            kernel = cpu_quantization.KERNELS[quantization]
+            gc.collect()  # the float weights of the replaced layers
     config = model.config.get_text_config()
     return LoadedModel(
         model=model,
@@ -135,9 +156,10 @@ def load_model(
         vocab_size=int(config.vocab_size),
         parameter_count=parameter_count_of(model.config),
         memory_bytes=int(model.get_memory_footprint()),
-        estimated_memory_bytes=estimate_memory_bytes(model.config, dtype, quantization),
+        estimated_memory_bytes=estimate_memory_bytes(model.config, dtype, quantization, on_cpu=on_cpu),
         eos_token_ids=_eos_token_ids(model, tokenizer),
         load_seconds=round(time.perf_counter() - started, 3),
+        kernel=kernel,
     )
 
 
@@ -233,23 +255,30 @@ def parameter_count_of(config: Any) -> int:
     return sum(p.numel() for p in _meta_model(config).parameters())
 
 
-def estimate_memory_bytes(config: Any, dtype: str, quantization: str | None) -> int:
+def estimate_memory_bytes(config: Any, dtype: str, quantization: str | None, *, on_cpu: bool = False) -> int:
     """Bytes the weights will take once loaded (activations and KV cache not included).
 
-    With Q4/Q8, bitsandbytes quantizes the Linear layers except the output head; embeddings, norms
-    and biases stay in `dtype`.
+    With Q4/Q8, bitsandbytes (CUDA) quantizes the Linear layers except the output head; torch's CPU
+    kernels quantize the head too (a tied head keeps the embedding's float weight besides); embeddings,
+    norms and biases stay in `dtype`.
     """
     if dtype not in DTYPES:
         raise UnsupportedConfigurationError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     element = torch.empty((), dtype=DTYPES[dtype]).element_size()
     model = _meta_model(config)
     head = model.get_output_embeddings()
+    tied = model.get_input_embeddings().weight if head is not None and head.weight is model.get_input_embeddings().weight else None
     quantized: set[int] = set()
+    total = 0.0
     if quantization is not None:
         for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module is not head:
+            if on_cpu and cpu_quantization.quantizable(module):
+                n, k = module.weight.shape
+                total += n * k * (_CPU_Q4_BYTES if quantization == "q4" else 1.0) + (0 if quantization == "q4" else 2 * n)
+                if module.weight is not tied:  # a tied head's weight stays alive as the embedding
+                    quantized.add(id(module.weight))
+            elif not on_cpu and isinstance(module, torch.nn.Linear) and module is not head:
                 quantized.add(id(module.weight))
-    total = 0.0
     seen: set[int] = set()
     for parameter in model.parameters():
         if id(parameter) in seen:
@@ -258,6 +287,8 @@ def estimate_memory_bytes(config: Any, dtype: str, quantization: str | None) -> 
         n = parameter.numel()
         if id(parameter) not in quantized:
             total += n * element
+        elif on_cpu:
+            continue  # counted above, per layer
         elif quantization == "q8":
             total += n * _Q8_BYTES + parameter.shape[0] * 4
         else:

@@ -1,0 +1,112 @@
+"""Weight-only Q4/Q8 on CPU with torch's own kernels (bitsandbytes stays for CUDA).
+
+Every `nn.Linear` whose input width is a multiple of the group size (attention projections, MLP,
+and the LM head) is replaced by a module that keeps only the quantized weight; activations are cast
+to bfloat16 for the matmul and back, so the residual stream (what the SAE reads and steering
+writes) keeps the model's dtype.
+
+Q4 (`aten._weight_int4pack_mm_for_cpu`, the layout torchao's int4 CPU path uses): per output row
+and group of G = 32 input columns, asymmetric min/max over the group,
+    scale = (max - min) / 15,  q = round((w - min) / scale) ∈ [0, 15],  zero = min + 8 · scale,
+    ŵ = (q - 8) · scale + zero,
+stored as the kernel's packed uint8 [N', K/2] plus bfloat16 (scale, zero) [K/G, N', 2], where the
+kernel wants N' a multiple of 16: extra rows are zeros, and their outputs are cut off.
+
+Q8 (`aten._weight_int8pack_mm`): symmetric per output row, scale = max|w| / 127,
+q = round(w / scale) ∈ [-127, 127], ŵ = q · scale; int8 [N, K] plus bfloat16 scales [N].
+With float32 activations this kernel is ~10× slower than a float32 matmul on an AVX2 CPU; with
+bfloat16 activations it is on par or faster (bench figures in docs/benchmarks.md), hence the cast.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+GROUP_SIZE = 32
+_Q4_ROWS = 16  # the int4 packing needs a multiple of 16 output rows
+KERNELS = {
+    "q4": "torch int4 CPU kernel, group 32, bf16 activations",
+    "q8": "torch int8 CPU kernel, per-row scales, bf16 activations",
+}
+
+
+class QuantizedLinear(nn.Module):
+    """y = x ŵᵀ + b with ŵ stored quantized; `weight` dequantizes on access (for readers such as the
+    feature lens, never the forward pass)."""
+
+    def __init__(self, linear: nn.Linear, quantization: str) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.quantization = quantization
+        weight = linear.weight.detach().float()
+        if quantization == "q4":
+            packed, scales_and_zeros = _quantize_q4(weight)
+            self.register_buffer("packed_weight", packed)  # uint8 [N, K/2], the kernel's own layout
+            self.register_buffer("scales_and_zeros", scales_and_zeros)  # bf16 [K/G, N, 2]
+        else:
+            q, scales = _quantize_q8(weight)
+            self.register_buffer("int8_weight", q)  # int8 [N, K]
+            self.register_buffer("scales", scales)  # bf16 [N]
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """ŵ as float32 [N, K]: what the kernel multiplies by."""
+        identity = torch.eye(self.in_features, dtype=torch.bfloat16)
+        return self._matmul(identity).float().T.contiguous()
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantization == "q4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed_weight, GROUP_SIZE, self.scales_and_zeros)
+            return y if y.shape[-1] == self.out_features else y[:, : self.out_features]
+        return torch.ops.aten._weight_int8pack_mm(x, self.int8_weight, self.scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = self._matmul(flat).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.quantization}"
+
+
+def _quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    padding = -weight.shape[0] % _Q4_ROWS
+    if padding:
+        weight = torch.cat([weight, weight.new_zeros(padding, weight.shape[1])])
+    n, k = weight.shape
+    groups = weight.reshape(n, k // GROUP_SIZE, GROUP_SIZE)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-6).to(torch.bfloat16).float()  # the kernel reads bf16
+    zero = (low + 8 * scale).to(torch.bfloat16).float()
+    q = ((groups - zero) / scale + 8).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return packed, scales_and_zeros
+
+
+def _quantize_q8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-8).to(torch.bfloat16)
+    q = (weight / scale.float().unsqueeze(1)).round().clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantizable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and module.in_features % GROUP_SIZE == 0
+
+
+def quantize_for_cpu(model: nn.Module, quantization: str) -> int:
+    """Replace the model's quantizable Linear layers in place; returns how many were replaced.
+
+    A Linear tied to the input embedding (the LM head of most small models) is replaced too: the
+    embedding keeps its own float weight, the head multiplies by the quantized copy. (HF's
+    `tie_weights()` must not run afterwards; nothing here calls it once a model is loaded.)
+    """
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if quantizable(child):
+                setattr(parent, name, QuantizedLinear(child, quantization))
+                replaced += 1
+    return replaced

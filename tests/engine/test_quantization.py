@@ -1,0 +1,111 @@
+"""Q4/Q8 on CPU through torch's own kernels: the math, the loader, SAE fidelity and steering."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.generation import FinishEvent, GenerationRequest
+from engine.loading import estimate_memory_bytes, load_model
+from engine.quantization import GROUP_SIZE, KERNELS, QuantizedLinear
+from engine.runtime import EngineRuntime
+from engine.sae import decoder_layers, load_sae
+from engine.sampling import SamplingParams
+from engine.steering import SteeringFeature, SteeringSpec
+
+TEXTS = [
+    "The cat sat on the mat and looked at the dog.",
+    "Once upon a time there was a small town by the sea.",
+    "The dog ran after the ball in the park.",
+    "A bird sang in the tree while the sun rose.",
+]
+
+
+@pytest.mark.parametrize(("quantization", "bound"), [("q4", 0.12), ("q8", 0.01)])
+def test_quantized_linear_is_the_dequantized_matmul_and_close_to_dense(quantization, bound):
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(4 * GROUP_SIZE, 96, bias=True)
+    layer = QuantizedLinear(dense, quantization)
+    x = torch.randn(2, 5, dense.in_features)
+    with torch.inference_mode():
+        y = layer(x)
+        exact = dense(x)
+        through_weight = x @ layer.weight.T + dense.bias
+    assert y.shape == exact.shape and y.dtype == torch.float32
+    # The forward pass is x ŵᵀ + b (bf16 activations: bf16 rounding only) ...
+    assert torch.allclose(y, through_weight, atol=0.05 * through_weight.abs().max().item())
+    # ... and ŵ is close to w: 4 bits per weight leaves a few % of error, 8 bits well under 1 %.
+    relative = ((layer.weight - dense.weight).norm() / dense.weight.norm()).item()
+    assert 0 < relative < bound, relative
+    assert not any(p.dtype == torch.float32 and p.dim() == 2 for p in layer.parameters())
+
+
+@pytest.fixture(scope="module")
+def model_dir(test_tier_assets):
+    return test_tier_assets.model.local_path
+
+
+@pytest.mark.parametrize("quantization", ["q4", "q8"])
+def test_cpu_load_replaces_every_linear_and_the_head(model_dir, quantization):
+    loaded = load_model(model_dir, quantization=quantization)
+    model = loaded.model
+    assert loaded.quantization == quantization and loaded.kernel == KERNELS[quantization]
+    assert quantization.upper() in loaded.variant and "cpu" in loaded.variant
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert not linears, linears  # attention, MLP and LM head all quantized on the test model
+    assert isinstance(model.get_output_embeddings(), QuantizedLinear)
+    dense = load_model(model_dir)
+    assert loaded.memory_bytes < dense.memory_bytes
+    assert abs(loaded.estimated_memory_bytes - loaded.memory_bytes) / loaded.memory_bytes < 0.02
+    assert loaded.estimated_memory_bytes == estimate_memory_bytes(model.config, "float32", quantization, on_cpu=True)
+    ids = loaded.tokenizer("The cat", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 4
+
+
+def _fvu(model, tokenizer, sae, layer: int) -> float:
+    """FVU of the SAE on the model's layer-`layer` residuals over TEXTS (first position dropped: a sink)."""
+    captured = []
+    handle = decoder_layers(model)[layer].register_forward_hook(
+        lambda m, i, o: captured.append((o[0] if isinstance(o, tuple) else o)[0, 1:])
+    )
+    try:
+        with torch.inference_mode():
+            for text in TEXTS:
+                model(tokenizer(text, return_tensors="pt").input_ids)
+    finally:
+        handle.remove()
+    acts = torch.cat(captured).float()
+    recon = sae.decode(sae.encode(acts))
+    return float((recon - acts).pow(2).sum() / (acts - acts.mean(0)).pow(2).sum())
+
+
+@pytest.mark.parametrize("quantization", ["q4", "q8"])
+def test_the_sae_reads_the_quantized_model_about_as_well(test_tier_assets, model_dir, quantization):
+    sae = load_sae(test_tier_assets.sae.local_path)
+    layer = test_tier_assets.sae.layer
+    dense = load_model(model_dir)
+    quantized = load_model(model_dir, quantization=quantization)
+    fp32 = _fvu(dense.model, dense.tokenizer, sae, layer)
+    fvu = _fvu(quantized.model, quantized.tokenizer, sae, layer)
+    assert fvu <= fp32 + 0.02, (fvu, fp32)
+
+
+def _greedy(runtime: EngineRuntime, steering=None) -> list[int]:
+    request = GenerationRequest("The cat", SamplingParams(max_tokens=8, temperature=0.0), steering=steering)
+    return [e.token_id for e in runtime.scheduler.submit(request) if not isinstance(e, FinishEvent)]
+
+
+@pytest.mark.parametrize("quantization", [None, "q4", "q8"])
+def test_steering_changes_the_text_on_the_quantized_model(test_tier_assets, model_dir, quantization):
+    runtime = EngineRuntime()
+    try:
+        runtime.load(name="tiny", path=str(model_dir), quantization=quantization)
+        runtime.attach_sae(name="sae", path=str(test_tier_assets.sae.local_path))
+        plain = _greedy(runtime)
+        steered = _greedy(runtime, runtime.compile(SteeringSpec(features=(SteeringFeature(7, 80.0),))))
+        assert len(plain) == 8 and steered != plain
+        assert _greedy(runtime) == plain
+    finally:
+        runtime.unload()
