@@ -148,7 +148,8 @@ class WorkerCalls:
             reply = error_reply(exc)
             await db(model_set_status)(name=model.name, status=ModelStatus.ERROR, message=reply.message)
             return reply
-        message_text = f"{loaded.memory_bytes / 2**20:.0f} MiB, loaded in {loaded.load_seconds:.1f}s"
+        # The variant says what is served (dtype, quantization and its kernel, device): the Models page shows it.
+        message_text = f"{loaded.variant}; {loaded.memory_bytes / 2**20:.0f} MiB, loaded in {loaded.load_seconds:.1f}s"
         # Only an unpinned load changes the catalog's desired model; a pinned one serves beside it.
         await db(model_set_status)(name=model.name, status=ModelStatus.LOADED, message=message_text,
                                    loaded=None if pinned else True)
