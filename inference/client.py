@@ -204,6 +204,11 @@ class InferenceClient:
         return await self.call(m.Embed(model=model, texts=texts), m.Embeddings, timeout=EMBED_TIMEOUT_S,
                                channel=await self.channel_for_model(model))
 
+    async def feature_logit_lens(self, *, model: str, sae: str, index: int, count: int = 10) -> m.FeatureLogits:
+        """Sent to a process serving `model` (the one with the SAE attached), not the shared channel."""
+        return await self.call(m.FeatureLogitLens(sae=sae, index=index, count=count), m.FeatureLogits,
+                               channel=await self.channel_for_model(model))
+
     async def cancel(self, *, request_id: str, channel: str) -> None:
         await self.send(m.Cancel(request_id=request_id), channel=channel)
 

@@ -16,7 +16,8 @@ from django.conf import settings
 
 from catalog.models import LanguageModel, ModelStatus
 from catalog.services import model_set_status
-from engine.errors import EngineError, GenerationFailedError
+from engine.errors import EngineError, GenerationFailedError, InvalidFeatureIndexError, SaeNotAttachedError
+from engine.feature_lens import feature_logits, unembedding_with_gain
 from engine.generation import FinishEvent, TokenEvent
 from engine.runtime import EngineRuntime
 from engine.steering import SteeringFeature, SteeringSpec
@@ -75,6 +76,7 @@ class WorkerCalls:
                                                 max_embed_tokens=settings.EMBED_MAX_TOKENS)
         self.handles: dict[str, Any] = {}
         self.leases: dict[str, float] = {}  # request id -> when its requester last said it listens
+        self._unembedding: tuple[Any, torch.Tensor] | None = None  # (loaded model, W_U with gain): the logit lens
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -223,6 +225,21 @@ class WorkerCalls:
     async def call_reset_statistics(self, call: m.ResetStatistics) -> m.StatisticsReset:
         self.runtime.reset_statistics()
         return m.StatisticsReset()
+
+    async def call_feature_logit_lens(self, call: m.FeatureLogitLens) -> m.FeatureLogits:
+        sae = self.runtime.hook.sae
+        if sae is None or self.runtime.sae_name != call.sae:
+            raise SaeNotAttachedError(f"SAE {call.sae} is not attached (attached: {self.runtime.sae_name or 'none'})")
+        if not call.index < sae.d_sae:
+            raise InvalidFeatureIndexError(f"index: {call.index} is outside 0..{sae.d_sae - 1} for SAE {call.sae}")
+        loaded = self.runtime.loaded
+        if self._unembedding is None or self._unembedding[0] is not loaded:  # once per load, not per page view
+            self._unembedding = (loaded, await in_thread(unembedding_with_gain, loaded.model))
+        promoted, suppressed = await in_thread(feature_logits, sae.W_dec[call.index], self._unembedding[1],
+                                               loaded.tokenizer, count=call.count)
+        return m.FeatureLogits(sae=call.sae, index=call.index,
+                               promoted=[m.TokenLogit(**vars(t)) for t in promoted],
+                               suppressed=[m.TokenLogit(**vars(t)) for t in suppressed])
 
     async def call_lease(self, call: m.Lease) -> None:
         now = time.monotonic()

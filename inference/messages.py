@@ -120,6 +120,15 @@ class Generate(Call):
     lease_s: float | None = None
 
 
+class FeatureLogitLens(Call):
+    """The tokens one feature's decoder direction promotes and suppresses (`W_dec[i] @ W_U`)."""
+
+    type: Literal["feature_logit_lens"] = "feature_logit_lens"
+    sae: str
+    index: int = Field(ge=0)
+    count: int = Field(10, ge=1, le=100)
+
+
 class Cancel(Message):
     type: Literal["cancel"] = "cancel"
     request_id: str
@@ -134,7 +143,7 @@ class Lease(Message):
 
 AnyCall = Annotated[
     Ping | LoadModel | UnloadModel | AttachSae | DetachSae | SetSteering | ConfigureMonitoring | GetStatistics
-    | ResetStatistics | Embed | Generate | Cancel | Lease,
+    | ResetStatistics | Embed | Generate | Cancel | FeatureLogitLens | Lease,
     Field(discriminator="type"),
 ]
 _CALL = TypeAdapter(AnyCall)
@@ -229,6 +238,20 @@ class Embeddings(Message):
     prompt_tokens: int
 
 
+class TokenLogit(Message):
+    token_id: int
+    text: str
+    logit: float
+
+
+class FeatureLogits(Message):
+    type: Literal["feature_logits"] = "feature_logits"
+    sae: str
+    index: int
+    promoted: list[TokenLogit]
+    suppressed: list[TokenLogit]
+
+
 class Started(Message):
     type: Literal["started"] = "started"
     worker_channel: str  # the generating process's own channel: cancel and liveness pings go there
@@ -312,7 +335,7 @@ class Applied(Message):
 
 AnyReply = Annotated[
     Pong | Loaded | Unloaded | Attached | Detached | SteeringSet | MonitoringSettings | Statistics | StatisticsReset
-    | Embeddings | Started | Chunk | Done | Error | Skipped | Received | Applied,
+    | Embeddings | Started | Chunk | Done | Error | Skipped | Received | Applied | FeatureLogits,
     Field(discriminator="type"),
 ]
 _REPLY = TypeAdapter(AnyReply)

@@ -14,4 +14,9 @@ urlpatterns = [
     path("steering/save-profile", views.steering_save_profile_action, name="save-profile"),
     path("saes/<slug:name>/features/<int:index>/", views.feature_page, name="feature"),
     path("saes/<slug:name>/features/<int:index>/label", views.feature_label_action, name="feature-label"),
+    path("saes/<slug:name>/features/<int:index>/contexts", views.feature_contexts_fragment, name="feature-contexts"),
+    path("saes/<slug:name>/features/<int:index>/contexts/build", views.feature_contexts_action,
+         name="feature-contexts-build"),
+    path("saes/<slug:name>/features/<int:index>/logit-lens", views.feature_logit_lens_fragment, name="feature-logit-lens"),
+    path("saes/<slug:name>/features/<int:index>/live-stats", views.feature_live_stats_fragment, name="feature-live-stats"),
 ]

@@ -9,13 +9,15 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
+from inference.client import inference_client
 from millm_site.errors import MillmError, ModelNotLoaded, SaeNotAttached, ValidationFailed
 from millm_site.htmx import error_fragment
 from profiles.from_steering import profile_save_from_steering
 from steering import steering_services
+from steering.feature_contexts import contexts_request, contexts_status, feature_corpus_facts
 from steering.feature_facts import feature_file_stats, similar_features
 from steering.feature_services import feature_label_edit
-from steering.models import SteeringState
+from steering.models import SaeStatus, SteeringState
 from steering.sae_attachment import sae_attach_request, sae_detach_request
 from steering.selectors import feature_search_page, sae_get, sae_list
 from steering.text_diff import same_share, word_diff
@@ -202,8 +204,75 @@ def feature_page(request, name: str, index: int):
     context = {"sae": sae, "index": index, "label": label, "stats": feature_file_stats(sae=sae, index=index),
                "similar": similar_features(sae=sae, index=index), "steered": steered, "state": state,
                "recommended": getattr(label, "recommended_strength", None), "nav": "steering",
-               "attached": steering_services.attached_sae()}
+               "attached": steering_services.attached_sae(), **_contexts_context(sae, index)}
     return render(request, "steering/feature.html", context)
+
+
+def _feature_sae(name: str, index: int):
+    sae = sae_get(name=name)
+    if not 0 <= index < sae.d_sae:
+        raise ValidationFailed(f"Feature {index} is outside 0..{sae.d_sae - 1} for SAE {sae.name}")
+    return sae
+
+
+def feature_contexts_fragment(request, name: str, index: int):
+    """The top-activating contexts, or the build's progress (polled while it runs), or the button to start it."""
+    try:
+        sae = _feature_sae(name, index)
+    except MillmError as exc:
+        return error_fragment(request, exc)
+    return render(request, "steering/_feature_contexts.html", _contexts_context(sae, index))
+
+
+def _contexts_context(sae, index: int) -> dict:
+    facts = feature_corpus_facts(sae=sae, index=index)
+    status = contexts_status(sae=sae)
+    return {"sae": sae, "index": index, "corpus": facts, "build": status,
+            "percent": round(100 * status["done"] / status["total"]) if status.get("total") else 0}
+
+
+@require_POST
+def feature_contexts_action(request, name: str, index: int):
+    try:
+        sae = _feature_sae(name, index)
+    except MillmError as exc:
+        return error_fragment(request, exc)
+    contexts_request(sae=sae)
+    return render(request, "steering/_feature_contexts.html", _contexts_context(sae, index))
+
+
+async def feature_logit_lens_fragment(request, name: str, index: int):
+    """The tokens the feature's decoder direction promotes and suppresses, read by the inference process."""
+    try:
+        sae = await sync_to_async(_feature_sae)(name, index)
+    except MillmError as exc:
+        return error_fragment(request, exc)
+    context: dict = {"sae": sae}
+    if sae.status != SaeStatus.ATTACHED:
+        context["detached"] = True  # the lens needs the model's unembedding: only a loaded model has it
+    else:
+        try:
+            context["lens"] = await inference_client().feature_logit_lens(model=sae.model.name, sae=sae.name,
+                                                                          index=index)
+        except MillmError as exc:
+            context["problem"] = exc.message
+    return await sync_to_async(render)(request, "steering/_feature_logit_lens.html", context)
+
+
+async def feature_live_stats_fragment(request, name: str, index: int):
+    """This feature's running statistics from monitoring (since the last reset), when its SAE is attached."""
+    context: dict = {"index": index}
+    try:
+        sae = await sync_to_async(_feature_sae)(name, index)
+        if sae.status == SaeStatus.ATTACHED:
+            stats = await inference_client().statistics(top=sae.d_sae, by="mean")
+            context["total_tokens"] = stats.total_tokens
+            context["live"] = next((f for f in stats.top if f.index == index), None)
+        else:
+            context["detached"] = True
+    except MillmError as exc:
+        context["problem"] = exc.message
+    return await sync_to_async(render)(request, "steering/_feature_live_stats.html", context)
 
 
 @require_POST

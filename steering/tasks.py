@@ -1,0 +1,78 @@
+"""Celery tasks of the feature pages: an SAE's top-activating contexts, computed in the worker.
+
+The worker loads the SAE's model on the CPU for the run (the web tier never holds weights) and runs
+the corpus: recent history first, then the demo corpus — chats in the model's own template and plain
+prose — until CORPUS_TOKENS tokens. Progress and the outcome go to the status file the page polls.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+from django.conf import settings
+
+from engine.assets.demo_corpus import chat_conversations, docstring_texts, writing_texts
+from engine.feature_lens import corpus_activations
+from engine.loading import load_model
+from engine.sae import load_sae
+from millm_site.celery import app
+from monitoring.models import RequestRecord
+from steering.feature_contexts import (
+    CORPUS_TOKENS,
+    HISTORY_TEXTS,
+    contexts_save,
+    contexts_status,
+    write_status,
+)
+from steering.models import SparseAutoencoder
+
+log = structlog.get_logger("millm.features")
+
+
+def _corpus(tokenizer: Any) -> list[str]:
+    texts = [f"{r.prompt}{r.output}" for r in RequestRecord.objects.order_by("-created_at")[:HISTORY_TEXTS]
+             if r.prompt or r.output]
+    chats = chat_conversations(count=360)
+    if getattr(tokenizer, "chat_template", None):
+        texts += [tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
+    else:
+        texts += ["\n".join(m["content"] for m in c) for c in chats]
+    return texts + writing_texts() + docstring_texts()
+
+
+@app.task(name="steering.tasks.feature_contexts_build")
+def feature_contexts_build(*, sae_name: str, max_tokens: int = CORPUS_TOKENS) -> dict[str, Any]:
+    """Run the corpus through the SAE's model and save every nonzero activation."""
+    sae = SparseAutoencoder.objects.select_related("model").get(name=sae_name)
+    write_status(sae, "running", total=max_tokens, message="loading the model")
+    started = time.monotonic()
+    try:
+        if settings.TORCH_THREADS:
+            torch.set_num_threads(settings.TORCH_THREADS)
+        model = sae.model
+        loaded = load_model(model.local_path, dtype="float32", gguf_file=model.gguf_file or None, device="cpu")
+        weights = load_sae(sae.local_path, device="cpu", dtype=torch.float32)
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            if time.monotonic() - last[0] > 0.5:  # a status write per half second, not per text
+                last[0] = time.monotonic()
+                write_status(sae, "running", done=done, total=total)
+
+        acts = corpus_activations(loaded.model, loaded.tokenizer, weights, _corpus(loaded.tokenizer),
+                                  max_tokens=max_tokens, progress=progress)
+        loaded.unload()
+        contexts_save(sae=sae, token_text=np.array(acts.token_text, dtype=str), doc_start=acts.doc_start,
+                      rows=acts.rows, features=acts.features, values=acts.values)
+    except Exception as exc:
+        log.exception("feature_contexts_failed", sae=sae_name)
+        message = getattr(exc, "message", None) or type(exc).__name__  # engine errors say what; never a path
+        write_status(sae, "error", message=f"The contexts could not be computed: {message}")
+        raise
+    tokens = len(acts.token_text)
+    write_status(sae, "done", done=tokens, total=tokens, message=f"{tokens:,} tokens in {time.monotonic() - started:.1f} s")
+    return contexts_status(sae=sae)
