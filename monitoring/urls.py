@@ -8,6 +8,7 @@ app_name = "monitoring"
 urlpatterns = [
     path("", views.home_page, name="home"),
     path("monitor/", views.monitor_page, name="monitor"),
+    path("monitor/configure", views.monitor_configure_action, name="monitor-configure"),
     path("history/", views.history_list_page, name="history"),
     path("history/export", views.history_export_download, name="history-export"),
     path("history/<str:request_id>/", views.history_detail_page, name="history-detail"),

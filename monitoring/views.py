@@ -5,13 +5,16 @@ from __future__ import annotations
 from urllib.parse import urlencode
 
 import psutil
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpResponse
 from django.shortcuts import render
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_GET, require_POST
 
 from catalog.selectors import model_list
-from millm_site.errors import NotFound
+from millm_site.errors import MillmError, NotFound, ValidationFailed
+from millm_site.htmx import error_fragment
+from monitoring.capture_services import capture_configure
 from monitoring.forms import HistoryFilterForm
 from monitoring.heatmap import heatmap, user_prompt
 from monitoring.history_export import history_export_response
@@ -21,7 +24,7 @@ from monitoring.history_selectors import (
     history_record_get,
 )
 from monitoring.metrics import CONTENT_TYPE, registry
-from monitoring.models import RequestRecord
+from monitoring.models import CaptureSettings, RequestRecord
 from monitoring.system_status import inference_ping, system_publisher
 from steering.models import SparseAutoencoder
 from steering.selectors import sae_list
@@ -39,7 +42,32 @@ def monitor_page(request):
     recent = list(RequestRecord.objects.defer("token_features")[:20])
     for record in recent:
         record.user_prompt = user_prompt(record.prompt)
-    return render(request, "monitoring/monitor.html", {"recent": recent, "nav": "monitor"})
+    return render(request, "monitoring/monitor.html", {"recent": recent, "nav": "monitor",
+                                                       "capture": CaptureSettings.current()})
+
+
+def _pinned_features(text: str) -> list[int]:
+    try:
+        return sorted({int(part) for part in text.replace(",", " ").split()})
+    except ValueError:
+        raise ValidationFailed("features: feature indices, separated by commas or spaces (e.g. 12, 40)",
+                               details={"field": "features"}) from None
+
+
+@require_POST
+async def monitor_configure_action(request):
+    """The Monitor's controls: capture on/off, top-k, pinned features — the same service as the API."""
+    try:
+        try:
+            top_k = int(request.POST.get("top_k", ""))
+        except ValueError:
+            raise ValidationFailed("top_k: a whole number between 1 and 100", details={"field": "top_k"}) from None
+        data = await capture_configure(enabled=request.POST.get("enabled") == "on", top_k=top_k,
+                                       features=_pinned_features(request.POST.get("features", "")))
+    except MillmError as exc:
+        return error_fragment(request, exc)
+    capture = {"enabled": data["enabled"], "top_k": data["top_k"], "features": data["features"]}
+    return await sync_to_async(render)(request, "monitoring/_monitor_controls.html", {"capture": capture, "saved": True})
 
 
 def history_list_page(request):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from monitoring.models import CaptureSettings
 from tests.api.conftest import inference_worker  # noqa: F401 - a real inference process in a thread
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -42,3 +43,21 @@ def test_running_statistics_count_the_feature_after_a_chat(client, serving):
     assert "Tokens seen" in html and "Active ratio" in html
     tokens = int(html.split("Tokens seen</th><td class=\"num\">")[1].split("<")[0])
     assert tokens >= 8
+
+
+def test_monitor_controls_configure_capture_twice_and_refuse_bad_input(client, serving):
+    page = client.get("/monitor/").content.decode()
+    assert 'id="monitor-controls"' in page and 'id="monitor-pause"' in page
+    html = client.post("/monitor/configure", {"enabled": "on", "top_k": "5", "features": "7, 42"}, **HX).content.decode()
+    assert "Capture on, top-5, pinned 7, 42." in html
+    row = CaptureSettings.current()
+    assert (row.enabled, row.top_k, row.features) == (True, 5, [7, 42])
+    html = client.post("/monitor/configure", {"top_k": "12", "features": ""}, **HX).content.decode()
+    assert "Capture off, top-12." in html and 'id="capture-enabled" checked' not in html
+    row = CaptureSettings.current()
+    assert (row.enabled, row.top_k, row.features) == (False, 12, [])
+    for bad in ({"top_k": "x"}, {"top_k": "500"}, {"top_k": "5", "features": "7, cat"}, {"top_k": "5", "features": "-3"}):
+        refused = client.post("/monitor/configure", {"enabled": "on", **bad}, **HX)
+        assert refused["HX-Retarget"] == "#action-error", bad
+    row = CaptureSettings.current()
+    assert (row.enabled, row.top_k, row.features) == (False, 12, [])

@@ -63,3 +63,49 @@ document.addEventListener("htmx:afterSettle", (event) => {
     if (dirty) dirty.hidden = true;
   }
 });
+
+// Monitor: pause/resume the live stream (messages arriving while paused are dropped and counted),
+// clear, and a separator wherever the stream passes from one request to another (newest first).
+(() => {
+  let paused = false;
+  let skipped = 0;
+  document.addEventListener("click", (event) => {
+    const button = event.target.closest("#monitor-pause, #monitor-clear");
+    if (!button) return;
+    if (button.id === "monitor-clear") {
+      document.getElementById("activation-log").replaceChildren();
+      return;
+    }
+    paused = !paused;
+    skipped = 0;
+    button.textContent = paused ? "Resume" : "Pause";
+    button.dataset.paused = String(paused);
+    const note = document.getElementById("monitor-skipped");
+    note.hidden = !paused;
+    note.textContent = "Paused";
+  });
+  document.addEventListener("htmx:wsBeforeMessage", (event) => {
+    if (!paused || !document.getElementById("monitor-stream")) return;
+    event.preventDefault();
+    skipped += 1;
+    document.getElementById("monitor-skipped").textContent = `Paused · ${skipped} update(s) not shown`;
+  });
+  document.addEventListener("htmx:wsAfterMessage", () => {
+    const log = document.getElementById("activation-log");
+    if (!log) return;
+    for (const frame of log.querySelectorAll(".frame:not([data-seen])")) {
+      frame.dataset.seen = "1";
+      let older = frame.nextElementSibling;
+      while (older && !older.classList.contains("frame")) older = older.nextElementSibling;
+      if (older && older.dataset.request !== frame.dataset.request && !frame.nextElementSibling.classList.contains("request-sep")) {
+        const sep = document.createElement("div");
+        sep.className = "request-sep";
+        const link = document.createElement("a");
+        link.href = `/history/${encodeURIComponent(frame.dataset.request)}/`;
+        link.textContent = `request ${frame.dataset.request.slice(0, 12)}`;
+        sep.append("▲ ", link);
+        frame.after(sep);
+      }
+    }
+  });
+})();
