@@ -85,16 +85,25 @@ async def _renew_lease(client: InferenceClient, worker_channel: str, request_id:
 
 async def _answer_wait(client: InferenceClient, model: str) -> float:
     """How long to wait for `started`: MILLM_INFERENCE_TIMEOUT, or the start bound while no process serves
-    the model yet but one is on record (it is restoring its model after a start or a restart)."""
+    the model yet but one is on record (restoring its model) or is expected (`serve` is starting one)."""
     if model in await client._routes():  # the usual case: no extra Redis round trip
         return settings.INFERENCE_TIMEOUT_S
     try:
         records = await registry.processes_live()
     except Exception:
         return settings.INFERENCE_TIMEOUT_S
-    if records and not any(r.loaded_model == model for r in records):
+    starting = (records and not any(r.loaded_model == model for r in records)) or (
+        not records and settings.INFERENCE_EXPECTED)
+    if starting:
         return max(settings.INFERENCE_TIMEOUT_S, settings.INFERENCE_START_TIMEOUT_S)
     return settings.INFERENCE_TIMEOUT_S
+
+
+async def _still_served(model: str) -> bool:
+    try:
+        return any(r.loaded_model == model for r in await registry.processes_live())
+    except Exception:
+        return False
 
 
 async def generate(*, model: str, prompt: str | None, messages: list | None, params: dict[str, Any],
@@ -143,6 +152,10 @@ async def generate(*, model: str, prompt: str | None, messages: list | None, par
             done, _ = await asyncio.wait({pending}, timeout=LIVENESS_CHECK_S)
             if not done:
                 silent_s += LIVENESS_CHECK_S
+                if worker_channel is None and silent_s >= answer_wait and await _still_served(model):
+                    # A busy process that keeps its heartbeat is alive: a burst of requests is not an outage.
+                    answer_wait = min(silent_s + settings.INFERENCE_TIMEOUT_S,
+                                      max(settings.INFERENCE_TIMEOUT_S, settings.INFERENCE_START_TIMEOUT_S))
                 if worker_channel is None and silent_s >= answer_wait:
                     await fail("error", "no inference process answered")
                     raise InferenceUnavailable("No inference process answered in time")

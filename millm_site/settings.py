@@ -140,6 +140,9 @@ INFERENCE_PROCESSES = env_int("MILLM_INFERENCE_PROCESSES", 1, minimum=1)  # how 
 # A request for a model no process serves yet while a process is on record (it is still restoring
 # its model after a start) waits this long for it instead of MILLM_INFERENCE_TIMEOUT.
 INFERENCE_START_TIMEOUT_S = env_float("MILLM_INFERENCE_START_TIMEOUT", 120.0, minimum=0.1)
+# An inference process is always meant to run (`serve` sets it for its children): with none on record yet,
+# one is starting, so requests wait the start bound too instead of a 503 after MILLM_INFERENCE_TIMEOUT.
+INFERENCE_EXPECTED = env_bool("MILLM_INFERENCE_EXPECTED", False)
 # max_tokens: the default when a request leaves it out (or null) and the most one may ask for.
 MAX_TOKENS_DEFAULT = env_int("MILLM_MAX_TOKENS_DEFAULT", 1024, minimum=1)
 # Prompts (text or chat messages) longer than this many UTF-8 bytes are refused before tokenizing.

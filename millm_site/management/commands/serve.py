@@ -1,3 +1,4 @@
+import os
 import socket
 import time
 
@@ -51,6 +52,8 @@ class Command(BaseCommand):
             Child("worker", python_argv("-m", "celery", "-A", "millm_site", "worker", "--pool=threads",
                                         "--concurrency=4", "--loglevel=WARNING")),
         ]
+        # daphne's requests wait for a starting inference process instead of a quick 503 (startup race).
+        os.environ["MILLM_INFERENCE_EXPECTED"] = "1"
         try:
             Supervisor(children, cwd=str(settings.BASE_DIR)).run(on_started=lambda: self._announce(host, port))
         except ChildFailedToStart as exc:
