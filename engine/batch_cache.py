@@ -60,19 +60,27 @@ class BatchKVCache:
     def _refresh(self) -> None:
         """Rebuild the per-row tensors after the rows or the width changed (not per step)."""
         self._pads_t = torch.tensor(self.pads, dtype=torch.long, device=self.device)
+        self._unpadded = max(self.pads, default=0) == 0
         columns = torch.arange(self.width, device=self.device)
         self.attention_mask = (columns.unsqueeze(0) >= self._pads_t.unsqueeze(1)).long()
         self._ones = torch.ones((len(self.pads), 1), dtype=torch.long, device=self.device)
 
-    def decode_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(attention mask over width + 1, position ids (B, 1)) for the next one-token step."""
-        mask = torch.cat([self.attention_mask, self._ones], dim=1)
-        positions = (self.width - self._pads_t).unsqueeze(1)
-        return mask, positions
+    def decode_inputs(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(attention mask over width + 1, position ids (B, 1)) for the next one-token step.
 
-    def commit_step(self, mask: torch.Tensor) -> None:
+        No row padded (a single stream, or rows of one width): the mask is all ones, and the model
+        would find that out itself each step (`mask.all()`, a host sync, then it drops the mask);
+        None says so without building it. The stored mask catches up when rows change (_refresh).
+        """
+        positions = (self.width - self._pads_t).unsqueeze(1)
+        if self._unpadded:
+            return None, positions
+        return torch.cat([self.attention_mask, self._ones], dim=1), positions
+
+    def commit_step(self, mask: torch.Tensor | None) -> None:
         """The step's forward pass appended one column to every layer."""
-        self.attention_mask = mask
+        if mask is not None:
+            self.attention_mask = mask
         self.width += 1
 
     def merge(self, other: BatchKVCache) -> None:

@@ -16,6 +16,11 @@ Q8 (`aten._weight_int8pack_mm`): symmetric per output row, scale = max|w| / 127,
 q = round(w / scale) ∈ [-127, 127], ŵ = q · scale; int8 [N, K] plus bfloat16 scales [N].
 With float32 activations this kernel is ~10× slower than a float32 matmul on an AVX2 CPU; with
 bfloat16 activations it is on par or faster (bench figures in docs/benchmarks.md), hence the cast.
+
+Siblings that read the same input (q/k/v projections; gate/up of a gated MLP) are fused into one
+quantized matrix [N_q + N_k + N_v, K]: the first sibling called runs one matmul (one cast in, one
+out) and the others take their column slices of its output. At one token per step on a small model
+the per-call overhead is a large share of each matmul, so fewer, wider calls pay.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 
 GROUP_SIZE = 32
 _Q4_ROWS = 16  # the int4 packing needs a multiple of 16 output rows
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # HF Llama/Mistral/Qwen/Gemma names
 KERNELS = {
     "q4": "torch int4 CPU kernel, group 32, bf16 activations",
     "q8": "torch int8 CPU kernel, per-row scales, bf16 activations",
@@ -35,11 +41,13 @@ class QuantizedLinear(nn.Module):
     """y = x ŵᵀ + b with ŵ stored quantized; `weight` dequantizes on access (for readers such as the
     feature lens, never the forward pass)."""
 
-    def __init__(self, linear: nn.Linear, quantization: str) -> None:
+    def __init__(self, linear: nn.Linear | list[nn.Linear], quantization: str) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        linears = linear if isinstance(linear, list) else [linear]  # several: their rows stacked
+        self.in_features = linears[0].in_features
+        self.out_features = sum(part.out_features for part in linears)
         self.quantization = quantization
-        weight = linear.weight.detach().float()
+        weight = torch.cat([part.weight.detach().float() for part in linears])
         if quantization == "q4":
             packed, scales_and_zeros = _quantize_q4(weight)
             self.register_buffer("packed_weight", packed)  # uint8 [N, K/2], the kernel's own layout
@@ -48,7 +56,8 @@ class QuantizedLinear(nn.Module):
             q, scales = _quantize_q8(weight)
             self.register_buffer("int8_weight", q)  # int8 [N, K]
             self.register_buffer("scales", scales)  # bf16 [N]
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        biases = [part.bias for part in linears]
+        self.bias = None if biases[0] is None else nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -69,6 +78,46 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.quantization}"
+
+
+class _SharedOutput:
+    """The fused product of the last input, kept until every sibling has taken its slice."""
+
+    def __init__(self, fused: QuantizedLinear, parts: int) -> None:
+        self.fused, self.parts = fused, parts
+        self.input: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        self.pending: set[int] = set()
+
+    def take(self, part: int, x: torch.Tensor) -> torch.Tensor:
+        if self.input is not x or part not in self.pending:  # a new input (or a repeat): compute once more
+            self.input, self.output, self.pending = x, self.fused(x), set(range(self.parts))
+        self.pending.discard(part)
+        output = self.output
+        if not self.pending:  # all siblings served: let go of the tensors
+            self.input = self.output = None
+        assert output is not None
+        return output
+
+
+class FusedSlice(nn.Module):
+    """One sibling of a fused group: columns [start, stop) of the group's output for the same input."""
+
+    def __init__(self, shared: _SharedOutput, part: int, start: int, stop: int) -> None:
+        super().__init__()
+        self.fused = shared.fused  # a submodule, so parameters(), buffers() and .to() see the weights
+        self._shared, self.part, self.start, self.stop = shared, part, start, stop
+        self.in_features, self.out_features = shared.fused.in_features, stop - start
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.fused.weight[self.start : self.stop]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._shared.take(self.part, x)[..., self.start : self.stop]
+
+    def extra_repr(self) -> str:
+        return f"rows {self.start}:{self.stop} of a fused {self.fused.quantization} group"
 
 
 def _quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +154,21 @@ def quantize_for_cpu(model: nn.Module, quantization: str) -> int:
     """
     replaced = 0
     for parent in list(model.modules()):
+        for names in SIBLINGS:
+            group = [getattr(parent, name, None) for name in names]
+            if all(quantizable(c) for c in group) and _fusable(group):
+                shared = _SharedOutput(QuantizedLinear(group, quantization), len(group))
+                start = 0
+                for part, (name, child) in enumerate(zip(names, group, strict=True)):
+                    setattr(parent, name, FusedSlice(shared, part, start, start + child.out_features))
+                    start += child.out_features
+                replaced += len(group)
         for name, child in list(parent.named_children()):
             if quantizable(child):
                 setattr(parent, name, QuantizedLinear(child, quantization))
                 replaced += 1
     return replaced
+
+
+def _fusable(group: list[nn.Linear]) -> bool:
+    return len({c.in_features for c in group}) == 1 and len({c.bias is None for c in group}) == 1

@@ -7,7 +7,7 @@ import torch
 
 from engine.generation import FinishEvent, GenerationRequest
 from engine.loading import estimate_memory_bytes, load_model
-from engine.quantization import GROUP_SIZE, KERNELS, QuantizedLinear
+from engine.quantization import GROUP_SIZE, KERNELS, FusedSlice, QuantizedLinear, quantize_for_cpu
 from engine.runtime import EngineRuntime
 from engine.sae import decoder_layers, load_sae
 from engine.sampling import SamplingParams
@@ -109,3 +109,29 @@ def test_steering_changes_the_text_on_the_quantized_model(test_tier_assets, mode
         assert _greedy(runtime) == plain
     finally:
         runtime.unload()
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        width = 2 * GROUP_SIZE
+        self.q_proj = torch.nn.Linear(width, width, bias=False)
+        self.k_proj = torch.nn.Linear(width, 32, bias=False)
+        self.v_proj = torch.nn.Linear(width, 32, bias=False)
+
+
+@pytest.mark.parametrize("quantization", ["q4", "q8"])
+def test_fused_siblings_give_each_its_own_product_whatever_the_call_order(quantization):
+    torch.manual_seed(0)
+    attention = _Attention()
+    alone = {name: QuantizedLinear(getattr(attention, name), quantization) for name in ("q_proj", "k_proj", "v_proj")}
+    assert quantize_for_cpu(attention, quantization) == 3
+    assert isinstance(attention.k_proj, FusedSlice)
+    x, other = torch.randn(3, 2 * GROUP_SIZE), torch.randn(3, 2 * GROUP_SIZE)
+    with torch.inference_mode():
+        # the model's order, then a different input half-way, then a repeat of one sibling
+        calls = [("q_proj", x), ("k_proj", x), ("v_proj", x), ("q_proj", other), ("k_proj", x),
+                 ("v_proj", other), ("k_proj", other), ("k_proj", other)]
+        for name, tensor in calls:
+            assert torch.allclose(getattr(attention, name)(tensor), alone[name](tensor), atol=1e-5), name
+    assert torch.allclose(attention.v_proj.weight, alone["v_proj"].weight)
