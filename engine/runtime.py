@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 import torch
+from safetensors.torch import load_file
 
 from engine.activation_frames import FrameBuilder
 from engine.chat import build_chat_prompt
@@ -29,7 +30,8 @@ from engine.sae import SaeWeights, load_sae
 from engine.sae_hook import SaeHook
 from engine.sampling import InvalidRequestError, SamplingParams
 from engine.scheduler import GenerationScheduler
-from engine.steering import CompiledSteering, SteeringSpec
+from engine.steering import CompiledSteering, SteeringSpec, compile_steering
+from engine.steering_layers import NORM_PROBE_TEXT, LayerSteeringHook, residual_norms
 from engine.throughput import ThroughputSampler
 
 
@@ -69,6 +71,10 @@ class EngineRuntime:
         self.model_name: str | None = None
         self.scheduler: GenerationScheduler | None = None
         self.hook = SaeHook()
+        # Steering spread over layers (SteeringSpec.layers) and what it and direction="concept" need.
+        self.layer_hook = LayerSteeringHook()
+        self.layer_norms: list[float] | None = None
+        self.concept_directions: torch.Tensor | None = None
         self.sae_name: str | None = None
         self.active_steering: CompiledSteering | None = None
         self.active_label = "none"
@@ -85,7 +91,7 @@ class EngineRuntime:
             loaded = load_model(path, dtype=dtype, quantization=quantization, gguf_file=gguf_file or None)
             self.loaded, self.model_name = loaded, name
             self.scheduler = GenerationScheduler(loaded, max_batch_size=self.max_batch_size,
-                                                 interceptors=[self.hook],
+                                                 interceptors=[self.hook, self.layer_hook],
                                                  max_tokens_default=self.max_tokens_default,
                                                  max_embed_tokens=self.max_embed_tokens).start()
             self.throughput.start()
@@ -98,6 +104,7 @@ class EngineRuntime:
                 self.scheduler.stop(drain_timeout_s=0.0)
                 self.scheduler = None
             self.hook.detach()
+            self.layer_hook.detach()
             self.sae_name, self.active_steering, self.active_label = None, None, "none"
             if self.loaded is not None:
                 self.loaded.unload()
@@ -127,6 +134,12 @@ class EngineRuntime:
             except (MemoryError, torch.OutOfMemoryError) as exc:
                 raise InsufficientMemoryError(f"not enough memory to load the SAE in {Path(path).name!r}") from exc
             attached = scheduler.call(lambda: self.hook.attach(self.loaded.model, sae)).result()
+            model, probe = self.loaded.model, self.loaded.tokenizer(NORM_PROBE_TEXT)["input_ids"]
+            scheduler.call(lambda: self.layer_hook.attach(model)).result()
+            self.layer_norms = scheduler.call(lambda: residual_norms(model, probe)).result()
+            concept = Path(path) / "concept_directions.safetensors"  # written by the demo build
+            self.concept_directions = (load_file(concept)["concept_directions"].to(attached.device)
+                                       if concept.is_file() else None)
             self.sae_name, self.active_steering, self.active_label = name, None, "none"
             monitored = [i for i in self.monitoring.features if i < attached.d_sae]
             scheduler.call(lambda: self.hook.set_monitored_features(monitored)).result()
@@ -148,8 +161,11 @@ class EngineRuntime:
         with self._lock:
             if self.scheduler is not None:
                 self.scheduler.call(self.hook.detach).result()
+                self.scheduler.call(self.layer_hook.detach).result()
             else:
                 self.hook.detach()
+                self.layer_hook.detach()
+            self.layer_norms = self.concept_directions = None
             self.sae_name, self.active_steering, self.active_label = None, None, "none"
 
     def compile(self, spec: SteeringSpec) -> CompiledSteering | None:
@@ -157,7 +173,8 @@ class EngineRuntime:
             return None
         if not self.hook.attached:
             raise SaeNotAttachedError("No SAE is attached: attach one before steering its features")
-        return self.hook.compile(spec)
+        return compile_steering(self.hook.sae, spec, layer_norms=self.layer_norms,
+                                concept_directions=self.concept_directions)
 
     def set_active_steering(self, spec: SteeringSpec, *, label: str) -> None:
         compiled = self.compile(spec)

@@ -151,3 +151,34 @@ def test_bad_layers_are_refused(sae, bad, message):
 def test_spread_without_norms_is_a_clear_error(sae):
     with pytest.raises(InvalidSteeringError, match="residual norms"):
         compile_steering(sae, spread(0, 2))
+
+
+def test_the_runtime_steers_over_layers_and_detach_forgets_the_norms(test_tier_assets):
+    from engine.generation import FinishEvent, GenerationRequest
+    from engine.runtime import EngineRuntime
+    from engine.sampling import SamplingParams
+
+    runtime = EngineRuntime()
+    runtime.load(name="tiny", path=str(test_tier_assets.model.local_path))
+    try:
+        def generate(steering=None) -> list[int]:
+            handle = runtime.scheduler.submit(GenerationRequest(
+                "The cat", SamplingParams(max_tokens=6, temperature=0.0), steering=steering))
+            return [e.token_id for e in handle if not isinstance(e, FinishEvent)]
+
+        plain = generate()
+        sae = runtime.attach_sae(name="sae", path=str(test_tier_assets.sae.local_path))
+        layers = len(runtime.layer_norms)
+        assert layers == runtime.loaded.model.config.num_hidden_layers and all(n > 0 for n in runtime.layer_norms)
+        others = tuple(n for n in range(layers) if n != sae.hook_layer)
+        compiled = runtime.compile(SteeringSpec(features=(SteeringFeature(7, 80.0),), layers=others))
+        assert not compiled.additive_delta.any() and sorted(compiled.other_layers) == list(others)
+        assert generate(compiled) != plain  # only the other layers steer, and they do
+        assert generate() == plain
+        with pytest.raises(InvalidSteeringError, match="no concept directions"):  # the test tier ships none
+            runtime.compile(SteeringSpec(features=(SteeringFeature(7, 1.0),), direction="concept"))
+        runtime.detach_sae()
+        assert runtime.layer_norms is None and not runtime.layer_hook.attached
+        assert generate() == plain
+    finally:
+        runtime.unload()
