@@ -3,30 +3,49 @@
 
 The hook reports captures per forward pass: the first token's event carries the whole prompt
 (prefill), each later event carries the previously generated token's position. A FrameBuilder per
-request keeps the positions and token ids straight.
+request and per consumer (the live monitor; the request's own `return_features`) keeps the positions
+and token ids straight and cuts the capture to what that consumer asked for: the hook keeps the
+largest top-k and the union of the features any row of the batch needs.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from engine.sae_hook import FeatureCapture
 
 
+def _captures(items: Iterable[Any]) -> Iterable[FeatureCapture]:
+    for item in items:
+        if isinstance(item, FeatureCapture):
+            yield item
+        elif isinstance(item, tuple):  # a row read both before and after steering in one pass
+            yield from (c for c in item if isinstance(c, FeatureCapture))
+
+
 class FrameBuilder:
-    def __init__(self, prompt_ids: Sequence[int], decode_token: Callable[[int], str]) -> None:
+    def __init__(self, prompt_ids: Sequence[int], decode_token: Callable[[int], str], *, top_k: int | None = None,
+                 features: Sequence[int] | None = None, steered: bool | None = None,
+                 positions: str = "all", stamp: bool = True) -> None:
+        """`top_k`/`features` None: all the capture holds; `steered` None: captures of either residual;
+        `positions` "prompt"/"generated" keeps only those frames; `stamp` adds `produced_at`."""
         self.prompt_ids = list(prompt_ids)
         self.decode_token = decode_token
         self.generated_ids: list[int] = []
+        self.top_k = top_k
+        self.features = tuple(features) if features is not None else None
+        self.steered = steered
+        self.positions = positions
+        self.stamp = stamp
 
     def frames(self, token_id: int, captures: Sequence[Any]) -> list[dict[str, Any]]:
         """Frames for the captures of the pass that produced `token_id` (then remember the token)."""
         frames = []
         produced_at = time.time()  # for the token -> WebSocket lag benchmark
-        for capture in captures:
-            if not isinstance(capture, FeatureCapture):
+        for capture in _captures(captures):
+            if self.steered is not None and capture.steered != self.steered:
                 continue
             for n, generated in enumerate(capture.generated):
                 if generated:
@@ -35,12 +54,20 @@ class FrameBuilder:
                 else:
                     position = n
                     input_id = self.prompt_ids[n]
-                features = {str(i): round(v, 4) for i, v in zip(capture.topk_indices[n], capture.topk_values[n],
-                                                               strict=True) if v > 0}
+                kind = "generated" if generated else "prompt"
+                if self.positions not in ("all", kind):
+                    continue
+                ranked = zip(capture.topk_indices[n], capture.topk_values[n], strict=True)
+                if self.top_k is not None:
+                    ranked = list(ranked)[:self.top_k]
+                features = {str(i): round(v, 4) for i, v in ranked if v > 0}
                 for index, values in capture.monitored.items():
-                    features[str(index)] = round(values[n], 4)
-                frames.append({"position": position, "type": "generated" if generated else "prompt",
-                               "token": self.decode_token(input_id), "token_id": input_id, "features": features,
-                               "produced_at": produced_at})
+                    if self.features is None or index in self.features:
+                        features[str(index)] = round(values[n], 4)
+                frame = {"position": position, "type": kind, "token": self.decode_token(input_id),
+                         "token_id": input_id, "features": features}
+                if self.stamp:
+                    frame["produced_at"] = produced_at
+                frames.append(frame)
         self.generated_ids.append(token_id)
         return frames

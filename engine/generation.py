@@ -28,6 +28,7 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     steering: Any | None = None  # opaque: handed to the interceptors in RowInfo
     monitor: bool = False  # interceptors capture per-token features for this request
+    features: Any | None = None  # the request's own per-token features (engine.request_features.FeatureRequest)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     prompt_param: str = "prompt"  # the API field errors about the prompt name ("messages" for chat)
 

@@ -18,6 +18,7 @@ class RowInfo:
     request_id: str
     steering: Any | None  # opaque to the scheduler: a CompiledSteering built by the steering module
     monitor: bool  # capture per-token features for this row
+    features: Any | None = None  # opaque: the request's own feature capture (engine.request_features)
 
 
 @dataclass(frozen=True)

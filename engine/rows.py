@@ -34,7 +34,8 @@ class Row:
         self.prompt_ids = prompt_ids
         self.params = request.params
         self.seed = effective_seed(request.params)
-        self.info = RowInfo(request_id=request.request_id, steering=request.steering, monitor=request.monitor)
+        self.info = RowInfo(request_id=request.request_id, steering=request.steering, monitor=request.monitor,
+                            features=request.features)
         self.max_tokens = max_tokens
         self.generated = 0
         self.done = False

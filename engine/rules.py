@@ -28,6 +28,12 @@ STRENGTH_UNITS: tuple[str, ...] = get_args(StrengthUnit)
 MAX_ABS_STRENGTH = 1000.0
 MAX_FEATURE_INDEX = (1 << 31) - 1  # what the transport carries; each SAE's own width is checked too
 
+# Features returned per request (`return_features`): which tokens, and how much per token.
+FeaturePositions = Literal["all", "prompt", "generated"]
+FEATURE_POSITIONS: tuple[str, ...] = get_args(FeaturePositions)
+MAX_RETURN_TOP_K = 100
+MAX_RETURN_FEATURES = 256
+
 
 def feature_index_problem(index: object, d_sae: int) -> str | None:
     """Why `index` is not a feature of an SAE `d_sae` wide, or None when it is."""

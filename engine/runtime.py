@@ -26,6 +26,7 @@ from engine.errors import InsufficientMemoryError, ModelNotLoadedError, SaeNotAt
 from engine.feature_stats import METRICS
 from engine.generation import GenerationRequest, RequestHandle
 from engine.loading import LoadedModel, load_model
+from engine.request_features import FeatureRequest, validate_feature_request
 from engine.sae import SaeWeights, load_sae
 from engine.sae_hook import SaeHook
 from engine.sampling import InvalidRequestError, SamplingParams
@@ -47,6 +48,7 @@ class Submitted:
     steering_label: str  # "none", "active", "profile:<name>", "inline"
     prompt_text: str
     frames: FrameBuilder | None  # set when the request is monitored
+    features: FrameBuilder | None = None  # set when the request asks for its own features (return_features)
 
 
 @dataclass
@@ -192,11 +194,16 @@ class EngineRuntime:
 
     def submit(self, *, request_id: str, model: str | None, prompt: str | None, messages: list | None,
                params: dict[str, Any], steering: SteeringSpec | None, steering_label: str = "inline",
-               monitor: bool | None = None) -> Submitted:
+               monitor: bool | None = None, features: FeatureRequest | None = None) -> Submitted:
         """Queue a generation; `steering` None runs the active steering, `monitor` None follows the
-        monitoring settings. Blocking (tokenizes): call it from a worker thread."""
+        monitoring settings, `features` asks for the request's own per-token features.
+        Blocking (tokenizes): call it from a worker thread."""
         scheduler = self.require_model(model)
         self._check_prompt_size(prompt, messages)
+        if features is not None:
+            if not self.hook.attached:
+                raise SaeNotAttachedError("return_features: no SAE is attached, so there are no features to return")
+            validate_feature_request(features, d_sae=self.hook.sae.d_sae)
         compiled, label = self.resolve_steering(steering, steering_label)
         sampling = SamplingParams(**{k: v for k, v in params.items() if v is not None})
         tokenizer = self.loaded.tokenizer
@@ -210,10 +217,18 @@ class EngineRuntime:
             prompt_ids, prompt_text, prompt_param = list(tokenizer(prompt)["input_ids"]), prompt, "prompt"
         monitored = (self.monitoring.enabled if monitor is None else monitor) and self.hook.attached
         request = GenerationRequest(prompt=prompt_ids, params=sampling, steering=compiled, monitor=monitored,
-                                    request_id=request_id, prompt_param=prompt_param)
-        frames = FrameBuilder(prompt_ids, lambda token_id: tokenizer.decode([token_id])) if monitored else None
+                                    request_id=request_id, prompt_param=prompt_param, features=features)
+        def decode(token_id: int) -> str:
+            return tokenizer.decode([token_id])
+
+        hook = self.hook
+        frames = (FrameBuilder(prompt_ids, decode, top_k=hook.top_k, features=hook.monitored_features,
+                               steered=hook.capture_after_steering) if monitored else None)
+        returned = (FrameBuilder(prompt_ids, decode, top_k=features.top_k, features=features.features,
+                                 steered=features.after_steering, positions=features.positions, stamp=False)
+                    if features is not None else None)
         return Submitted(handle=scheduler.submit(request), steering_label=label, prompt_text=prompt_text,
-                         frames=frames)
+                         frames=frames, features=returned)
 
     def _check_prompt_size(self, prompt: str | None, messages: list | None) -> None:
         """Refuse an oversized prompt before tokenizing it (megabytes take seconds to tokenize)."""

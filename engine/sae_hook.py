@@ -2,10 +2,13 @@
 features for the monitored rows (a ForwardInterceptor, see protocols.py).
 
 Per forward pass, at the output of decoder layer L (the SAE's hook layer):
-1. monitoring: for rows with monitor=True, f = encode(h) once; per token the top-k features and the
-   values of the explicitly monitored features are kept as tensors, and the running statistics
-   are updated (valid positions only). Capture reads h *before* steering by default: what the
-   model itself represents there (`capture_after_steering=True` shows the steered residual instead).
+1. capture: for rows with monitor=True and rows whose request asks for its features (RowInfo.features,
+   engine/request_features.py), f = encode(h) once per residual read; per token the top-k features
+   (k = the largest any row needs) and the values of the explicitly monitored or requested features
+   are kept as tensors, and the running statistics are updated (monitored rows, valid positions
+   only). Monitoring reads h *before* steering by default: what the model itself represents there
+   (`capture_after_steering=True` shows the steered residual instead); a request chooses its own
+   (`after_steering`), so one pass may encode twice: before steering and after.
 2. steering: each row's CompiledSteering (or none), batched by `apply_steering`.
 Lists for the caller are built once per pass, in `collect()`, after the forward pass.
 3. timing: each stage's wall time per pass goes to the `millm_sae_hook_seconds` histogram
@@ -50,20 +53,36 @@ class FeatureCapture:
     generated: list[bool]  # per captured token: was its input token generated (not prompt)
     topk_indices: list[list[int]]  # per token, feature indices by decreasing activation
     topk_values: list[list[float]]
-    monitored: dict[int, list[float]]  # monitored feature -> its value at each captured token
+    monitored: dict[int, list[float]]  # monitored or requested feature -> its value at each captured token
+    steered: bool = False  # read after steering (the steered residual) rather than before
+
+
+@dataclass(frozen=True, eq=False)
+class _CaptureGroup:
+    """The rows one residual read (before or after steering) encodes, and what they need of it."""
+
+    rows: torch.Tensor  # (Bc,) long
+    covers_all_rows: bool
+    request_ids: tuple[str, ...]
+    top_k: int  # the largest k any of these rows needs (each row's own k is cut in the frame builders)
+    features: tuple[int, ...]  # union of the monitored and the requested features
+    feature_index: torch.Tensor | None  # (F,) long
+    statistics_rows: torch.Tensor | None  # (Bc, 1) bool: the monitored rows; None: none (no statistics)
+    steered: bool
 
 
 @dataclass(frozen=True, eq=False)
 class _BatchPlan:
     rows: tuple[RowInfo, ...]
     steering: SteeringBatch
-    monitor_rows: torch.Tensor | None  # (Bm,) long; None when no row is monitored
-    monitor_covers_all_rows: bool
-    monitor_request_ids: tuple[str, ...]
+    capture_before: _CaptureGroup | None  # rows read before steering; None when none
+    capture_after: _CaptureGroup | None  # rows read after steering
+    monitoring: tuple  # (top_k, capture_after_steering, monitored features) the groups were built for
 
 
 @dataclass(frozen=True, eq=False)
 class _PendingCapture:
+    group: _CaptureGroup
     request_ids: tuple[str, ...]
     topk_indices: torch.Tensor  # (Bm, T, k)
     topk_values: torch.Tensor  # (Bm, T, k)
@@ -95,7 +114,7 @@ class SaeHook:
         self._default_steering: CompiledSteering | None = None
         self._default_batch: SteeringBatch | None = None
         self._plan: _BatchPlan | None = None
-        self._pending: _PendingCapture | None = None
+        self._pending: list[_PendingCapture] = []
 
     @property
     def attached(self) -> bool:
@@ -140,7 +159,7 @@ class SaeHook:
         self._default_steering = None
         self._default_batch = None
         self._plan = None
-        self._pending = None
+        self._pending = []
 
     def compile(self, spec: SteeringSpec) -> CompiledSteering:
         """compile_steering against the attached SAE (on the model's device and dtype)."""
@@ -164,11 +183,12 @@ class SaeHook:
         self._monitored_index = (
             torch.tensor(self.monitored_features, dtype=torch.long, device=sae.device) if indices else None
         )
+        self._plan = None  # the capture groups carry the monitored features
 
     # ForwardInterceptor -------------------------------------------------------------------------
 
     def set_context(self, context: ForwardContext | None) -> None:
-        self._pending = None
+        self._pending = []
         if context is not None and self.sae is not None:
             rows = len(context.rows)
             if (
@@ -188,11 +208,20 @@ class SaeHook:
                 )
         self._context = context
 
-    def collect(self) -> dict[str, FeatureCapture]:
-        """The captures of the last forward pass, as Python lists (one host transfer per tensor)."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return {}
+    def collect(self) -> dict[str, FeatureCapture | tuple[FeatureCapture, ...]]:
+        """The captures of the last forward pass, as Python lists (one host transfer per tensor).
+
+        A row read both before and after steering gets a tuple of its two captures."""
+        pendings, self._pending = self._pending, []
+        captures: dict[str, FeatureCapture | tuple[FeatureCapture, ...]] = {}
+        for pending in pendings:
+            for request_id, capture in self._collect_one(pending).items():
+                earlier = captures.get(request_id)
+                captures[request_id] = capture if earlier is None else (earlier, capture)  # type: ignore[assignment]
+        return captures
+
+    @staticmethod
+    def _collect_one(pending: _PendingCapture) -> dict[str, FeatureCapture]:
         valid = pending.valid.cpu().tolist()
         generated = pending.generated.cpu().tolist()
         indices = pending.topk_indices.cpu().tolist()
@@ -205,7 +234,7 @@ class SaeHook:
             positions = [t for t, is_valid in enumerate(valid[row]) if is_valid]
             monitored_by_feature = {
                 feature: [monitored[row][t][m] for t in positions] if monitored is not None else []
-                for m, feature in enumerate(self.monitored_features)
+                for m, feature in enumerate(pending.group.features)
             }
             captures[request_id] = FeatureCapture(
                 input_positions=positions,
@@ -213,6 +242,7 @@ class SaeHook:
                 topk_indices=[indices[row][t] for t in positions],
                 topk_values=[values[row][t] for t in positions],
                 monitored=monitored_by_feature,
+                steered=pending.group.steered,
             )
         return captures
 
@@ -251,14 +281,14 @@ class SaeHook:
                 "set_context must be called before every forward pass (None for a plain call)"
             )
         plan = self._plan_for(context, hidden)
-        if plan.monitor_rows is not None and not self.capture_after_steering:
-            self._capture(hidden, context, plan)
+        if plan.capture_before is not None:
+            self._capture(hidden, context, plan.capture_before)
         start = time.perf_counter_ns()
         steered = apply_steering(hidden, plan.steering, context.generated_mask, context.valid_mask)
         if self._timer is not None and steered is not hidden:  # unsteered batches: nothing ran, nothing to time
             self._timer.steering(time.perf_counter_ns() - start)
-        if plan.monitor_rows is not None and self.capture_after_steering:
-            self._capture(steered, context, plan)
+        if plan.capture_after is not None:
+            self._capture(steered, context, plan.capture_after)
         return steered
 
     def _plan_for(self, context: ForwardContext, hidden: torch.Tensor) -> _BatchPlan:
@@ -269,48 +299,77 @@ class SaeHook:
             and plan.rows == context.rows
             and plan.steering.device == hidden.device
             and plan.steering.dtype == hidden.dtype
+            and plan.monitoring == (self.top_k, self.capture_after_steering, self.monitored_features)
         ):
             return plan
-        monitored = [i for i, row in enumerate(context.rows) if row.monitor]
         plan = self._plan = _BatchPlan(
             rows=context.rows,
             steering=batch_steering(
                 [row.steering for row in context.rows], device=hidden.device, dtype=hidden.dtype
             ),
-            monitor_rows=torch.tensor(monitored, dtype=torch.long, device=hidden.device)
-            if monitored
-            else None,
-            monitor_covers_all_rows=len(monitored) == len(context.rows),
-            monitor_request_ids=tuple(context.rows[i].request_id for i in monitored),
+            capture_before=self._capture_group(context.rows, hidden.device, steered=False),
+            capture_after=self._capture_group(context.rows, hidden.device, steered=True),
+            monitoring=(self.top_k, self.capture_after_steering, self.monitored_features),
         )
         return plan
 
-    def _capture(self, hidden: torch.Tensor, context: ForwardContext, plan: _BatchPlan) -> None:
+    def _capture_group(self, rows: tuple[RowInfo, ...], device: torch.device, *, steered: bool) -> _CaptureGroup | None:
+        """The rows that read the residual before (or after) steering, and the k and features they need."""
+        monitors = self.capture_after_steering == steered
+        chosen, monitored_rows, top_k, features = [], [], 0, list(self.monitored_features) if monitors else []
+        for i, row in enumerate(rows):
+            asks = getattr(row, "features", None)
+            wants = asks is not None and asks.after_steering == steered
+            if not (wants or (row.monitor and monitors)):
+                continue
+            chosen.append(i)
+            monitored_rows.append(row.monitor and monitors)
+            if row.monitor and monitors:
+                top_k = max(top_k, self.top_k)
+            if wants:
+                top_k = max(top_k, asks.top_k)
+                features.extend(f for f in asks.features if f not in features)
+        if not chosen:
+            return None
+        d_sae = self.sae.d_sae if self.sae is not None else top_k
+        return _CaptureGroup(
+            rows=torch.tensor(chosen, dtype=torch.long, device=device),
+            covers_all_rows=len(chosen) == len(rows),
+            request_ids=tuple(rows[i].request_id for i in chosen),
+            top_k=max(1, min(top_k, d_sae)),
+            features=tuple(features),
+            feature_index=torch.tensor(features, dtype=torch.long, device=device) if features else None,
+            statistics_rows=torch.tensor(monitored_rows, dtype=torch.bool, device=device).unsqueeze(1)
+            if any(monitored_rows) else None,
+            steered=steered,
+        )
+
+    def _capture(self, hidden: torch.Tensor, context: ForwardContext, group: _CaptureGroup) -> None:
         sae = self._require_sae()
-        rows = plan.monitor_rows
+        rows = group.rows
 
         def monitored_rows(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor if plan.monitor_covers_all_rows else tensor.index_select(0, rows)
+            return tensor if group.covers_all_rows else tensor.index_select(0, rows)
 
         start = time.perf_counter_ns()
         features = sae.encode(monitored_rows(hidden))  # (Bm, T, d_sae)
         encoded = time.perf_counter_ns()
         valid = monitored_rows(context.valid_mask)
-        top_values, top_indices = torch.topk(features, k=min(self.top_k, sae.d_sae), dim=-1)
-        self._pending = _PendingCapture(
-            request_ids=plan.monitor_request_ids,
+        top_values, top_indices = torch.topk(features, k=group.top_k, dim=-1)
+        self._pending.append(_PendingCapture(
+            group=group,
+            request_ids=group.request_ids,
             topk_indices=top_indices,
             topk_values=top_values,
             monitored_values=(
-                features.index_select(-1, self._monitored_index)
-                if self._monitored_index is not None
-                else None
+                features.index_select(-1, group.feature_index) if group.feature_index is not None else None
             ),
             valid=valid,
             generated=monitored_rows(context.generated_mask),
-        )
-        if self.collect_statistics and self.statistics is not None:
-            self.statistics.update(features, include=valid)
+        ))
+        if self.collect_statistics and self.statistics is not None and group.statistics_rows is not None:
+            # Only monitored rows feed the statistics: a request asking for its own features does not.
+            self.statistics.update(features, include=valid & group.statistics_rows)
         if self._timer is not None:
             self._timer.encode(encoded - start)
             self._timer.capture(time.perf_counter_ns() - encoded)
