@@ -19,9 +19,13 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from millm_site import shutdown  # noqa: E402
 from millm_site.routing import guarded_websockets, websocket_urlpatterns  # noqa: E402
 
-http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else django_asgi_app
+# On SIGTERM/SIGINT, streams in flight end with an error event and [DONE] instead of a bare cut.
+shutdown.install_daphne_trigger()
+http_app = shutdown.graceful_http(ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC
+                                  else django_asgi_app)
 
 application = ProtocolTypeRouter(
     {

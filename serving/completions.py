@@ -5,6 +5,8 @@ Domain errors become OpenAI's error shape in one place, `openai_error`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,8 +17,9 @@ from asgiref.sync import sync_to_async
 from catalog.models import LanguageModel
 from inference import generation_stream
 from inference.generation_stream import GenerationReply
-from inference.messages import Chunk, Done, Steering, Token
-from millm_site.errors import MillmError
+from inference.messages import Chunk, Done, ReturnFeatures, Steering, Token
+from millm_site import shutdown
+from millm_site.errors import InferenceUnavailable, MillmError
 from monitoring.live import activation_publisher
 from monitoring.request_tracking import RequestTracker
 from profiles.models import Profile
@@ -114,8 +117,9 @@ async def _start(req: ChatCompletionRequest | CompletionRequest, *, endpoint: st
     steering = await steering_payload(target, req.steering)
     tracker = RequestTracker(endpoint=endpoint, model=target.model.name,
                              profile=target.profile.name if target.profile else "")
+    features = ReturnFeatures(**req.return_features.model_dump()) if req.return_features is not None else None
     stream = generation_stream.generate(model=target.model.name, prompt=prompt, messages=messages,
-                                        params=req.params(), steering=steering, observer=tracker,
+                                        params=req.params(), steering=steering, features=features, observer=tracker,
                                         on_frames=activation_publisher().offer)
     return stream, tracker
 
@@ -134,7 +138,7 @@ async def chat_completion(req: ChatCompletionRequest) -> tuple[dict | AsyncItera
                      "logprobs": chat_logprobs(result.tokens) if req.logprobs else None}],
         "usage": usage_body(result.prompt_tokens, result.completion_tokens),
     }
-    return body, _headers(result.steering, tracker)
+    return _with_features(body, req, result), _headers(result.steering, tracker)
 
 
 async def text_completion(req: CompletionRequest) -> tuple[dict | AsyncIterator[str], dict[str, str]]:
@@ -149,7 +153,14 @@ async def text_completion(req: CompletionRequest) -> tuple[dict | AsyncIterator[
                      "logprobs": completion_logprobs(result.tokens) if req.logprobs is not None else None}],
         "usage": usage_body(result.prompt_tokens, result.completion_tokens),
     }
-    return body, _headers(result.steering, tracker)
+    return _with_features(body, req, result), _headers(result.steering, tracker)
+
+
+def _with_features(body: dict, req: ChatCompletionRequest | CompletionRequest, result: Any) -> dict:
+    """`millm_features` only when the request asked (return_features): an OpenAI client ignores the key."""
+    if req.return_features is not None:
+        body["millm_features"] = result.features or {"sae": req.return_features.sae, "tokens": []}
+    return body
 
 
 def _headers(steering_label: str, tracker: RequestTracker) -> dict[str, str]:
@@ -168,9 +179,11 @@ async def _sse_stream(base: dict, stream: AsyncIterator[GenerationReply], *, inc
     for chunk in first:
         yield _sse({**base, **chunk})
     try:
-        async for message in stream:
-            if isinstance(message, Chunk) and message.text:
-                yield _sse({**base, "choices": [chunk_choice(message)]})
+        async for message in _until_shutdown(stream):
+            if isinstance(message, Chunk) and (message.text or message.features):
+                # return_features: each chunk carries the features of the tokens it brings
+                extra = {"millm_features": message.features} if message.features is not None else {}
+                yield _sse({**base, "choices": [chunk_choice(message)], **extra})
             elif isinstance(message, Done):
                 yield _sse({**base, "choices": [final_choice(message)], "millm_steering": message.steering})
                 if include_usage:
@@ -180,6 +193,35 @@ async def _sse_stream(base: dict, stream: AsyncIterator[GenerationReply], *, inc
     except MillmError as exc:
         yield _sse(openai_error(exc).body())
     yield _sse("[DONE]")
+
+
+async def _until_shutdown(stream: AsyncIterator[GenerationReply]) -> AsyncIterator[GenerationReply]:
+    """The stream's replies until the web process starts stopping (millm_site/shutdown.py); then the
+    generation is abandoned (its inference process is told to cancel) and INFERENCE_UNAVAILABLE raised,
+    so the client gets an error event and [DONE] instead of a connection cut mid-way."""
+    stopping = asyncio.ensure_future(shutdown.wait())
+    step: asyncio.Future | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(stream))
+            await asyncio.wait({step, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                raise InferenceUnavailable(shutdown.SHUTDOWN_MESSAGE)
+            try:
+                reply = step.result()
+            except StopAsyncIteration:
+                return
+            yield reply
+    finally:
+        # Whatever ends this (shutdown, the client leaving, an error), the generation is closed now, not
+        # at garbage collection: closing it cancels its batch row in the inference process.
+        stopping.cancel()
+        if step is not None and not step.done():
+            step.cancel()
+            with contextlib.suppress(BaseException):
+                await step
+        with contextlib.suppress(Exception):
+            await stream.aclose()  # type: ignore[attr-defined]
 
 
 def _include_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:
