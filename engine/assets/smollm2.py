@@ -251,11 +251,11 @@ def read_manifest(out_dir: Path) -> dict[str, Any] | None:
 # What steering that visibly works needs on SmolLM2-135M (measured with bench/steering_quality.py,
 # docs/benchmarks.md): the feature's concept direction, spread over layers 8–23 at a fraction of each
 # layer's residual norm, on generated positions only. Strengths are in residual_norm units.
-STEERING_RECIPE_VERSION = 1
+STEERING_RECIPE_VERSION = 2
 RECOMMENDED_STEERING = {
     "mode": "additive", "direction": "concept", "positions": "generated_only",
     "layers": [8, 11, 14, 17, 20, 23], "units": "residual_norm",
-    "recommended_strength": 0.115, "strength_range": [0.05, 0.15],
+    "recommended_strength": 0.10, "strength_range": [0.05, 0.13],
 }
 
 
