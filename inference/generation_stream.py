@@ -55,6 +55,7 @@ class Generation:
     text: str = ""
     tokens: list[m.Token] = field(default_factory=list)
     frames: list[dict[str, Any]] = field(default_factory=list)  # per-token features, when monitored
+    features: dict[str, Any] | None = None  # the request's own features (return_features): {sae, tokens}
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -108,7 +109,7 @@ async def _still_served(model: str) -> bool:
 
 async def generate(*, model: str, prompt: str | None, messages: list | None, params: dict[str, Any],
                    steering: m.Steering | None, monitor: bool | None = None,
-                   observer: GenerationObserver | None = None, on_frames: FramesSink | None = None,
+                   features: m.ReturnFeatures | None = None, observer: GenerationObserver | None = None, on_frames: FramesSink | None = None,
                    client: InferenceClient | None = None) -> AsyncIterator[GenerationReply]:
     """Yield the inference process's replies for one generation; cancel it if abandoned.
 
@@ -120,7 +121,7 @@ async def generate(*, model: str, prompt: str | None, messages: list | None, par
     layer = client.layer
     call = m.Generate(request_id=observer.request_id if observer and observer.request_id else new_request_id(),
                       model=model, prompt=prompt, messages=messages, params=params, steering=steering,
-                      monitor=monitor, lease_s=LEASE_S)
+                      monitor=monitor, features=features, lease_s=LEASE_S)
     request_id = call.request_id
     if observer is not None:
         observer.request_id, observer.params = request_id, params
@@ -209,6 +210,10 @@ async def collect(stream: AsyncIterator[GenerationReply]) -> Generation:
             pieces.append(reply.text)
             result.tokens.extend(reply.tokens)
             result.frames.extend(reply.frames or ())
+            if reply.features is not None:
+                if result.features is None:
+                    result.features = {"sae": reply.features.get("sae"), "tokens": []}
+                result.features["tokens"].extend(reply.features.get("tokens", ()))
         elif isinstance(reply, m.Started):
             result.prompt_tokens = reply.prompt_tokens
         elif isinstance(reply, m.Done):

@@ -19,6 +19,7 @@ from catalog.services import model_set_status
 from engine.errors import EngineError, GenerationFailedError, InvalidFeatureIndexError, SaeNotAttachedError
 from engine.feature_lens import feature_logits, unembedding_with_gain
 from engine.generation import FinishEvent, TokenEvent
+from engine.request_features import FeatureRequest
 from engine.runtime import EngineRuntime
 from engine.steering import SteeringFeature, SteeringSpec
 from inference import messages as m
@@ -61,9 +62,20 @@ def error_reply(exc: BaseException) -> m.Error:
                    message=f"inference error ({exc.__class__.__name__}); see the inference log")
 
 
+def feature_request(features: m.ReturnFeatures | None, attached: str | None) -> FeatureRequest | None:
+    if features is None:
+        return None
+    if features.sae is not None and features.sae != attached:
+        raise SaeNotAttachedError(f"return_features.sae: SAE {features.sae} is not attached "
+                                  f"(attached: {attached or 'none'})", param="return_features.sae")
+    return FeatureRequest(top_k=features.top_k, positions=features.positions, features=tuple(features.features),
+                          after_steering=features.after_steering)
+
+
 def engine_spec(steering: m.Steering) -> SteeringSpec:
     return SteeringSpec(features=tuple(SteeringFeature(f.index, f.strength) for f in steering.features),
-                        mode=steering.mode, positions=steering.positions)
+                        mode=steering.mode, positions=steering.positions, layers=tuple(steering.layers),
+                        direction=steering.direction)
 
 
 class WorkerCalls:
@@ -274,7 +286,9 @@ class WorkerCalls:
             self.runtime.submit,
             request_id=call.request_id, model=call.model, prompt=call.prompt, messages=call.messages,
             params=call.params, steering=engine_spec(steering) if steering is not None else None,
-            steering_label=steering.label if steering is not None else "inline", monitor=call.monitor)
+            steering_label=steering.label if steering is not None else "inline", monitor=call.monitor,
+            features=feature_request(call.features, self.runtime.sae_name))
+        sae_name = self.runtime.sae_name
         handle = submitted.handle
         self.handles[handle.request_id] = handle
         finished = False
@@ -295,10 +309,15 @@ class WorkerCalls:
                     # Built once per ~20 ms chunk, not per token: the per-token path stays in the engine.
                     frames = ([f for t in tokens for f in submitted.frames.frames(t.token_id, t.captures)]
                               if submitted.frames is not None else None)
+                    returned = ({"sae": sae_name, "tokens": [f for t in tokens
+                                                             for f in submitted.features.frames(t.token_id, t.captures)]}
+                                if submitted.features is not None else None)
                     chunk = m.Chunk(text="".join(t.text_delta for t in tokens),
-                                    tokens=[self._token(t, wants_logprobs) for t in tokens], frames=frames)
+                                    tokens=[self._token(t, wants_logprobs) for t in tokens], frames=frames,
+                                    features=returned)
                     # No "frames" key at all when unmonitored: readers treat the key as "frames follow".
-                    await self.worker.send(reply_channel, chunk.model_dump(exclude={"frames"} if frames is None else None))
+                    unset = {k for k, v in (("frames", frames), ("features", returned)) if v is None}
+                    await self.worker.send(reply_channel, chunk.model_dump(exclude=unset or None))
                 finish = events[-1] if isinstance(events[-1], FinishEvent) else None
                 if finish is not None:
                     finished = True

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from engine.rules import SteeringMode, SteeringPositions
+from engine.rules import FeaturePositions, SteeringDirection, SteeringMode, SteeringPositions
 
 
 class Message(BaseModel):
@@ -38,7 +38,20 @@ class Steering(Message):
     features: list[SteeringFeature] = Field(default_factory=list)
     mode: SteeringMode = "additive"
     positions: SteeringPositions = "all"
+    layers: list[int] = Field(default_factory=list)  # additive: also add at these layers, each at its norm
+    direction: SteeringDirection = "decoder"
     label: str = "inline"
+
+
+class ReturnFeatures(Message):
+    """The request's own per-token features (`return_features` on /v1); the engine checks them
+    against the SAE (engine.request_features)."""
+
+    top_k: int = 5
+    positions: FeaturePositions = "all"
+    features: list[int] = Field(default_factory=list)
+    sae: str | None = None  # None: the attached SAE; another name is refused
+    after_steering: bool = False
 
 
 # --- calls ---------------------------------------------------------------------------------------
@@ -115,6 +128,7 @@ class Generate(Call):
     params: dict[str, Any] = Field(default_factory=dict)  # the engine's SamplingParams fields
     steering: Steering | None = None  # None: the active steering
     monitor: bool | None = None  # None: the monitoring settings decide
+    features: ReturnFeatures | None = None  # the request's own per-token features, in `Chunk.features`
     # Set: the requester renews a lease (`Lease`) while it listens; with no renewal for this long
     # after `started` the generation is orphaned (web process gone, request given up) and cancelled.
     lease_s: float | None = None
@@ -278,6 +292,8 @@ class Chunk(Message):
     text: str  # every token's text since the last chunk
     tokens: list[Token]
     frames: list[dict[str, Any]] | None = None  # per-token features (engine.activation_frames), when monitored
+    # The request's own features (return_features): {"sae": name, "tokens": [frame, ...]}, cut to what it asked
+    features: dict[str, Any] | None = None
 
 
 class Usage(Message):

@@ -15,8 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, m
 
 from engine.rules import (
     LOGIT_BIAS_LIMIT,
+    MAX_FEATURE_INDEX,
+    MAX_RETURN_FEATURES,
+    MAX_RETURN_TOP_K,
     MAX_STOP_SEQUENCES,
     MAX_TOP_LOGPROBS,
+    FeaturePositions,
     SteeringMode,
     SteeringPositions,
     StrengthUnit,
@@ -59,6 +63,25 @@ class InlineSteering(BaseModel):
     units: StrengthUnit = "raw"
 
 
+class ReturnFeaturesIn(BaseModel):
+    """miLLM extension: this request's per-token SAE features (`return_features` in the body), returned
+    under `millm_features` (per chunk when streaming). Read before steering unless `after_steering`."""
+
+    model_config = ConfigDict(extra="forbid")
+    top_k: StrictInt = Field(default=5, ge=0, le=MAX_RETURN_TOP_K)
+    positions: FeaturePositions = "all"
+    features: list[Annotated[StrictInt, Field(ge=0, le=MAX_FEATURE_INDEX)]] = Field(
+        default_factory=list, max_length=MAX_RETURN_FEATURES)
+    sae: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    after_steering: bool = False
+
+    @model_validator(mode="after")
+    def _asks_for_something(self) -> ReturnFeaturesIn:
+        if self.top_k == 0 and not self.features:
+            raise ValueError("return_features asks for nothing: give top_k > 0 or features")
+        return self
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -82,6 +105,7 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, Annotated[float, Field(allow_inf_nan=False)]] | None = Field(
         default=None, max_length=MAX_LOGIT_BIAS_ENTRIES)
     steering: InlineSteering | None = None
+    return_features: ReturnFeaturesIn | None = None
     ignore_eos: bool = False  # miLLM extension for benchmarks: generate exactly max_tokens
 
     @field_validator("stop")
