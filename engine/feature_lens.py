@@ -63,9 +63,31 @@ class CorpusActivations:
 
 @torch.no_grad()
 def corpus_activations(model: torch.nn.Module, tokenizer: Any, sae: SaeWeights, texts: Iterable[str], *,
-                       max_tokens: int, max_text_tokens: int = 128,
+                       max_tokens: int, max_text_tokens: int = 128, batch_tokens: int = 4096,
                        progress: Callable[[int, int], None] | None = None) -> CorpusActivations:
-    """Run each text (cut to `max_text_tokens`) until `max_tokens` are seen; keep every nonzero activation."""
+    """Run each text (cut to `max_text_tokens`) until `max_tokens` are seen; keep every nonzero activation.
+
+    `texts` is read lazily, only as far as the token budget needs; a text whose tokens repeat an earlier
+    one's is skipped (the same context twice says nothing new). The texts run in batches of about
+    `batch_tokens` (right-padded, with an attention mask: under causal attention a real token never sees
+    the padding after it), sorted by length so little padding is computed.
+    """
+    docs: list[list[int]] = []
+    seen: set[tuple[int, ...]] = set()
+    total = 0
+    for text in texts:
+        if total >= max_tokens:
+            break
+        ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_text_tokens)["input_ids"]
+        ids = ids[: max_tokens - total]
+        if not ids or tuple(ids) in seen:
+            continue
+        seen.add(tuple(ids))
+        docs.append(ids)
+        total += len(ids)
+    starts = np.zeros(len(docs) + 1, np.int64)
+    starts[1:] = np.cumsum([len(ids) for ids in docs])
+
     captured: list[torch.Tensor] = []
 
     def keep(_module: Any, _args: Any, output: Any) -> None:
@@ -74,32 +96,48 @@ def corpus_activations(model: torch.nn.Module, tokenizer: Any, sae: SaeWeights, 
     layer = decoder_layers(model)[sae.hook_layer]
     handle = layer.register_forward_hook(keep)
     device = next(model.parameters()).device
-    token_text: list[str] = []
-    starts, rows, feats, vals = [0], [], [], []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(docs)), key=lambda d: len(docs[d]))
+    rows, feats, vals = [], [], []
+    done = 0
     try:
-        for text in texts:
-            if len(token_text) >= max_tokens:
-                break
-            ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_text_tokens)["input_ids"]
-            ids = ids[: max_tokens - len(token_text)]
-            if not ids:
-                continue
+        i = 0
+        while i < len(order):
+            j = i + 1  # sorted ascending: the batch's last text is its longest
+            while j < len(order) and (j + 1 - i) * len(docs[order[j]]) <= batch_tokens:
+                j += 1
+            batch = order[i:j]
+            longest = len(docs[batch[-1]])
+            ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), longest), dtype=torch.long)
+            for b, d in enumerate(batch):
+                ids[b, : len(docs[d])] = torch.tensor(docs[d])
+                mask[b, : len(docs[d])] = 1
             captured.clear()
-            model(input_ids=torch.tensor([ids], device=device))
-            acts = sae.encode(captured[0][0].to(sae.device, sae.dtype)).float()  # [T, d_sae]
+            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            real = mask.bool().to(captured[0].device)
+            acts = sae.encode(captured[0][real].to(sae.device, sae.dtype)).float()  # [real tokens, d_sae]
+            # Each real token's corpus row: its text's offset plus its position in the text.
+            offsets = torch.tensor([int(starts[d]) for d in batch]).unsqueeze(1) + torch.arange(longest)
+            token_rows = offsets[mask.bool()].to(acts.device)
             token_index, feature = torch.nonzero(acts > 0, as_tuple=True)
-            rows.append((token_index + len(token_text)).cpu().numpy())
+            rows.append(token_rows[token_index].cpu().numpy())
             feats.append(feature.to(torch.int32).cpu().numpy())
             vals.append(acts[token_index, feature].cpu().numpy())
-            token_text.extend(tokenizer.decode([i]) for i in ids)
-            starts.append(len(token_text))
+            done += int(mask.sum())
             if progress is not None:
-                progress(len(token_text), max_tokens)
+                progress(done, max_tokens)
+            i = j
     finally:
         handle.remove()
+
+    vocab_text: dict[int, str] = {}  # one decode per distinct token, not per position
+    token_text = [vocab_text.get(t) or vocab_text.setdefault(t, tokenizer.decode([t])) for ids in docs for t in ids]
 
     def joined(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
         return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
-    return CorpusActivations(token_text=token_text, doc_start=np.array(starts, np.int64), rows=joined(rows, np.int64),
-                             features=joined(feats, np.int32), values=joined(vals, np.float32))
+    found = joined(rows, np.int64)
+    by_row = np.argsort(found, kind="stable")  # corpus order, as the text was read
+    return CorpusActivations(token_text=token_text, doc_start=starts, rows=found[by_row],
+                             features=joined(feats, np.int32)[by_row], values=joined(vals, np.float32)[by_row])

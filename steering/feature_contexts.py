@@ -109,16 +109,22 @@ def feature_corpus_facts(*, sae: SparseAutoencoder, index: int, count: int = 10)
     by_token = dict(zip(rows.tolist(), values.tolist(), strict=True))
     doc_start = data["doc_start"]
     peak = float(values.max())
-    chosen: list[tuple[int, int]] = []
+    chosen: list[tuple[int, int, int]] = []
+    shown: set[tuple[str, ...]] = set()
     for row in rows[np.argsort(-values, kind="stable")].tolist():
         if len(chosen) == count:
             break
         doc = int(np.searchsorted(doc_start, row, side="right") - 1)
-        if any(abs(row - other) <= BEFORE and same_doc for other, same_doc in ((o, d == doc) for o, d in chosen)):
+        if any(abs(row - other) <= BEFORE and d == doc for other, _, d in chosen):
             continue  # one context per stretch of text, not the same sentence ten times
-        chosen.append((row, doc))
-    for row, doc in chosen:
         first, last = max(int(doc_start[doc]), row - BEFORE), min(int(doc_start[doc + 1]), row + AFTER + 1)
+        window = tuple(tokens[first:last].tolist())
+        if window in shown:
+            continue  # chats share their system prompt: the same words from another text say nothing new
+        shown.add(window)
+        chosen.append((row, first, doc))
+    for row, first, doc in chosen:
+        last = min(int(doc_start[doc + 1]), row + AFTER + 1)
         facts["contexts"].append({
             "value": by_token[row],
             "tokens": [{"text": str(tokens[t]), "value": by_token.get(t, 0.0), "peak": t == row,

@@ -7,12 +7,16 @@ prose — until CORPUS_TOKENS tokens. Progress and the outcome go to the status 
 
 from __future__ import annotations
 
+import importlib
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import structlog
 import torch
+from celery.signals import worker_process_init
 from django.conf import settings
 
 from engine.assets.demo_corpus import chat_conversations, docstring_texts, writing_texts
@@ -33,15 +37,32 @@ from steering.models import SparseAutoencoder
 log = structlog.get_logger("millm.features")
 
 
-def _corpus(tokenizer: Any) -> list[str]:
-    texts = [f"{r.prompt}{r.output}" for r in RequestRecord.objects.order_by("-created_at")[:HISTORY_TEXTS]
-             if r.prompt or r.output]
-    chats = chat_conversations(count=360)
-    if getattr(tokenizer, "chat_template", None):
-        texts += [tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
-    else:
-        texts += ["\n".join(m["content"] for m in c) for c in chats]
-    return texts + writing_texts() + docstring_texts()
+def _corpus(tokenizer: Any) -> Iterator[str]:
+    """Lazy: the stdlib docstrings (~11 s to parse) are read only when the texts before them fall short."""
+    for r in RequestRecord.objects.order_by("-created_at")[:HISTORY_TEXTS]:
+        if r.prompt or r.output:
+            yield f"{r.prompt}{r.output}"
+    for chat in chat_conversations(count=360):
+        if getattr(tokenizer, "chat_template", None):
+            yield tokenizer.apply_chat_template(chat, tokenize=False)
+        else:
+            yield "\n".join(m["content"] for m in chat)
+    yield from writing_texts()
+    yield from docstring_texts()
+
+
+@worker_process_init.connect
+def _warm_imports(**_kwargs: Any) -> None:
+    """transformers and sae_lens take ~25 s to import: pay it while the worker idles, not in the first build."""
+    threading.Thread(target=_import_heavy, name="warm-imports", daemon=True).start()
+
+
+def _import_heavy() -> None:
+    try:
+        importlib.import_module("transformers")
+        importlib.import_module("sae_lens")
+    except Exception as exc:  # noqa: BLE001 - a failed warm-up only means the first build imports them itself
+        log.warning("warm_imports_failed", error=type(exc).__name__)
 
 
 @app.task(name="steering.tasks.feature_contexts_build")

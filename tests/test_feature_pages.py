@@ -27,7 +27,9 @@ def built(tiny_catalog, settings, tmp_path):
     _, sae = tiny_catalog
     # History comes first in the corpus (the demo corpus has none of the test tier's words).
     store([record(5000 + i, prompt=f"In the morning the {word} was quiet and the old road was long. ", output="The cat sat.")
-           for i, word in enumerate(["cat", "moon", "river", "cat", "dog", "cat"])])
+           for i, word in enumerate(["cat", "moon", "river", "cat", "dog", "cat"])]
+          + [record(5100 + i, prompt=f"{opening} the small cat slept by the door of the house. ", output="Yes.")
+             for i, opening in enumerate(["At noon", "Late at night", "Every winter"])])
     started = time.perf_counter()
     status = feature_contexts_build(sae_name=sae.name, max_tokens=4000)
     return sae, status, time.perf_counter() - started
@@ -43,6 +45,9 @@ def test_the_task_computes_contexts_that_highlight_the_word(built):
         assert peak["text"] == " cat" and peak["value"] == context["value"] and peak["shade"] > 0
     values = [c["value"] for c in facts["contexts"]]
     assert values == sorted(values, reverse=True)
+    # Three history rows hold the same sentence: its context is shown once.
+    windows = [tuple(t["text"] for t in c["tokens"]) for c in facts["contexts"]]
+    assert len(set(windows)) == len(windows), windows
     assert sum(b["count"] for b in facts["histogram"]) == facts["fired"]
 
 

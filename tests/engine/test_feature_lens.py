@@ -40,3 +40,16 @@ def test_corpus_activations_keep_the_word_features_firing_on_their_word(tiny):
         assert fired == ({f" {word}"} if word in ("cat", "river", "moon") else set()), (word, fired)
     capped = corpus_activations(loaded.model, loaded.tokenizer, sae, texts, max_tokens=5)
     assert len(capped.token_text) == 5 and capped.rows.max(initial=0) < 5
+
+
+def test_batched_texts_give_the_activations_of_one_text_at_a_time_and_repeats_are_skipped(tiny):
+    loaded, sae = tiny
+    texts = ["The cat.", "In the morning the river was long and the moon was high over the old road.",
+             "The cat.", "A dog and a cat and a moon.", "The river"]
+    alone = corpus_activations(loaded.model, loaded.tokenizer, sae, texts, max_tokens=1000, batch_tokens=1)
+    batched = corpus_activations(loaded.model, loaded.tokenizer, sae, texts, max_tokens=1000)
+    assert len(batched.doc_start) == 5  # four distinct texts: the repeated "The cat." is read once
+    assert batched.token_text == alone.token_text and (batched.doc_start == alone.doc_start).all()
+    assert (batched.rows == alone.rows).all() and (batched.features == alone.features).all()
+    assert torch.allclose(torch.from_numpy(batched.values), torch.from_numpy(alone.values), atol=1e-4)
+    assert (batched.rows[1:] >= batched.rows[:-1]).all()  # in corpus order
