@@ -94,24 +94,8 @@ def load_model(
 ) -> LoadedModel:
     """Load a local HF folder (or a .gguf file, or a folder plus gguf_file) for inference."""
     started = time.perf_counter()
-    folder = Path(path_or_folder)
-    if folder.suffix == ".gguf" and gguf_file is None:
-        folder, gguf_file = folder.parent, folder.name
-    if dtype not in DTYPES:
-        raise UnsupportedConfigurationError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if quantization is not None:
-        quantization = quantization.lower()
-        if quantization not in QUANTIZATIONS:
-            raise UnsupportedConfigurationError(
-                f"quantization must be one of {', '.join(QUANTIZATIONS)} or none, got {quantization!r}"
-            )
-        if gguf_file is not None:
-            raise UnsupportedConfigurationError(
-                "a GGUF file is dequantized when it loads and cannot be re-quantized with Q4/Q8; "
-                "load it as float32/float16/bfloat16, or quantize a safetensors checkpoint"
-            )
-    _check_source(folder, gguf_file)
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    folder, gguf_file, quantization, target = check_loadable(
+        path_or_folder, dtype=dtype, quantization=quantization, gguf_file=gguf_file, device=device)
     kwargs: dict[str, Any] = {
         "dtype": DTYPES[dtype],
         "device_map": {"": str(target)},
@@ -161,6 +145,52 @@ def load_model(
         load_seconds=round(time.perf_counter() - started, 3),
         kernel=kernel,
     )
+
+
+def check_loadable(path_or_folder: str | Path, *, dtype: str = "float32", quantization: str | None = None,
+                   gguf_file: str | None = None, device: str | None = None,
+                   ) -> tuple[Path, str | None, str | None, torch.device]:
+    """Every refusal that needs no weights read: called before the serving model is unloaded, so a load
+    that cannot work leaves it serving. Returns (folder, gguf file, quantization, device) as load_model
+    uses them."""
+    folder = Path(path_or_folder)
+    if folder.suffix == ".gguf" and gguf_file is None:
+        folder, gguf_file = folder.parent, folder.name
+    if dtype not in DTYPES:
+        raise UnsupportedConfigurationError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantization is not None:
+        quantization = quantization.lower()
+        if quantization not in QUANTIZATIONS:
+            raise UnsupportedConfigurationError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)} or none, got {quantization!r}"
+            )
+        if gguf_file is not None:
+            raise UnsupportedConfigurationError(
+                "a GGUF file is dequantized when it loads and cannot be re-quantized with Q4/Q8; "
+                "load it as float32/float16/bfloat16, or quantize a safetensors checkpoint"
+            )
+    _check_source(folder, gguf_file)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if quantization is not None:
+        if target.type == "cpu":
+            _check_cpu_kernel(quantization)
+        else:
+            _quantization_config(quantization, DTYPES[dtype])  # bitsandbytes importable here
+    return folder, gguf_file, quantization, target
+
+
+def _check_cpu_kernel(quantization: str) -> None:
+    """Run the CPU kernel once on a 16 x 32 layer: a torch build or CPU without it fails here, in
+    milliseconds, not after the serving model is gone."""
+    try:
+        layer = cpu_quantization.QuantizedLinear(torch.nn.Linear(cpu_quantization.GROUP_SIZE, 16), quantization)
+        with torch.no_grad():
+            layer(torch.zeros(1, cpu_quantization.GROUP_SIZE))
+    except Exception as exc:
+        raise QuantizationUnavailableError(
+            f"{quantization.upper()} is not available on this CPU ({type(exc).__name__}); "
+            "load float32/bfloat16 instead"
+        ) from None
 
 
 def _check_source(path: Path, gguf_file: str | None) -> None:

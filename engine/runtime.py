@@ -25,7 +25,7 @@ from engine.embeddings import EmbeddingResult
 from engine.errors import InsufficientMemoryError, ModelNotLoadedError, SaeNotAttachedError
 from engine.feature_stats import METRICS
 from engine.generation import GenerationRequest, RequestHandle
-from engine.loading import LoadedModel, load_model
+from engine.loading import LoadedModel, check_loadable, load_model
 from engine.request_features import FeatureRequest, validate_feature_request
 from engine.sae import SaeWeights, load_sae
 from engine.sae_hook import SaeHook
@@ -89,6 +89,8 @@ class EngineRuntime:
     def load(self, *, name: str, path: str, dtype: str = "float32", quantization: str | None = None,
              gguf_file: str | None = None) -> LoadedModel:
         with self._lock:
+            # What can be refused without reading weights is refused while the old model still serves.
+            check_loadable(path, dtype=dtype, quantization=quantization, gguf_file=gguf_file or None)
             self.unload()
             loaded = load_model(path, dtype=dtype, quantization=quantization, gguf_file=gguf_file or None)
             self.loaded, self.model_name = loaded, name
