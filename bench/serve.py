@@ -2,13 +2,17 @@
 
     .venv/bin/python bench/serve.py                 # test tier (tiny Llama), quick
     .venv/bin/python bench/serve.py --tier demo     # SmolLM2-135M-Instruct (what `make run` serves)
+    .venv/bin/python bench/serve.py --tier demo --quantizations none q4 q8
 
-Starts a real stack (`manage.py serve`: daphne + inference process + Redis) on a free port, loads
-the tier's model, then prints (medians over interleaved rounds, so load hits both sides alike):
-  single stream   server decode tok/s (streamed, openai client) vs `generate(do_sample=False)` (ratio)
-  concurrency     aggregate tok/s at 1, 4, 8 streams (ratio vs 1)
-  TTFT            time to first streamed token, p50 / p99 over every request above
-Every request generates exactly --tokens tokens (ignore_eos), so the rates compare like for like.
+Starts a real stack (`manage.py serve`: daphne + inference process + Redis) on a free port, then for
+each quantization loads the tier's model with it and prints one row (medians over interleaved
+rounds, so load hits every side alike), always against the same raw float32 baseline:
+  raw fp32        `generate(do_sample=False)` tok/s of the float32 model in this process
+  1 stream        server decode tok/s (streamed, openai client) and its ratio to raw fp32
+  8 streams       aggregate tok/s and its ratio to 1 stream
+  TTFT            time to first streamed token of a ~34-token chat prompt (p50), against the raw
+                  float32 forward pass of that prompt (p50), and their ratio
+Every completion generates exactly --tokens tokens (ignore_eos), so the rates compare like for like.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ from engine.runtime import default_torch_threads  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAMES = {"test": "tiny-llama", "demo": "smollm2-135m-instruct"}
 PROMPT = "Once upon a time, in a city by the sea,"
+CHAT_TOKENS = 34  # the chat prompt's length with the template, as in the issue's TTFT goal
+CHAT_TEXT = ("Please tell me a short story about a lighthouse keeper who finds a message in a bottle on a "
+             "stormy night near the old harbour town and what she decides to do with it")
+CHAT_WORDS = CHAT_TEXT.split(" ")
 
 
 def free_port() -> int:
@@ -63,6 +71,24 @@ def start_stack(tier: str, var_dir: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the stack did not become healthy")
 
 
+def chat_messages(tokenizer) -> tuple[list[dict], torch.Tensor]:
+    """The longest prefix of CHAT_WORDS whose templated prompt is at most CHAT_TOKENS tokens, and its ids."""
+    for count in range(len(CHAT_WORDS), 0, -1):
+        messages = [{"role": "user", "content": " ".join(CHAT_WORDS[:count])}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        if ids.shape[1] <= CHAT_TOKENS:
+            return messages, ids
+    raise SystemExit("no chat prompt fits")
+
+
+def raw_forward(model, ids: torch.Tensor) -> float:
+    started = time.perf_counter()
+    with torch.inference_mode():
+        model(ids, logits_to_keep=1)
+    return time.perf_counter() - started
+
+
 def raw_rate(model, tokenizer, tokens: int) -> float:
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     started = time.perf_counter()
@@ -88,6 +114,17 @@ async def one_stream(client: openai.AsyncOpenAI, model: str, tokens: int) -> tup
     return count, first or float("nan")
 
 
+async def chat_ttft(client: openai.AsyncOpenAI, model: str, messages: list[dict]) -> float:
+    started = time.perf_counter()
+    stream = await client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0,
+                                                  stream=True)
+    first = None
+    async for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - started
+    return first or float("nan")
+
+
 async def server_round(client: openai.AsyncOpenAI, model: str, streams: int, tokens: int,
                        ttfts: list[float]) -> float:
     started = time.perf_counter()
@@ -98,20 +135,25 @@ async def server_round(client: openai.AsyncOpenAI, model: str, streams: int, tok
     return sum(n for n, _ in results) / elapsed
 
 
-async def measure(url, model_name, model, tokenizer, tokens: int, rounds: int):
+async def measure(url, model_name, model, tokenizer, tokens: int, rounds: int) -> dict[str, list[float]]:
     """One event loop for every request: raw generate() blocks it on purpose while it runs."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=600)
+    messages, chat_ids = chat_messages(tokenizer)
     await server_round(client, model_name, 1, 4, [])  # warm-up both sides
+    await chat_ttft(client, model_name, messages)
     raw_rate(model, tokenizer, 4)
-    raws, singles, ttfts = [], [], []
-    by_streams: dict[int, list[float]] = {1: singles, 4: [], 8: []}
+    raw_forward(model, chat_ids)
+    figures: dict[str, list[float]] = {"raw": [], "single": [], "eight": [], "ttft": [], "forward": []}
     for _ in range(rounds):
-        raws.append(raw_rate(model, tokenizer, tokens))
-        singles.append(await server_round(client, model_name, 1, tokens, ttfts))
-        for streams in (4, 8):
-            by_streams[streams].append(await server_round(client, model_name, streams, tokens, ttfts))
+        figures["raw"].append(raw_rate(model, tokenizer, tokens))
+        figures["single"].append(await server_round(client, model_name, 1, tokens, []))
+        figures["eight"].append(await server_round(client, model_name, 8, tokens, []))
+        for _ in range(3):
+            figures["forward"].append(raw_forward(model, chat_ids))
+            figures["ttft"].append(await chat_ttft(client, model_name, messages))
     await client.close()
-    return raws, singles, ttfts, by_streams
+    figures["chat_tokens"] = [chat_ids.shape[1]]
+    return figures
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -124,31 +166,41 @@ def main() -> None:
     parser.add_argument("--tier", choices=["test", "demo"], default="test")
     parser.add_argument("--tokens", type=int, default=None, help="tokens per request (default 128 test, 32 demo)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quantizations", nargs="+", default=["none", "q4", "q8"], choices=["none", "q4", "q8"])
     args = parser.parse_args()
     tokens = args.tokens or (128 if args.tier == "test" else 32)
     model_name = MODEL_NAMES[args.tier]
+    rows: list[tuple[str, str, dict[str, list[float]]]] = []
     with tempfile.TemporaryDirectory(prefix="millm-bench-") as tmp:
         process, url = start_stack(args.tier, Path(tmp) / "var")
         try:
-            loaded = httpx.post(f"{url}/api/models/{model_name}/load", timeout=900).json()["data"]
-            local_path = loaded["local_path"]
-            torch.set_num_threads(int(os.environ.get("MILLM_TORCH_THREADS") or default_torch_threads()))  # as served
-            model = AutoModelForCausalLM.from_pretrained(local_path, dtype=torch.float32).eval()
-            tokenizer = AutoTokenizer.from_pretrained(local_path)
-            raws, singles, ttfts, by_streams = asyncio.run(
-                measure(url, model_name, model, tokenizer, tokens, args.rounds))
+            model = tokenizer = None
+            for quantization in args.quantizations:
+                response = httpx.post(f"{url}/api/models/{model_name}/load", params={"quantization": quantization},
+                                      timeout=900).json()
+                if not response["success"]:
+                    raise SystemExit(f"loading {quantization}: {response['error']}")
+                served = httpx.get(f"{url}/api/models/{model_name}", timeout=30).json()["data"]
+                if model is None:  # the raw float32 baseline, in this process
+                    torch.set_num_threads(int(os.environ.get("MILLM_TORCH_THREADS") or default_torch_threads()))
+                    model = AutoModelForCausalLM.from_pretrained(served["local_path"], dtype=torch.float32).eval()
+                    tokenizer = AutoTokenizer.from_pretrained(served["local_path"])
+                figures = asyncio.run(measure(url, model_name, model, tokenizer, tokens, args.rounds))
+                rows.append((quantization, served["status_message"], figures))
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
-    raw, single = statistics.median(raws), statistics.median(singles)
-    print(f"model {model_name}, {tokens} tokens per request, {args.rounds} interleaved rounds, torch threads "
-          f"{torch.get_num_threads()}")
-    print(f"single stream   raw generate() {raw:8.1f} tok/s   server {single:8.1f} tok/s   ratio {single / raw:.2f}")
-    for streams, rates in by_streams.items():
-        rate = statistics.median(rates)
-        print(f"concurrency {streams:2d}  aggregate {rate:8.1f} tok/s   ratio vs 1 stream {rate / single:.2f}")
-    print(f"TTFT            p50 {percentile(ttfts, 0.5) * 1000:7.1f} ms   p99 {percentile(ttfts, 0.99) * 1000:7.1f} ms"
-          f"   ({len(ttfts)} requests)")
+    chat_tokens = rows[0][2]["chat_tokens"][0]
+    print(f"model {model_name}, {tokens} tokens per completion, {args.rounds} interleaved rounds, torch threads "
+          f"{torch.get_num_threads()} (server: MILLM_TORCH_THREADS or its default), chat prompt {chat_tokens} tokens")
+    print(f"{'quant':5}  {'raw fp32':>9}  {'1 stream':>9} {'×raw':>5}  {'8 streams':>9} {'×1':>5}  "
+          f"{'TTFT':>8} {'fwd fp32':>8} {'×fwd':>5}")
+    for quantization, message, f in rows:
+        raw, single, eight = (statistics.median(f[k]) for k in ("raw", "single", "eight"))
+        ttft, forward = statistics.median(f["ttft"]), statistics.median(f["forward"])
+        print(f"{quantization:5}  {raw:9.1f}  {single:9.1f} {single / raw:5.2f}  {eight:9.1f} {eight / single:5.2f}  "
+              f"{ttft * 1000:6.1f}ms {forward * 1000:6.1f}ms {ttft / forward:5.2f}   ({message})")
+    print("rates in tok/s; TTFT and fwd are p50 over 3 requests a round")
 
 
 if __name__ == "__main__":
