@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 from engine.sampling import SamplingParams
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+# content_filter: an abort condition held (engine/steering_conditions.py); FinishEvent.abort says which
+FinishReason = Literal["stop", "length", "cancelled", "error", "content_filter"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class GenerationRequest:
     steering: Any | None = None  # opaque: handed to the interceptors in RowInfo
     monitor: bool = False  # interceptors capture per-token features for this request
     features: Any | None = None  # the request's own per-token features (engine.request_features.FeatureRequest)
+    conditions: Any | None = None  # conditional steering and abort (engine.steering_conditions.CompiledConditions)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     prompt_param: str = "prompt"  # the API field errors about the prompt name ("messages" for chat)
 
@@ -68,6 +70,8 @@ class FinishEvent:
     usage: Usage
     timings: Timings
     error: str | None = None  # set when finish_reason == "error": a message safe to show a client
+    # set when finish_reason == "content_filter": {"index", "value", "position", "token_id"} of the abort
+    abort: dict[str, Any] | None = None
 
 
 Event = TokenEvent | FinishEvent

@@ -19,6 +19,7 @@ class RowInfo:
     steering: Any | None  # opaque to the scheduler: a CompiledSteering built by the steering module
     monitor: bool  # capture per-token features for this row
     features: Any | None = None  # opaque: the request's own feature capture (engine.request_features)
+    conditions: Any | None = None  # opaque: conditional steering and abort (engine.steering_conditions)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from engine.generation import (
 )
 from engine.interceptors import RowInfo
 from engine.sampling import effective_seed
+from engine.steering_conditions import SteeringAbort
 from engine.text_stream import IncrementalDetokenizer, StopMatcher
 
 
@@ -35,7 +36,7 @@ class Row:
         self.params = request.params
         self.seed = effective_seed(request.params)
         self.info = RowInfo(request_id=request.request_id, steering=request.steering, monitor=request.monitor,
-                            features=request.features)
+                            features=request.features, conditions=request.conditions)
         self.max_tokens = max_tokens
         self.generated = 0
         self.done = False
@@ -45,6 +46,7 @@ class Row:
         self._submitted = time.monotonic()
         self._started: float | None = None
         self._first_token: float | None = None
+        self._last_token: int | None = None
 
     def started(self) -> None:
         self._started = time.monotonic()
@@ -57,6 +59,14 @@ class Row:
         captures: tuple[Any, ...],
     ) -> bool:
         """Take one generated token, emit its event; True when the request is finished."""
+        abort = _abort_in(captures)
+        if abort is not None:
+            # The abort held at this pass's input token (the last one emitted): the token sampled from it is dropped.
+            self.finish("content_filter", abort={"index": abort.index, "value": abort.value,
+                                                 "position": len(self.prompt_ids) + self.generated - 1,
+                                                 "token_id": self._last_token})
+            return True
+        self._last_token = token_id
         self.generated += 1
         if self._first_token is None:
             self._first_token = time.monotonic()
@@ -81,7 +91,7 @@ class Row:
         text, hit_stop = self._stops.push(self._detokenizer.flush())
         return text if hit_stop else text + self._stops.flush()
 
-    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+    def finish(self, reason: FinishReason, error: str | None = None, *, abort: dict[str, Any] | None = None) -> None:
         if self.done:
             return
         self.done = True
@@ -92,5 +102,14 @@ class Row:
             total_s=round(now - self._submitted, 6),
         )
         usage = Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=self.generated)
-        self.handle._push(FinishEvent(reason, usage, timings, error))
+        self.handle._push(FinishEvent(reason, usage, timings, error, abort))
         self.handle._wake()
+
+
+def _abort_in(captures: tuple[Any, ...]) -> Any:
+    """The SteeringAbort among a pass's captures (an interceptor's entry may be a tuple of entries)."""
+    for entry in captures:
+        for item in entry if isinstance(entry, tuple) else (entry,):
+            if isinstance(item, SteeringAbort):
+                return item
+    return None

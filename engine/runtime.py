@@ -32,6 +32,7 @@ from engine.sae_hook import SaeHook
 from engine.sampling import InvalidRequestError, SamplingParams
 from engine.scheduler import GenerationScheduler
 from engine.steering import CompiledSteering, SteeringSpec, compile_steering
+from engine.steering_conditions import CompiledConditions, SteeringConditions, compile_conditions
 from engine.steering_layers import NORM_PROBE_TEXT, LayerSteeringHook, residual_norms
 from engine.throughput import ThroughputSampler
 
@@ -79,6 +80,7 @@ class EngineRuntime:
         self.concept_directions: torch.Tensor | None = None
         self.sae_name: str | None = None
         self.active_steering: CompiledSteering | None = None
+        self.active_conditions: CompiledConditions | None = None  # the active steering's `when`/`abort_when`
         self.active_label = "none"
         self.monitoring = MonitoringSettings()
         self.throughput = ThroughputSampler(self._throughput_reading)  # runs while a model is loaded
@@ -110,6 +112,7 @@ class EngineRuntime:
             self.hook.detach()
             self.layer_hook.detach()
             self.sae_name, self.active_steering, self.active_label = None, None, "none"
+            self.active_conditions = None
             if self.loaded is not None:
                 self.loaded.unload()
             self.loaded, self.model_name = None, None
@@ -145,6 +148,7 @@ class EngineRuntime:
             self.concept_directions = (load_file(concept)["concept_directions"].to(attached.device)
                                        if concept.is_file() else None)
             self.sae_name, self.active_steering, self.active_label = name, None, "none"
+            self.active_conditions = None
             monitored = [i for i in self.monitoring.features if i < attached.d_sae]
             scheduler.call(lambda: self.hook.set_monitored_features(monitored)).result()
             return attached
@@ -171,6 +175,7 @@ class EngineRuntime:
                 self.layer_hook.detach()
             self.layer_norms = self.concept_directions = None
             self.sae_name, self.active_steering, self.active_label = None, None, "none"
+            self.active_conditions = None
 
     def compile(self, spec: SteeringSpec) -> CompiledSteering | None:
         if not spec.features:
@@ -180,23 +185,36 @@ class EngineRuntime:
         return compile_steering(self.hook.sae, spec, layer_norms=self.layer_norms,
                                 concept_directions=self.concept_directions)
 
-    def set_active_steering(self, spec: SteeringSpec, *, label: str) -> None:
-        compiled = self.compile(spec)
-        self.active_steering = compiled
-        self.active_label = label if compiled is not None else "none"
+    def compile_conditions(self, conditions: SteeringConditions | None, mode: str = "additive") -> CompiledConditions | None:
+        if not conditions:
+            return None
+        if not self.hook.attached:
+            raise SaeNotAttachedError("No SAE is attached: a condition reads an SAE feature, attach one first")
+        return compile_conditions(self.hook.sae, conditions, mode=mode)
 
-    def resolve_steering(self, spec: SteeringSpec | None, label: str) -> tuple[CompiledSteering | None, str]:
-        """The request's own steering (reported as `label`), or the active one when it brings none."""
-        if spec is None:
-            return self.active_steering, self.active_label
+    def set_active_steering(self, spec: SteeringSpec, *, label: str, conditions: SteeringConditions | None = None) -> None:
+        compiled_conditions = self.compile_conditions(conditions, spec.mode)  # both checked before either applies
         compiled = self.compile(spec)
-        return compiled, label if compiled is not None else "none"
+        self.active_steering, self.active_conditions = compiled, compiled_conditions
+        self.active_label = label if compiled is not None or compiled_conditions is not None else "none"
+
+    def resolve_steering(self, spec: SteeringSpec | None, label: str,
+                         conditions: SteeringConditions | None = None,
+                         ) -> tuple[CompiledSteering | None, str, CompiledConditions | None]:
+        """The request's own steering and conditions (reported as `label`), or the active ones when it brings none."""
+        if spec is None and not conditions:
+            return self.active_steering, self.active_label, self.active_conditions
+        spec = spec or SteeringSpec(features=())
+        compiled_conditions = self.compile_conditions(conditions, spec.mode)
+        compiled = self.compile(spec)
+        return compiled, label if compiled is not None or compiled_conditions is not None else "none", compiled_conditions
 
     # --- requests ----------------------------------------------------------------------------
 
     def submit(self, *, request_id: str, model: str | None, prompt: str | None, messages: list | None,
                params: dict[str, Any], steering: SteeringSpec | None, steering_label: str = "inline",
-               monitor: bool | None = None, features: FeatureRequest | None = None) -> Submitted:
+               monitor: bool | None = None, features: FeatureRequest | None = None,
+               conditions: SteeringConditions | None = None) -> Submitted:
         """Queue a generation; `steering` None runs the active steering, `monitor` None follows the
         monitoring settings, `features` asks for the request's own per-token features.
         Blocking (tokenizes): call it from a worker thread."""
@@ -206,7 +224,7 @@ class EngineRuntime:
             if not self.hook.attached:
                 raise SaeNotAttachedError("return_features: no SAE is attached, so there are no features to return")
             validate_feature_request(features, d_sae=self.hook.sae.d_sae)
-        compiled, label = self.resolve_steering(steering, steering_label)
+        compiled, label, compiled_conditions = self.resolve_steering(steering, steering_label, conditions)
         sampling = SamplingParams(**{k: v for k, v in params.items() if v is not None})
         tokenizer = self.loaded.tokenizer
         if messages is not None:
@@ -219,7 +237,8 @@ class EngineRuntime:
             prompt_ids, prompt_text, prompt_param = list(tokenizer(prompt)["input_ids"]), prompt, "prompt"
         monitored = (self.monitoring.enabled if monitor is None else monitor) and self.hook.attached
         request = GenerationRequest(prompt=prompt_ids, params=sampling, steering=compiled, monitor=monitored,
-                                    request_id=request_id, prompt_param=prompt_param, features=features)
+                                    request_id=request_id, prompt_param=prompt_param, features=features,
+                                    conditions=compiled_conditions)
         def decode(token_id: int) -> str:
             return tokenizer.decode([token_id])
 

@@ -9,7 +9,9 @@ Per forward pass, at the output of decoder layer L (the SAE's hook layer):
    only). Monitoring reads h *before* steering by default: what the model itself represents there
    (`capture_after_steering=True` shows the steered residual instead); a request chooses its own
    (`after_steering`), so one pass may encode twice: before steering and after.
-2. steering: each row's CompiledSteering (or none), batched by `apply_steering`.
+2. steering: each row's CompiledSteering (or none), batched by `apply_steering`, then each row's
+   conditional features and abort checks (engine/steering_conditions.py), read from h before steering;
+   a row whose abort condition held gets a SteeringAbort among its captures.
 Lists for the caller are built once per pass, in `collect()`, after the forward pass.
 3. timing: each stage's wall time per pass goes to the `millm_sae_hook_seconds` histogram
    (engine/hook_timing.py; `time_stages=False` turns it off).
@@ -40,6 +42,14 @@ from engine.steering import (
     apply_steering,
     batch_steering,
     compile_steering,
+)
+from engine.steering_conditions import (
+    ConditionBatch,
+    PendingAborts,
+    SteeringAbort,
+    apply_conditions,
+    batch_conditions,
+    collect_aborts,
 )
 
 DEFAULT_TOP_K = 10
@@ -78,6 +88,7 @@ class _BatchPlan:
     capture_before: _CaptureGroup | None  # rows read before steering; None when none
     capture_after: _CaptureGroup | None  # rows read after steering
     monitoring: tuple  # (top_k, capture_after_steering, monitored features) the groups were built for
+    conditions: ConditionBatch | None = None  # conditional steering and abort checks; None when no row has any
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,6 +126,7 @@ class SaeHook:
         self._default_batch: SteeringBatch | None = None
         self._plan: _BatchPlan | None = None
         self._pending: list[_PendingCapture] = []
+        self._pending_aborts: tuple[PendingAborts, _BatchPlan] | None = None
 
     @property
     def attached(self) -> bool:
@@ -189,6 +201,7 @@ class SaeHook:
 
     def set_context(self, context: ForwardContext | None) -> None:
         self._pending = []
+        self._pending_aborts = None
         if context is not None and self.sae is not None:
             rows = len(context.rows)
             if (
@@ -208,16 +221,27 @@ class SaeHook:
                 )
         self._context = context
 
-    def collect(self) -> dict[str, FeatureCapture | tuple[FeatureCapture, ...]]:
+    def collect(self) -> dict[str, FeatureCapture | SteeringAbort | tuple]:
         """The captures of the last forward pass, as Python lists (one host transfer per tensor).
 
-        A row read both before and after steering gets a tuple of its two captures."""
+        A row with more than one entry (read before and after steering, an abort) gets a tuple of them."""
         pendings, self._pending = self._pending, []
-        captures: dict[str, FeatureCapture | tuple[FeatureCapture, ...]] = {}
+        captures: dict[str, FeatureCapture | SteeringAbort | tuple] = {}
+
+        def add(request_id: str, entry: FeatureCapture | SteeringAbort) -> None:
+            earlier = captures.get(request_id)
+            captures[request_id] = entry if earlier is None else (*(earlier if isinstance(earlier, tuple)
+                                                                    else (earlier,)), entry)
+
         for pending in pendings:
             for request_id, capture in self._collect_one(pending).items():
-                earlier = captures.get(request_id)
-                captures[request_id] = capture if earlier is None else (earlier, capture)  # type: ignore[assignment]
+                add(request_id, capture)
+        aborts, self._pending_aborts = self._pending_aborts, None
+        if aborts is not None:
+            pending, plan = aborts
+            for request_id, abort in collect_aborts(pending, [r.request_id for r in plan.rows],
+                                                    plan.conditions.conditions).items():
+                add(request_id, abort)
         return captures
 
     @staticmethod
@@ -285,6 +309,10 @@ class SaeHook:
             self._capture(hidden, context, plan.capture_before)
         start = time.perf_counter_ns()
         steered = apply_steering(hidden, plan.steering, context.generated_mask, context.valid_mask)
+        if plan.conditions is not None:
+            steered, aborts = apply_conditions(hidden, steered, plan.conditions, context.generated_mask,
+                                               context.valid_mask)
+            self._pending_aborts = (aborts, plan) if aborts is not None else None
         if self._timer is not None and steered is not hidden:  # unsteered batches: nothing ran, nothing to time
             self._timer.steering(time.perf_counter_ns() - start)
         if plan.capture_after is not None:
@@ -310,6 +338,8 @@ class SaeHook:
             capture_before=self._capture_group(context.rows, hidden.device, steered=False),
             capture_after=self._capture_group(context.rows, hidden.device, steered=True),
             monitoring=(self.top_k, self.capture_after_steering, self.monitored_features),
+            conditions=batch_conditions([getattr(row, "conditions", None) for row in context.rows],
+                                        device=hidden.device, dtype=hidden.dtype),
         )
         return plan
 
