@@ -5,6 +5,7 @@ from steering import views
 app_name = "steering"
 urlpatterns = [
     path("saes/", views.saes_page, name="saes"),
+    path("saes/download", views.sae_download_action, name="download"),
     path("saes/<slug:name>/attach", views.sae_attach_action, name="attach"),
     path("saes/<slug:name>/detach", views.sae_detach_action, name="detach"),
     path("steering/", views.steering_page, name="steering"),

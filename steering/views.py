@@ -9,6 +9,12 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
+from catalog.models import ModelStatus
+from catalog.selectors import model_list
+from catalog.views import RECENT_DOWNLOADS, download_row
+from downloads import services as download_services
+from downloads.selectors import download_as_dict, download_list
+from downloads.tasks import download_enqueue
 from inference.client import inference_client
 from millm_site.errors import MillmError, ModelNotLoaded, SaeNotAttached, ValidationFailed
 from millm_site.htmx import error_fragment
@@ -19,6 +25,7 @@ from steering.feature_facts import feature_file_stats, similar_features
 from steering.feature_services import feature_label_edit
 from steering.models import SaeStatus, SteeringState
 from steering.sae_attachment import sae_attach_request, sae_detach_request
+from steering.sae_quality import sae_quality
 from steering.selectors import feature_search_page, sae_get, sae_list
 from steering.text_diff import same_share, word_diff
 
@@ -34,8 +41,35 @@ def slider_ranges(sae) -> dict[str, dict[str, float]]:
     return ranges
 
 
+def _with_quality(sae):
+    sae.quality = sae_quality(sae=sae)
+    return sae
+
+
 def saes_page(request):
-    return render(request, "steering/saes.html", {"saes": sae_list(), "nav": "saes"})
+    saes = [_with_quality(s) for s in sae_list()]
+    downloads = [download_as_dict(d) for d in download_list(kind="sae", limit=RECENT_DOWNLOADS)]
+    models = list(model_list().exclude(status=ModelStatus.DOWNLOADING).values_list("name", flat=True))
+    return render(request, "steering/saes.html", {"saes": saes, "downloads": downloads, "models": models,
+                                                  "nav": "saes"})
+
+
+@require_POST
+def sae_download_action(request):
+    """A SAELens release + SAE id, or a hub repo + folder; the answer is the download's live row."""
+    form = request.POST
+    by_release = form.get("source", "release") == "release"
+    fields = ({"release": form.get("release", "").strip(), "sae_id": form.get("sae_id", "").strip()} if by_release
+              else {"repo_id": form.get("repo_id", ""), "path": form.get("path", "").strip()})
+    if by_release and not (fields["release"] and fields["sae_id"]):
+        return error_fragment(request, ValidationFailed("A SAELens release needs both the release and the SAE id"))
+    try:
+        download = download_services.sae_download_request(
+            model=form.get("model", ""), revision=form.get("revision", "") or "main",
+            name=form.get("name", "").strip() or None, enqueue=download_enqueue, **fields)
+    except MillmError as exc:
+        return error_fragment(request, exc)
+    return download_row(request, download)
 
 
 @require_POST
@@ -56,7 +90,7 @@ async def _sae_row_after(request, name: str, *, attach: bool):
         await (sae_attach_request(name=name) if attach else sae_detach_request(name=name))
     except MillmError as exc:
         return error_fragment(request, exc)
-    sae = await sync_to_async(lambda: sae_list().get(name=name))()
+    sae = await sync_to_async(lambda: _with_quality(sae_list().get(name=name)))()
     return await sync_to_async(render)(request, "steering/_sae_row.html", {"s": sae})
 
 

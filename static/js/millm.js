@@ -109,3 +109,38 @@ document.addEventListener("htmx:afterSettle", (event) => {
     }
   });
 })();
+
+// Models and SAEs pages: every /ws/progress/ event and download action drops its row into the hidden
+// #live-rows; each row replaces the row with its id, or goes to the top of its table (data-into), or is
+// dropped when this page has no such table — so no event ever targets a missing element. A stale
+// answer (an HTTP reply arriving after a newer event) never rolls a download back.
+(() => {
+  const rank = { queued: 0, running: 1, completed: 2, failed: 2, cancelled: 2 };
+  function newer(row, old) {
+    if (!row.dataset.status || !old.dataset.status) return true;
+    const a = rank[row.dataset.status], b = rank[old.dataset.status];
+    if (a !== b) return a > b;
+    return a !== 1 || Number(row.dataset.bytes) >= Number(old.dataset.bytes);
+  }
+  function route(sink) {
+    for (const row of Array.from(sink.children)) {
+      const old = row.id ? Array.from(document.querySelectorAll(`[id="${row.id}"]`)).find((el) => el !== row) : null;
+      if (old) {
+        if (row.dataset.deleted) old.remove();
+        if (!row.dataset.deleted && newer(row, old)) old.replaceWith(row); else row.remove();
+        continue;
+      }
+      const into = row.dataset.into && document.getElementById(row.dataset.into);
+      if (into && !row.dataset.deleted) {
+        into.querySelectorAll(":scope > tr:not([id])").forEach((placeholder) => placeholder.remove());
+        into.prepend(row);
+      } else {
+        row.remove();
+      }
+    }
+  }
+  document.addEventListener("DOMContentLoaded", () => {
+    const sink = document.getElementById("live-rows");
+    if (sink) new MutationObserver(() => route(sink)).observe(sink, { childList: true });
+  });
+})();
