@@ -1,7 +1,9 @@
 """The running decode batch: the model passes of the scheduler loop, with no threading in sight.
 
 `prefill(group)` runs newly admitted requests as one left-padded pass, samples their first token
-and merges their KV cache into the batch; `step()` runs one decode pass for every row. Per-row
+and merges their KV cache into the batch; `prefill_chunk(partial)` runs the next chunk of one long
+prompt in its own cache (the scheduler runs one chunk per iteration, between decode steps) and joins
+it the same way after the last chunk; `step()` runs one decode pass for every row. Per-row
 tensors (last token, step count, sampling parameters, the interceptors' ForwardContext) are
 rebuilt only when rows join or leave, so a steady decode step is: one forward pass, one batched
 sample, one host transfer of the chosen ids, and each row's text bookkeeping.
@@ -12,9 +14,11 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from engine.batch_cache import BatchKVCache, new_cache
 from engine.generation import FinishReason
@@ -24,6 +28,19 @@ from engine.sampling import SampledTokens, SamplingBatch, sample_next
 
 log = logging.getLogger("millm.engine.scheduler")
 FAILED = "generation failed on the server"
+
+
+@dataclass
+class PartialPrefill:
+    """A long prompt prefilled a chunk at a time; its KV cache joins the batch after the last chunk."""
+
+    row: Row
+    cache: DynamicCache
+    done: int = 0  # prompt tokens already in the cache
+
+    @property
+    def finished(self) -> bool:
+        return self.row.done or self.done >= len(self.row.prompt_ids)
 
 
 class DecodeBatch:
@@ -83,6 +100,44 @@ class DecodeBatch:
             for row in group:
                 row.finish("error", FAILED)
             return 0
+        self._join(group, cache, pads, width, sampled, captures)
+        return len(group)
+
+    def start_partial(self, row: Row) -> PartialPrefill:
+        row.started()
+        return PartialPrefill(row, new_cache(self.model.config))
+
+    def prefill_chunk(self, partial: PartialPrefill, chunk_tokens: int) -> int:
+        """The next chunk_tokens of the prompt (no padding: one row); after the last one, the first token
+        is sampled and the row joins the batch. Returns the number of tokens generated (0 or 1)."""
+        row, start = partial.row, partial.done
+        ids = row.prompt_ids[start:start + chunk_tokens]
+        last = start + len(ids) >= len(row.prompt_ids)
+        prompt = torch.ones((1, len(ids)), dtype=torch.bool, device=self.device)
+        context = ForwardContext(rows=(row.info,), generated_mask=~prompt, valid_mask=prompt)
+        try:
+            # The model derives the causal mask over cache + chunk from the cache's length.
+            logits, captures = self._forward(
+                context,
+                input_ids=torch.tensor([ids], device=self.device),
+                position_ids=torch.arange(start, start + len(ids), device=self.device).unsqueeze(0),
+                past_key_values=partial.cache,
+            )
+            partial.done += len(ids)
+            if not last:
+                return 0
+            sampling = SamplingBatch.build([row.params], [row.seed], self.device)
+            sampled = sample_next(logits, sampling, torch.zeros(1, dtype=torch.long, device=self.device))
+        except Exception:
+            log.exception("prefill failed")
+            row.finish("error", FAILED)
+            return 0
+        self._join([row], partial.cache, [0], len(row.prompt_ids), sampled, captures)
+        return 1
+
+    def _join(self, group: list[Row], cache: DynamicCache, pads: list[int], width: int, sampled: SampledTokens,
+              captures: dict[str, list[Any]]) -> None:
+        """Hand the group its first tokens; the unfinished rows join the batch with their cache."""
         finished = self._deliver(group, sampled, captures)
         keep = [i for i in range(len(group)) if i not in finished]
         if keep:
@@ -98,7 +153,6 @@ class DecodeBatch:
                 self._cache.merge(joined)
                 steps = torch.cat([self._steps, torch.ones_like(first_ids)])
                 self._set_rows(rows, self._cache, torch.cat([self._last_ids, first_ids]), steps)
-        return len(group)
 
     def step(self) -> int:
         """One decode pass for every row; returns the number of tokens generated."""

@@ -3,7 +3,13 @@
 Each loop iteration (1) runs queued management calls, (2) drops cancelled rows, (3) prefills newly
 submitted requests as one left-padded group, samples their first token and merges their KV cache
 into the running batch (see batch_cache), (4) runs one decode step for every row, each with its own
-SamplingParams and steering, and (5) lets finished rows leave. Interceptors (the SAE hook) get a
+SamplingParams and steering, and (5) lets finished rows leave.
+
+Fair admission: a prompt longer than `prefill_chunk_tokens` is prefilled one chunk per iteration
+(one such prompt at a time), so no iteration holds the decode step for more than about one chunk's
+forward pass, and short requests queued behind it are admitted past it in the meantime. A row that
+captures features (monitoring, per-request capture) is prefilled in one pass: its prompt-token
+captures come from that one pass. Interceptors (the SAE hook) get a
 ForwardContext before every forward pass and are collected after it.
 
 Threading: submit(), cancel() and status() may be called from any thread; everything that touches
@@ -26,7 +32,7 @@ from typing import Any, TypeVar
 import torch
 
 from engine.batch_cache import check_cache_support
-from engine.decode_batch import DecodeBatch
+from engine.decode_batch import DecodeBatch, PartialPrefill
 from engine.embeddings import EmbeddingJob, EmbeddingResult
 from engine.errors import SchedulerUnavailableError
 from engine.generation import GenerationRequest, RequestHandle
@@ -63,6 +69,7 @@ class GenerationScheduler:
         max_tokens_default: int | None = None,
         embed_piece_tokens: int = 256,
         max_embed_tokens: int | None = None,
+        prefill_chunk_tokens: int = 256,
     ) -> None:
         check_cache_support(loaded.model.config)
         self.loaded = loaded
@@ -77,6 +84,8 @@ class GenerationScheduler:
         # holds generation for more than one piece.
         self.embed_piece_tokens = embed_piece_tokens
         self.max_embed_tokens = max_embed_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._partial: PartialPrefill | None = None  # the long prompt being prefilled chunk by chunk
         self._embeds: collections.deque[tuple[EmbeddingJob, Future]] = collections.deque()
         self._interceptors: tuple[ForwardInterceptor, ...] = tuple(interceptors)
         self._eos = loaded.eos_token_ids
@@ -203,7 +212,7 @@ class GenerationScheduler:
         return SchedulerStatus(
             running=self.running,
             queued=len(self._intake),
-            active=len(self._batch),
+            active=len(self._batch) + (self._partial is not None),
             max_batch_size=self.max_batch_size,
             tokens_per_second=round(rate, 2),
             requests_total=self.requests_total,
@@ -239,7 +248,7 @@ class GenerationScheduler:
                 with self._lock:
                     while not (
                         self._intake or self._batch or self._calls or self._stopping or self._cancel_seen
-                        or self._embeds
+                        or self._embeds or self._partial
                     ):
                         self._lock.wait()
                     calls = list(self._calls)
@@ -261,15 +270,22 @@ class GenerationScheduler:
                 except Exception:  # a bug here must not leave every client waiting forever
                     log.exception("scheduler iteration failed")
                     self._batch.finish_all("error", "generation failed on the server")
+                    self._drop_partial("error", "generation failed on the server")
+
+    def _drop_partial(self, reason: str, error: str | None = None) -> None:
+        if self._partial is not None:
+            self._partial.row.finish(reason, error)  # type: ignore[arg-type]
+            self._partial = None
 
     def _stop_now(self) -> bool:
-        if self._batch and self._drain_deadline is not None and time.monotonic() < self._drain_deadline:
+        if (self._batch or self._partial) and self._drain_deadline is not None and time.monotonic() < self._drain_deadline:
             return False
         with self._lock:
             queued = list(self._intake)
             self._intake.clear()
         for row in queued:
             row.finish("cancelled")
+        self._drop_partial("cancelled")
         self._batch.finish_all("cancelled")
         with self._lock:
             embeds = list(self._embeds)
@@ -320,19 +336,45 @@ class GenerationScheduler:
             self._intake = collections.deque(kept)
         for row in dropped:
             row.finish("cancelled")
+        if self._partial is not None and self._partial.row.handle.cancelled:
+            self._drop_partial("cancelled")
         self._batch.remove([i for i, row in enumerate(self._batch.rows) if row.handle.cancelled], "cancelled")
 
     def _admit(self) -> None:
+        """At most one chunk of the long prompt in progress, then a group of short prompts (queued in
+        order, passing long ones that wait for their turn), bounded by max_prefill_tokens."""
+        if self._partial is not None:
+            self._count(self._batch.prefill_chunk(self._partial, self.prefill_chunk_tokens))
+            if self._partial.finished:
+                self._partial = None
         group: list[Row] = []
+        start_partial: Row | None = None
         with self._lock:
-            while self._intake and len(self._batch) + len(group) < self.max_batch_size:
-                width = max(len(r.prompt_ids) for r in [*group, self._intake[0]])
+            waiting: list[Row] = []
+            while self._intake and len(self._batch) + (self._partial is not None) + len(group) < self.max_batch_size:
+                row = self._intake.popleft()
+                if self._chunked(row):
+                    if self._partial is None and start_partial is None:
+                        start_partial = row
+                    else:
+                        waiting.append(row)
+                    continue
+                width = max(len(r.prompt_ids) for r in [*group, row])
                 if group and width * (len(group) + 1) > self.max_prefill_tokens:
+                    self._intake.appendleft(row)
                     break
-                group.append(self._intake.popleft())
+                group.append(row)
+            self._intake.extendleft(reversed(waiting))
         if group:
             self.requests_total += len(group)
             self._count(self._batch.prefill(group))
+        if start_partial is not None:  # its first chunk runs next iteration, after a decode step
+            self.requests_total += 1
+            self._partial = self._batch.start_partial(start_partial)
+
+    def _chunked(self, row: Row) -> bool:
+        info = row.info
+        return len(row.prompt_ids) > self.prefill_chunk_tokens and not info.monitor and info.features is None
 
     def _count(self, tokens: int) -> None:
         if tokens:

@@ -1,0 +1,101 @@
+"""Chunked prefill on the tiny test-tier model: a long prompt is prefilled a chunk per scheduler
+iteration, so a short request that arrives meanwhile gets its first token within a few chunks' time,
+and greedy output is the same as with the prompt prefilled in one pass."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from engine.generation import FinishEvent, GenerationRequest
+from engine.loading import load_model
+from engine.sampling import SamplingParams
+from engine.scheduler import GenerationScheduler
+
+TIMEOUT_S = 120
+CHUNK = 64
+LONG = " ".join(["the cat sat on the mat and looked at the dog"] * 90)  # ~1,000 tokens on the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny(test_tier_assets):
+    torch.set_num_threads(1)
+    return load_model(test_tier_assets.model.local_path)
+
+
+def long_prompt(tiny, n: int) -> list[int]:
+    ids = list(tiny.tokenizer(LONG)["input_ids"])
+    assert len(ids) >= n
+    return ids[:n]
+
+
+def run(handle) -> tuple[list[int], FinishEvent]:
+    tokens = []
+    while True:
+        event = handle.get(timeout=TIMEOUT_S)
+        if isinstance(event, FinishEvent):
+            return tokens, event
+        tokens.append(event.token_id)
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def test_greedy_output_is_the_same_chunked_and_in_one_pass(tiny):
+    prompt = long_prompt(tiny, 1000)
+    outputs = {}
+    for chunk in (CHUNK, 4096):
+        scheduler = GenerationScheduler(tiny, prefill_chunk_tokens=chunk).start()
+        try:
+            # A short request alongside: it joins the batch while the long one is still prefilling.
+            long_handle = scheduler.submit(GenerationRequest(prompt, greedy(16)))
+            short_handle = scheduler.submit(GenerationRequest("The cat", greedy(16)))
+            outputs[chunk] = (run(long_handle)[0], run(short_handle)[0])
+        finally:
+            scheduler.stop()
+    assert outputs[CHUNK] == outputs[4096]
+    assert len(outputs[CHUNK][0]) == 16
+
+
+def prefill_seconds(tiny, context: int) -> tuple[float, float]:
+    """(the whole `context`-token prompt in one pass, its last CHUNK tokens after the rest: the slowest
+    chunk), best of three."""
+    ids = torch.tensor([long_prompt(tiny, context)])
+    whole = chunk = float("inf")
+    with torch.no_grad():
+        for _ in range(3):
+            started = time.perf_counter()
+            tiny.model(ids, past_key_values=DynamicCache(config=tiny.model.config), use_cache=True)
+            whole = min(whole, time.perf_counter() - started)
+            cache = DynamicCache(config=tiny.model.config)
+            tiny.model(ids[:, :-CHUNK], past_key_values=cache, use_cache=True)
+            started = time.perf_counter()
+            tiny.model(ids[:, -CHUNK:], past_key_values=cache, use_cache=True)
+            chunk = min(chunk, time.perf_counter() - started)
+    return whole, chunk
+
+
+def test_a_short_request_starts_within_a_few_chunks_while_a_long_prompt_prefills(tiny):
+    context = tiny.context_length - 24
+    whole_s, one_chunk_s = prefill_seconds(tiny, context)
+    scheduler = GenerationScheduler(tiny, prefill_chunk_tokens=CHUNK).start()
+    try:
+        long_handle = scheduler.submit(GenerationRequest(long_prompt(tiny, context), greedy(4)))
+        time.sleep(0.01)  # the long prefill is under way
+        short_handle = scheduler.submit(GenerationRequest("Hello", greedy(1)))
+        _, short = run(short_handle)
+        _, long = run(long_handle)
+    finally:
+        scheduler.stop()
+    short_first = short.timings.first_token_s
+    long_first = long.timings.first_token_s
+    print(f"\n{context}-token prefill in one pass: {whole_s * 1000:.1f} ms, its last {CHUNK}-token chunk: "
+          f"{one_chunk_s * 1000:.1f} ms; short request's first token after {short_first * 1000:.1f} ms; the long "
+          f"prompt's after {long_first * 1000:.1f} ms")
+    assert short_first < long_first
+    # Unchunked, the short request waits for the whole prefill.
+    assert short_first < min(4 * one_chunk_s + 0.02, whole_s / 2)
