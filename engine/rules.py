@@ -20,9 +20,14 @@ SteeringPositions = Literal["all", "generated_only"]
 # raw: the strength multiplies the decoder row as is; max_activation: × the feature's largest observed
 # activation; residual_norm: × the hooked layer's median residual norm (docs/steering.md).
 StrengthUnit = Literal["raw", "max_activation", "residual_norm"]
+# decoder: add the feature's decoder row W_dec[i]; concept: add its concept direction, the normalised mean
+# unembedding of the tokens it is about (engine/steering.py), which makes a model write the concept.
+SteeringDirection = Literal["decoder", "concept"]
+MAX_STEERING_LAYERS = 64
 STEERING_MODES: tuple[str, ...] = get_args(SteeringMode)
 STEERING_POSITIONS: tuple[str, ...] = get_args(SteeringPositions)
 STRENGTH_UNITS: tuple[str, ...] = get_args(StrengthUnit)
+STEERING_DIRECTIONS: tuple[str, ...] = get_args(SteeringDirection)
 # Residual norms of small models are O(10²) (SmolLM2 layer 15: median ≈ 174) and ≈ 700 along one
 # decoder row already collapses the text, so anything past this is a typo, not an experiment.
 MAX_ABS_STRENGTH = 1000.0

@@ -27,23 +27,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import torch
 
 from engine.errors import InvalidFeatureIndexError, InvalidSteeringError
 from engine.rules import (  # noqa: F401 - re-exported: the engine's callers name them here
     MAX_ABS_STRENGTH,
+    MAX_STEERING_LAYERS,
+    STEERING_DIRECTIONS,
     STEERING_MODES,
     STEERING_POSITIONS,
+    SteeringDirection,
     SteeringMode,
     SteeringPositions,
 )
 from engine.sae import SaeWeights
-
-MAX_STEERING_LAYERS = 64
-SteeringDirection = Literal["decoder", "concept"]
-STEERING_DIRECTIONS: tuple[str, ...] = ("decoder", "concept")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from engine.generation import FinishEvent, TokenEvent
 from engine.request_features import FeatureRequest
 from engine.runtime import EngineRuntime
 from engine.steering import SteeringFeature, SteeringSpec
+from engine.steering_conditions import ConditionalFeature, FeatureCondition, SteeringConditions
 from inference import messages as m
 from inference.client import EMBED_TIMEOUT_S
 from monitoring.models import CaptureSettings
@@ -72,8 +73,24 @@ def feature_request(features: m.ReturnFeatures | None, attached: str | None) -> 
                           after_steering=features.after_steering)
 
 
+def engine_conditions(steering: m.Steering | None) -> SteeringConditions | None:
+    """The conditional features and abort conditions of a steering (None when it has none)."""
+    if steering is None:
+        return None
+
+    def condition(c: m.Condition) -> FeatureCondition:
+        return FeatureCondition(c.index, c.above, c.below)
+
+    conditions = SteeringConditions(
+        features=tuple(ConditionalFeature(f.index, f.strength, condition(f.when)) for f in steering.features
+                       if f.when is not None),
+        abort_when=tuple(condition(c) for c in steering.abort_when), positions=steering.positions)
+    return conditions or None
+
+
 def engine_spec(steering: m.Steering) -> SteeringSpec:
-    return SteeringSpec(features=tuple(SteeringFeature(f.index, f.strength) for f in steering.features),
+    return SteeringSpec(features=tuple(SteeringFeature(f.index, f.strength) for f in steering.features
+                                       if f.when is None),
                         mode=steering.mode, positions=steering.positions, layers=tuple(steering.layers),
                         direction=steering.direction)
 
@@ -214,7 +231,8 @@ class WorkerCalls:
         if self.worker.pinned_model and call.sae and self.runtime.sae_name != call.sae:
             return m.Skipped(reason=f"SAE {call.sae} is not attached in this process")
         try:
-            self.runtime.set_active_steering(engine_spec(call.steering), label=call.steering.label)
+            self.runtime.set_active_steering(engine_spec(call.steering), label=call.steering.label,
+                                             conditions=engine_conditions(call.steering))
         except MemoryError as exc:
             await in_thread(self.runtime.detach_sae)
             return error_reply(exc)
@@ -287,7 +305,7 @@ class WorkerCalls:
             request_id=call.request_id, model=call.model, prompt=call.prompt, messages=call.messages,
             params=call.params, steering=engine_spec(steering) if steering is not None else None,
             steering_label=steering.label if steering is not None else "inline", monitor=call.monitor,
-            features=feature_request(call.features, self.runtime.sae_name))
+            features=feature_request(call.features, self.runtime.sae_name), conditions=engine_conditions(steering))
         sae_name = self.runtime.sae_name
         handle = submitted.handle
         self.handles[handle.request_id] = handle
@@ -339,11 +357,14 @@ class WorkerCalls:
         return m.Token(id=token.token_id, text=decode([token.token_id]), logprob=token.logprob,
                        top_logprobs=[m.TopLogprob(text=decode([i]), logprob=lp) for i, lp in token.top_logprobs or ()])
 
-    @staticmethod
-    def _done(finish: FinishEvent, steering_label: str) -> m.Done | m.Error:
+    def _done(self, finish: FinishEvent, steering_label: str) -> m.Done | m.Error:
         if finish.finish_reason == "error":
             return error_reply(GenerationFailedError(finish.error or "generation failed"))
-        return m.Done(finish_reason=finish.finish_reason, steering=steering_label,
+        abort = None
+        if finish.abort is not None:  # the token where the abort held, as text too
+            abort = {**finish.abort, "token": self.runtime.loaded.tokenizer.decode([finish.abort["token_id"]])
+                     if finish.abort.get("token_id") is not None else None}
+        return m.Done(finish_reason=finish.finish_reason, steering=steering_label, abort=abort,
                       usage=m.Usage(prompt_tokens=finish.usage.prompt_tokens,
                                     completion_tokens=finish.usage.completion_tokens),
                       timings=m.Timings(queued_s=finish.timings.queued_s, first_token_s=finish.timings.first_token_s,

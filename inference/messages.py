@@ -26,9 +26,18 @@ class Message(BaseModel):
 # --- the steering a request or the active state asks for ----------------------------------------
 
 
+class Condition(Message):
+    """A feature's activation at the same token: holds where above < f < below (engine.steering_conditions)."""
+
+    index: int
+    above: float | None = None
+    below: float | None = None
+
+
 class SteeringFeature(Message):
     index: int
     strength: float  # raw units (the web tier converts max_activation / residual_norm first)
+    when: Condition | None = None  # conditional: steered only on tokens where it holds
 
 
 class Steering(Message):
@@ -36,6 +45,7 @@ class Steering(Message):
     "active", "profile:<name>" or "inline". The engine checks indices and bounds against the SAE."""
 
     features: list[SteeringFeature] = Field(default_factory=list)
+    abort_when: list[Condition] = Field(default_factory=list)  # the generation stops where one holds
     mode: SteeringMode = "additive"
     positions: SteeringPositions = "all"
     layers: list[int] = Field(default_factory=list)  # additive: also add at these layers, each at its norm
@@ -311,6 +321,7 @@ class Done(Message):
     type: Literal["done"] = "done"
     finish_reason: str
     steering: str
+    abort: dict[str, Any] | None = None  # finish_reason "content_filter": {index, value, position, token}
     usage: Usage
     timings: Timings
 

@@ -31,7 +31,8 @@ from serving.protocol import (
     now,
     usage_body,
 )
-from steering.steering_services import attached_sae
+from steering.steering_options import steering_options_resolve
+from steering.steering_services import attached_sae, steering_message
 from steering.units import strengths_to_raw
 
 # OpenAI's codes where they differ from ours in more than case.
@@ -72,15 +73,19 @@ def _steering_payload(target: Target, inline: Any) -> Steering | None:
     """Which steering the request asks for: inline beats a profile in the model name beats the active one (None)."""
     if inline is not None:
         features = [f.model_dump() for f in inline.features]
-        if inline.units != "raw" and features:
-            sae = attached_sae()
-            if sae is None:
-                raise OpenAIRequestError("steering: no SAE is attached", param="steering", code="sae_not_attached")
-            try:
-                features = strengths_to_raw(sae=sae, features=features, units=inline.units)
-            except MillmError as exc:
-                raise OpenAIRequestError(exc.message, param="steering.units") from None
-        return Steering(features=features, mode=inline.mode, positions=inline.positions, label="inline")
+        sae = attached_sae()
+        try:
+            options = steering_options_resolve(sae=sae, mode=inline.mode, positions=inline.positions,
+                                               units=inline.units, layers=inline.layers, direction=inline.direction,
+                                               preset=inline.preset)
+            if options.units != "raw" and features:
+                if sae is None:
+                    raise OpenAIRequestError("steering: no SAE is attached", param="steering", code="sae_not_attached")
+                features = strengths_to_raw(sae=sae, features=features, units=options.units)
+        except MillmError as exc:
+            field = exc.details.get("field", "units")
+            raise OpenAIRequestError(exc.message, param=f"steering.{field}") from None
+        return steering_message(features, options)
     if target.profile is not None:
         profile = target.profile
         return Steering(features=[{"index": f.index, "strength": f.strength} for f in profile.features.all()],
@@ -115,6 +120,8 @@ async def _start(req: ChatCompletionRequest | CompletionRequest, *, endpoint: st
     req.refuse_unsupported()
     target = await resolve_target(req.model)
     steering = await steering_payload(target, req.steering)
+    if steering is not None and req.steering is not None and req.steering.abort_when:
+        steering = Steering(**{**steering.model_dump(), "abort_when": [c.model_dump() for c in req.steering.abort_when]})
     tracker = RequestTracker(endpoint=endpoint, model=target.model.name,
                              profile=target.profile.name if target.profile else "")
     features = ReturnFeatures(**req.return_features.model_dump()) if req.return_features is not None else None
@@ -138,7 +145,7 @@ async def chat_completion(req: ChatCompletionRequest) -> tuple[dict | AsyncItera
                      "logprobs": chat_logprobs(result.tokens) if req.logprobs else None}],
         "usage": usage_body(result.prompt_tokens, result.completion_tokens),
     }
-    return _with_features(body, req, result), _headers(result.steering, tracker)
+    return _with_features(body, req, result), _headers(result.steering, tracker, result.abort)
 
 
 async def text_completion(req: CompletionRequest) -> tuple[dict | AsyncIterator[str], dict[str, str]]:
@@ -153,19 +160,26 @@ async def text_completion(req: CompletionRequest) -> tuple[dict | AsyncIterator[
                      "logprobs": completion_logprobs(result.tokens) if req.logprobs is not None else None}],
         "usage": usage_body(result.prompt_tokens, result.completion_tokens),
     }
-    return _with_features(body, req, result), _headers(result.steering, tracker)
+    return _with_features(body, req, result), _headers(result.steering, tracker, result.abort)
 
 
 def _with_features(body: dict, req: ChatCompletionRequest | CompletionRequest, result: Any) -> dict:
-    """`millm_features` only when the request asked (return_features): an OpenAI client ignores the key."""
+    """`millm_features` only when the request asked (return_features), `millm_abort` only when an abort
+    condition ended the generation: an OpenAI client ignores both keys."""
+    if result.abort is not None:
+        body["millm_abort"] = result.abort
     if req.return_features is not None:
         body["millm_features"] = result.features or {"sae": req.return_features.sae, "tokens": []}
     return body
 
 
-def _headers(steering_label: str, tracker: RequestTracker) -> dict[str, str]:
-    """Which steering ran, and the id under which the request is in the history."""
-    return {"X-miLLM-Steering": steering_label, "X-Request-Id": tracker.request_id}
+def _headers(steering_label: str, tracker: RequestTracker, abort: dict | None = None) -> dict[str, str]:
+    """Which steering ran, the id under which the request is in the history, and (X-miLLM-Abort) the
+    abort condition that ended it: `index=101; value=5.31; position=12`."""
+    headers = {"X-miLLM-Steering": steering_label, "X-Request-Id": tracker.request_id}
+    if abort is not None:
+        headers["X-miLLM-Abort"] = f"index={abort['index']}; value={abort['value']}; position={abort['position']}"
+    return headers
 
 
 def _sse(data: dict | str) -> str:
@@ -185,7 +199,8 @@ async def _sse_stream(base: dict, stream: AsyncIterator[GenerationReply], *, inc
                 extra = {"millm_features": message.features} if message.features is not None else {}
                 yield _sse({**base, "choices": [chunk_choice(message)], **extra})
             elif isinstance(message, Done):
-                yield _sse({**base, "choices": [final_choice(message)], "millm_steering": message.steering})
+                abort = {"millm_abort": message.abort} if message.abort is not None else {}
+                yield _sse({**base, "choices": [final_choice(message)], "millm_steering": message.steering, **abort})
                 if include_usage:
                     usage = message.usage
                     yield _sse({**base, "choices": [],

@@ -18,9 +18,11 @@ from engine.rules import (
     MAX_FEATURE_INDEX,
     MAX_RETURN_FEATURES,
     MAX_RETURN_TOP_K,
+    MAX_STEERING_LAYERS,
     MAX_STOP_SEQUENCES,
     MAX_TOP_LOGPROBS,
     FeaturePositions,
+    SteeringDirection,
     SteeringMode,
     SteeringPositions,
     StrengthUnit,
@@ -47,10 +49,26 @@ class OpenAIRequestError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class ConditionIn(BaseModel):
+    """A feature's activation at the same token (raw activation units): holds where above < f < below."""
+
+    model_config = ConfigDict(extra="forbid")
+    index: StrictInt = Field(ge=0, le=MAX_FEATURE_INDEX)
+    above: float | None = Field(default=None, allow_inf_nan=False)
+    below: float | None = Field(default=None, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _has_a_bound(self) -> ConditionIn:
+        if self.above is None and self.below is None:
+            raise ValueError("a condition needs `above` or `below`")
+        return self
+
+
 class SteeringFeatureIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     index: StrictInt = Field(ge=0, le=MAX_TOKEN_ID)
     strength: float = Field(allow_inf_nan=False)
+    when: ConditionIn | None = None  # steer only on tokens where this holds (additive mode)
 
 
 class InlineSteering(BaseModel):
@@ -58,9 +76,13 @@ class InlineSteering(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     features: list[SteeringFeatureIn] = Field(default_factory=list, max_length=256)
+    abort_when: list[ConditionIn] = Field(default_factory=list, max_length=64)  # stop where one holds
     mode: SteeringMode = "additive"
     positions: SteeringPositions = "all"
     units: StrengthUnit = "raw"
+    layers: list[StrictInt] = Field(default_factory=list, max_length=MAX_STEERING_LAYERS)
+    direction: SteeringDirection = "decoder"
+    preset: Literal["recommended"] | None = None  # the SAE's measured setting replaces the five above
 
 
 class ReturnFeaturesIn(BaseModel):

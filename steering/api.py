@@ -7,12 +7,13 @@ from typing import Any, Literal
 from ninja import Body, Query, Router, Schema
 from pydantic import Field
 
-from engine.rules import SteeringMode, SteeringPositions
+from engine.rules import MAX_STEERING_LAYERS, SteeringDirection, SteeringMode, SteeringPositions, StrengthUnit
 from millm_site.envelope import envelope
 from steering import sae_services, selectors, steering_services
 from steering.labels_import import parse_labels
 from steering.models import LabelSource, SparseAutoencoder
 from steering.sae_attachment import sae_attach_request, sae_detach_request
+from steering.steering_options import sae_steering_recommendation
 
 saes_router = Router(tags=["saes"])
 steering_router = Router(tags=["steering"])
@@ -22,7 +23,8 @@ def sae_as_dict(sae: SparseAutoencoder) -> dict[str, Any]:
     return {"name": sae.name, "model": sae.model.name, "repo_id": sae.repo_id, "sae_id": sae.sae_id,
             "layer": sae.layer, "hook_name": sae.hook_name, "d_in": sae.d_in, "d_sae": sae.d_sae,
             "architecture": sae.architecture, "local_path": sae.local_path, "residual_norm": sae.residual_norm,
-            "status": sae.status, "status_message": sae.status_message, "desired_attached": sae.desired_attached}
+            "status": sae.status, "status_message": sae.status_message, "desired_attached": sae.desired_attached,
+            "steering_recommendation": sae_steering_recommendation(sae)}
 
 
 @saes_router.get("", summary="List SAEs")
@@ -51,8 +53,13 @@ async def detach_sae(request, name: str):
 def sae_features(request, name: str, q: str = "", limit: int = Query(50, ge=1, le=1000)):  # noqa: B008
     sae = selectors.sae_get(name=name)
     labels = selectors.feature_search(sae=sae, query=q, limit=limit)
+    # One calibrated setting per SAE today (its steering.json), so every feature shares it.
+    recommendation = sae_steering_recommendation(sae) or {}
     return envelope([{"index": f.index, "label": f.label, "description": f.description, "source": f.source,
-                      "max_activation": f.max_activation} for f in labels])
+                      "max_activation": f.max_activation,
+                      "recommended_strength": recommendation.get("recommended_strength"),
+                      "strength_range": recommendation.get("strength_range"),
+                      "recommended_units": recommendation.get("units")} for f in labels])
 
 
 class LabelFile(Schema):
@@ -76,9 +83,20 @@ class SteeringIn(Schema):
     features: list[SteeringFeatureIn] = Field(default_factory=list, max_length=256)
     mode: SteeringMode = "additive"
     positions: SteeringPositions = "all"
-    units: Literal["raw", "max_activation", "residual_norm"] = Field(
+    units: StrengthUnit = Field(
         "raw", description="raw activation units, or multiples of the feature's typical max activation, "
         "or of the hooked residual stream's median norm")
+    layers: list[int] = Field(default_factory=list, max_length=MAX_STEERING_LAYERS,
+                              description="additive: also add the direction at these decoder layers, each scaled "
+                              "to its own residual norm")
+    direction: SteeringDirection = Field("decoder", description="decoder: the feature's decoder row; concept: its "
+                                         "concept direction (what makes the model write the concept)")
+    preset: Literal["recommended"] | None = Field(
+        None, description="recommended: the SAE's measured setting (mode, positions, units, layers, direction)")
+
+    def options(self) -> dict:
+        return {"mode": self.mode, "positions": self.positions, "units": self.units, "layers": self.layers,
+                "direction": self.direction, "preset": self.preset}
 
 
 @steering_router.get("", summary="The active steering")
@@ -89,8 +107,7 @@ async def get_steering(request):
 @steering_router.put("", summary="Set the active steering (applied to every /v1 request)")
 async def set_steering(request, payload: SteeringIn = Body(...)):  # noqa: B008
     features = [f.model_dump() for f in payload.features]
-    return envelope(await steering_services.steering_apply(features=features, mode=payload.mode,
-                                                           positions=payload.positions, units=payload.units))
+    return envelope(await steering_services.steering_apply(features=features, **payload.options()))
 
 
 @steering_router.delete("", summary="Clear the active steering")
@@ -108,5 +125,4 @@ class CompareIn(SteeringIn):
 async def compare(request, payload: CompareIn):
     return envelope(await steering_services.steering_compare(
         prompt=payload.prompt, chat=payload.chat, max_tokens=payload.max_tokens,
-        features=[f.model_dump() for f in payload.features], mode=payload.mode, positions=payload.positions,
-        units=payload.units))
+        features=[f.model_dump() for f in payload.features], **payload.options()))

@@ -99,6 +99,8 @@ class SteeringState(models.Model):
     positions = models.CharField(max_length=16, default="all")
     units = models.CharField(max_length=16, default="raw")
     features = models.JSONField(default=list, blank=True)  # [{"index": int, "strength": float}]
+    layers = models.JSONField(default=list, blank=True)  # additive: also steer at these decoder layers
+    direction = models.CharField(max_length=16, default="decoder")  # decoder row or concept direction
     source_profile = models.CharField(max_length=100, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 

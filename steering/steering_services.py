@@ -31,6 +31,7 @@ from monitoring.live import activation_publisher
 from monitoring.request_tracking import RequestTracker
 from profiles.models import Profile
 from steering.models import SaeStatus, SparseAutoencoder, SteeringState
+from steering.steering_options import SteeringOptions, steering_options_resolve
 from steering.units import strengths_to_raw
 
 MODES, POSITIONS, UNITS = STEERING_MODES, STEERING_POSITIONS, STRENGTH_UNITS
@@ -43,12 +44,7 @@ def attached_sae() -> SparseAutoencoder | None:
 def steering_validate(*, sae: SparseAutoencoder | None, features: list[dict[str, Any]], mode: str = "additive",
                       positions: str = "all", units: str = "raw") -> list[dict[str, Any]]:
     """Check a steering request against the attached SAE; returns the normalised feature list."""
-    if mode not in MODES:
-        raise ValidationFailed(f"mode: must be one of {', '.join(MODES)}", details={"field": "mode"})
-    if positions not in POSITIONS:
-        raise ValidationFailed(f"positions: must be one of {', '.join(POSITIONS)}", details={"field": "positions"})
-    if units not in UNITS:
-        raise ValidationFailed(f"units: must be one of {', '.join(UNITS)}", details={"field": "units"})
+    steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units)
     if features and sae is None:
         raise SaeNotAttached("No SAE is attached: attach one before steering its features")
     seen: set[int] = set()
@@ -75,22 +71,28 @@ def steering_validate(*, sae: SparseAutoencoder | None, features: list[dict[str,
 
 def steering_data(state: SteeringState) -> dict[str, Any]:
     return {"sae": state.sae.name if state.sae else None, "mode": state.mode, "positions": state.positions,
-            "units": state.units, "features": state.features, "source_profile": state.source_profile or None,
+            "units": state.units, "layers": list(state.layers or ()), "direction": state.direction or "decoder",
+            "features": state.features, "source_profile": state.source_profile or None,
             "updated_at": state.updated_at.isoformat() if state.updated_at else None}
 
 
 async def steering_apply(*, features: list[dict[str, Any]], mode: str = "additive", positions: str = "all",
-                         units: str = "raw", source_profile: str = "") -> dict[str, Any]:
+                         units: str = "raw", layers: list[int] | None = None, direction: str = "decoder",
+                         preset: str | None = None, source_profile: str = "") -> dict[str, Any]:
     sae = await sync_to_async(attached_sae)()
-    normalised = steering_validate(sae=sae, features=features, mode=mode, positions=positions, units=units)
-    raw = await sync_to_async(strengths_to_raw)(sae=sae, features=normalised, units=units) if sae else []
+    options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, layers=layers,
+                                       direction=direction, preset=preset)
+    normalised = steering_validate(sae=sae, features=features, mode=options.mode, positions=options.positions,
+                                   units=options.units)
+    raw = await sync_to_async(strengths_to_raw)(sae=sae, features=normalised, units=options.units) if sae else []
     label = f"profile:{source_profile}" if source_profile else "active"
-    fanout = await inference_client().set_steering(Steering(features=raw, mode=mode, positions=positions, label=label),
+    fanout = await inference_client().set_steering(steering_message(raw, options, label=label),
                                                    sae=sae.name if sae else None)
 
     def save() -> dict[str, Any]:
         state = SteeringState.current()
-        state.sae, state.features, state.mode, state.positions, state.units = sae, normalised, mode, positions, units
+        state.sae, state.features, state.mode, state.positions = sae, normalised, options.mode, options.positions
+        state.units, state.layers, state.direction = options.units, list(options.layers), options.direction
         state.source_profile = source_profile
         state.save()
         # A profile is active only while its steering is the one applied: any other change ends it.
@@ -116,25 +118,37 @@ def steering_state_message(state: SteeringState) -> Steering | None:
         return None
     raw = strengths_to_raw(sae=state.sae, features=state.features, units=state.units)
     label = f"profile:{state.source_profile}" if state.source_profile else "active"
-    return Steering(features=raw, mode=state.mode, positions=state.positions, label=label)
+    options = SteeringOptions(mode=state.mode, positions=state.positions, units=state.units,
+                              layers=tuple(state.layers or ()), direction=state.direction or "decoder")
+    return steering_message(raw, options, label=label)
+
+
+def steering_message(raw: list[dict[str, Any]], options: SteeringOptions, *, label: str = "inline") -> Steering:
+    """The contract's steering for raw-strength features applied with these options."""
+    return Steering(features=raw, mode=options.mode, positions=options.positions, layers=list(options.layers),
+                    direction=options.direction, label=label)
 
 
 async def steering_compare(*, prompt: str, features: list[dict[str, Any]], chat: bool = True, max_tokens: int = 48,
-                           mode: str = "additive", positions: str = "all", units: str = "raw") -> dict[str, Any]:
+                           mode: str = "additive", positions: str = "all", units: str = "raw",
+                           layers: list[int] | None = None, direction: str = "decoder",
+                           preset: str | None = None) -> dict[str, Any]:
     """The same prompt answered greedily without and with the given steering (the active one is ignored)."""
     sae = await sync_to_async(attached_sae)()
     if sae is None:
         raise SaeNotAttached("No SAE is attached: attach one before steering its features")
-    normalised = steering_validate(sae=sae, features=features, mode=mode, positions=positions, units=units)
-    raw = await sync_to_async(strengths_to_raw)(sae=sae, features=normalised, units=units)
+    options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, layers=layers,
+                                       direction=direction, preset=preset)
+    normalised = steering_validate(sae=sae, features=features, mode=options.mode, positions=options.positions,
+                                   units=options.units)
+    raw = await sync_to_async(strengths_to_raw)(sae=sae, features=normalised, units=options.units)
     messages = [{"role": "user", "content": prompt}] if chat else None
     runs: dict[str, Any] = {}
-    for key, steering in (("unsteered", Steering()),
-                          ("steered", Steering(features=raw, mode=mode, positions=positions))):
+    for key, steering in (("unsteered", Steering()), ("steered", steering_message(raw, options))):
         result = await generation_stream.collect(generation_stream.generate(
             model=sae.model.name, prompt=None if chat else prompt, messages=messages,
             params={"max_tokens": max_tokens, "temperature": 0.0}, steering=steering,
             observer=RequestTracker(endpoint="compare", model=sae.model.name), on_frames=activation_publisher().offer))
         runs[key] = {"text": result.text, "completion_tokens": result.completion_tokens,
                      "finish_reason": result.finish_reason}
-    return {**runs, "features": raw, "mode": mode}
+    return {**runs, "features": raw, **options.as_dict()}
