@@ -303,7 +303,7 @@ def estimate_memory_bytes(config: Any, dtype: str, quantization: str | None, *, 
     if quantization is not None:
         for module in model.modules():
             if on_cpu and cpu_quantization.quantizable(module):
-                n, k = module.weight.shape
+                n, k = cpu_quantization.weight_shape(module)
                 total += n * k * (_CPU_Q4_BYTES if quantization == "q4" else 1.0) + (0 if quantization == "q4" else 2 * n)
                 if module.weight is not tied:  # a tied head's weight stays alive as the embedding
                     quantized.add(id(module.weight))

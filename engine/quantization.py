@@ -1,7 +1,7 @@
 """Weight-only Q4/Q8 on CPU with torch's own kernels (bitsandbytes stays for CUDA).
 
-Every `nn.Linear` whose input width is a multiple of the group size (attention projections, MLP,
-and the LM head) is replaced by a module that keeps only the quantized weight; activations are cast
+Every `nn.Linear` (and GPT-2-style `Conv1D`, a Linear with its weight stored transposed) whose
+input width is a multiple of the group size (attention projections, MLP, and the LM head) is replaced by a module that keeps only the quantized weight; activations are cast
 to bfloat16 for the matmul and back, so the residual stream (what the SAE reads and steering
 writes) keeps the model's dtype.
 
@@ -44,10 +44,9 @@ class QuantizedLinear(nn.Module):
     def __init__(self, linear: nn.Linear | list[nn.Linear], quantization: str) -> None:
         super().__init__()
         linears = linear if isinstance(linear, list) else [linear]  # several: their rows stacked
-        self.in_features = linears[0].in_features
-        self.out_features = sum(part.out_features for part in linears)
+        weight = torch.cat([_weight_of(part) for part in linears])
+        self.out_features, self.in_features = weight.shape
         self.quantization = quantization
-        weight = torch.cat([part.weight.detach().float() for part in linears])
         if quantization == "q4":
             packed, scales_and_zeros = _quantize_q4(weight)
             self.register_buffer("packed_weight", packed)  # uint8 [N, K/2], the kernel's own layout
@@ -141,8 +140,26 @@ def _quantize_q8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # transformers.pytorch_utils.Conv1D
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    """The [out, in] float32 weight of a Linear or a Conv1D (which stores [in, out])."""
+    weight = module.weight.detach().float()
+    return weight.T if _is_conv1d(module) else weight
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a quantizable module."""
+    rows, columns = module.weight.shape
+    return (columns, rows) if _is_conv1d(module) else (rows, columns)
+
+
 def quantizable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and module.in_features % GROUP_SIZE == 0
+    if isinstance(module, nn.Linear):
+        return module.in_features % GROUP_SIZE == 0
+    return _is_conv1d(module) and module.weight.shape[0] % GROUP_SIZE == 0
 
 
 def quantize_for_cpu(model: nn.Module, quantization: str) -> int:
@@ -171,4 +188,4 @@ def quantize_for_cpu(model: nn.Module, quantization: str) -> int:
 
 
 def _fusable(group: list[nn.Linear]) -> bool:
-    return len({c.in_features for c in group}) == 1 and len({c.bias is None for c in group}) == 1
+    return len({_weight_of(c).shape[1] for c in group}) == 1 and len({c.bias is None for c in group}) == 1

@@ -135,3 +135,22 @@ def test_fused_siblings_give_each_its_own_product_whatever_the_call_order(quanti
         for name, tensor in calls:
             assert torch.allclose(getattr(attention, name)(tensor), alone[name](tensor), atol=1e-5), name
     assert torch.allclose(attention.v_proj.weight, alone["v_proj"].weight)
+
+
+@pytest.mark.parametrize("quantization", ["q4", "q8"])
+def test_gpt2_conv1d_layers_are_quantized_too(tmp_path, model_dir, quantization):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=2, n_positions=128)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    dense, loaded = load_model(tmp_path), load_model(tmp_path, quantization=quantization)
+    left = [type(m).__name__ for m in loaded.model.modules() if type(m).__name__ in ("Conv1D", "Linear")]
+    assert not left, left  # c_attn, c_proj, c_fc, mlp.c_proj and the head
+    assert abs(loaded.estimated_memory_bytes - loaded.memory_bytes) / loaded.memory_bytes < 0.02
+    ids = tokenizer("The cat sat on the mat", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        exact, approx = dense.model(ids).logits, loaded.model(ids).logits
+    assert ((approx - exact).norm() / exact.norm()).item() < 0.15
