@@ -56,6 +56,7 @@ class Generation:
     tokens: list[m.Token] = field(default_factory=list)
     frames: list[dict[str, Any]] = field(default_factory=list)  # per-token features, when monitored
     features: dict[str, Any] | None = None  # the request's own features (return_features): {sae, tokens}
+    abort: dict[str, Any] | None = None  # the abort condition that ended it (finish_reason content_filter)
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -221,5 +222,6 @@ async def collect(stream: AsyncIterator[GenerationReply]) -> Generation:
             result.prompt_tokens = reply.usage.prompt_tokens
             result.completion_tokens = reply.usage.completion_tokens
             result.steering = reply.steering
+            result.abort = reply.abort
     result.text = "".join(pieces)
     return result
