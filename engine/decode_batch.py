@@ -24,6 +24,7 @@ from engine.batch_cache import BatchKVCache, new_cache
 from engine.generation import FinishReason
 from engine.interceptors import ForwardContext, ForwardInterceptor
 from engine.rows import Row
+from engine.sae_hook import FeatureCapture
 from engine.sampling import SampledTokens, SamplingBatch, sample_next
 
 log = logging.getLogger("millm.engine.scheduler")
@@ -37,6 +38,7 @@ class PartialPrefill:
     row: Row
     cache: DynamicCache
     done: int = 0  # prompt tokens already in the cache
+    captures: list[Any] | None = None  # the interceptors' captures of the chunks so far, as one pass's
 
     @property
     def finished(self) -> bool:
@@ -124,6 +126,8 @@ class DecodeBatch:
                 past_key_values=partial.cache,
             )
             partial.done += len(ids)
+            if row.request_id in captures:
+                partial.captures = _joined(partial.captures, captures[row.request_id], start)
             if not last:
                 return 0
             sampling = SamplingBatch.build([row.params], [row.seed], self.device)
@@ -132,7 +136,8 @@ class DecodeBatch:
             log.exception("prefill failed")
             row.finish("error", FAILED)
             return 0
-        self._join([row], partial.cache, [0], len(row.prompt_ids), sampled, captures)
+        captured = {row.request_id: partial.captures} if partial.captures is not None else {}
+        self._join([row], partial.cache, [0], len(row.prompt_ids), sampled, captured)
         return 1
 
     def _join(self, group: list[Row], cache: DynamicCache, pads: list[int], width: int, sampled: SampledTokens,
@@ -253,3 +258,40 @@ class DecodeBatch:
         self._sampling = SamplingBatch.build([r.params for r in rows], [r.seed for r in rows], self.device)
         ones = torch.ones((len(rows), 1), dtype=torch.bool, device=self.device)
         self._context = ForwardContext(rows=tuple(r.info for r in rows), generated_mask=ones, valid_mask=ones)
+
+
+def _joined(earlier: list[Any] | None, chunk: list[Any], offset: int) -> list[Any]:
+    """One row's captures of a prompt chunk appended to those of the chunks before it, as if the prompt
+    had run in one pass (the frame builders read a prefill capture's tokens as prompt positions 0..n-1).
+    Same interceptors, same order in every chunk: entries pair up one to one."""
+    if earlier is None:
+        return [_shifted(entry, offset) for entry in chunk]
+    if len(earlier) != len(chunk):
+        raise ValueError("the interceptors changed during a chunked prefill")
+    return [_join_entry(a, b, offset) for a, b in zip(earlier, chunk, strict=True)]
+
+
+def _shifted(entry: Any, offset: int) -> Any:
+    if isinstance(entry, tuple):
+        return tuple(_shifted(e, offset) for e in entry)
+    if isinstance(entry, FeatureCapture):
+        return FeatureCapture(input_positions=[p + offset for p in entry.input_positions],
+                              generated=list(entry.generated), topk_indices=list(entry.topk_indices),
+                              topk_values=list(entry.topk_values),
+                              monitored={k: list(v) for k, v in entry.monitored.items()}, steered=entry.steered)
+    return entry
+
+
+def _join_entry(a: Any, b: Any, offset: int) -> Any:
+    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
+        return tuple(_join_entry(x, y, offset) for x, y in zip(a, b, strict=True))
+    if isinstance(a, FeatureCapture) and isinstance(b, FeatureCapture) and a.steered == b.steered \
+            and a.monitored.keys() == b.monitored.keys():
+        a.input_positions.extend(p + offset for p in b.input_positions)
+        a.generated.extend(b.generated)
+        a.topk_indices.extend(b.topk_indices)
+        a.topk_values.extend(b.topk_values)
+        for feature, values in b.monitored.items():
+            a.monitored[feature].extend(values)
+        return a
+    raise ValueError("a chunk's captures do not match the earlier chunks'")

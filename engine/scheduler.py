@@ -3,14 +3,13 @@
 Each loop iteration (1) runs queued management calls, (2) drops cancelled rows, (3) prefills newly
 submitted requests as one left-padded group, samples their first token and merges their KV cache
 into the running batch (see batch_cache), (4) runs one decode step for every row, each with its own
-SamplingParams and steering, and (5) lets finished rows leave.
+SamplingParams and steering, and (5) lets finished rows leave. Interceptors (the SAE hook) get a
+ForwardContext before every forward pass and are collected after it.
 
 Fair admission: a prompt longer than `prefill_chunk_tokens` is prefilled one chunk per iteration
 (one such prompt at a time), so no iteration holds the decode step for more than about one chunk's
 forward pass, and short requests queued behind it are admitted past it in the meantime. A row that
-captures features (monitoring, per-request capture) is prefilled in one pass: its prompt-token
-captures come from that one pass. Interceptors (the SAE hook) get a
-ForwardContext before every forward pass and are collected after it.
+captures features gets its chunks' captures joined as if its prompt had run in one pass.
 
 Threading: submit(), cancel() and status() may be called from any thread; everything that touches
 the model, including `call(fn)` for management work such as attaching a hook, runs on the loop
@@ -373,8 +372,7 @@ class GenerationScheduler:
             self._partial = self._batch.start_partial(start_partial)
 
     def _chunked(self, row: Row) -> bool:
-        info = row.info
-        return len(row.prompt_ids) > self.prefill_chunk_tokens and not info.monitor and info.features is None
+        return len(row.prompt_ids) > self.prefill_chunk_tokens
 
     def _count(self, tokens: int) -> None:
         if tokens:

@@ -10,10 +10,13 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from engine.generation import FinishEvent, GenerationRequest
+from engine.generation import FinishEvent, GenerationRequest, TokenEvent
 from engine.loading import load_model
+from engine.request_features import FeatureRequest
+from engine.runtime import EngineRuntime
 from engine.sampling import SamplingParams
 from engine.scheduler import GenerationScheduler
+from engine.steering import SteeringFeature, SteeringSpec
 
 TIMEOUT_S = 120
 CHUNK = 64
@@ -99,3 +102,41 @@ def test_a_short_request_starts_within_a_few_chunks_while_a_long_prompt_prefills
     assert short_first < long_first
     # Unchunked, the short request waits for the whole prefill.
     assert short_first < min(4 * one_chunk_s + 0.02, whole_s / 2)
+
+
+def test_monitoring_and_returned_features_are_the_same_chunked_and_in_one_pass(test_tier_assets):
+    """The chunks' captures are joined: prompt frames keep their positions 0..n-1 across chunks."""
+    runtime = EngineRuntime(torch_threads=1)
+    runtime.load(name="tiny", path=str(test_tier_assets.model.local_path))
+    runtime.attach_sae(name="sae", path=str(test_tier_assets.sae.local_path))
+    runtime.configure_monitoring(enabled=True, top_k=3, features=[7])
+    steering = SteeringSpec(features=(SteeringFeature(7, 40.0),))
+    results = {}
+    prompt_tokens = len(runtime.loaded.tokenizer("The cat sat on the mat")["input_ids"])
+    try:
+        for chunk in (3, 4096):
+            runtime.scheduler.prefill_chunk_tokens = chunk
+            submitted = runtime.submit(request_id=f"chunk-{chunk}", model=None, prompt="The cat sat on the mat",
+                                       messages=None, params={"max_tokens": 4, "temperature": 0.0},
+                                       steering=steering, features=FeatureRequest(top_k=5, after_steering=True))
+            ids, returned, monitored = [], [], []
+            for event in submitted.handle:
+                if isinstance(event, TokenEvent):
+                    ids.append(event.token_id)
+                    returned += submitted.features.frames(event.token_id, event.captures)
+                    monitored += submitted.frames.frames(event.token_id, event.captures)
+            results[chunk] = (ids, returned, monitored)
+    finally:
+        runtime.unload()
+    assert prompt_tokens > 3  # it really ran in chunks
+    chunked, whole = results[3], results[4096]
+    assert chunked[0] == whole[0]
+    for mine, theirs in ((chunked[1], whole[1]), (chunked[2], whole[2])):
+        assert [(f["position"], f["type"], f["token_id"]) for f in mine] == \
+            [(f["position"], f["type"], f["token_id"]) for f in theirs]
+        assert sum(f["type"] == "prompt" for f in mine) == prompt_tokens
+        for a, b in zip(mine, theirs, strict=True):
+            assert a["features"].keys() == b["features"].keys(), (a, b)
+            for key, value in b["features"].items():
+                assert a["features"][key] == pytest.approx(value, abs=2e-4)
+
