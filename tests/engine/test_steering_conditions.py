@@ -166,3 +166,31 @@ def test_a_condition_without_an_sae_is_refused_and_nothing_applies(runtime, test
         runtime.set_active_steering(SteeringSpec(features=(SteeringFeature(CAT, 1.0),)), label="active",
                                     conditions=SteeringConditions(abort_when=(FeatureCondition(10**6, above=1.0),)))
     assert runtime.active_steering is None and runtime.active_conditions is None
+
+
+def test_a_batch_mixing_conditions_gives_each_row_the_text_it_gets_alone(runtime):
+    prompt_ids = list(runtime.loaded.tokenizer(PROMPT)["input_ids"])
+    threshold = float(cat_values(runtime, prompt_ids).max()) / 2
+    toward_cat = SteeringSpec(features=(SteeringFeature(CAT, 40.0),))
+    rows = [
+        {"steering": None, "conditions": None},
+        {"steering": None, "conditions": SteeringConditions(
+            features=(ConditionalFeature(3, 25.0, FeatureCondition(CAT, above=threshold)),))},
+        {"steering": toward_cat, "conditions": SteeringConditions(abort_when=(FeatureCondition(CAT, above=threshold),))},
+        {"steering": toward_cat, "conditions": None},
+    ]
+
+    def submit(n: int, row: dict):
+        return runtime.submit(request_id=f"mix{n}-{id(row)}", model=None, prompt=PROMPT, messages=None,
+                              params={"max_tokens": 8, "temperature": 0.0}, **row).handle
+
+    def outcome(handle):
+        events = list(handle)
+        return [e.token_id for e in events[:-1]], events[-1].finish_reason, events[-1].abort
+
+    alone = [outcome(submit(n, row)) for n, row in enumerate(rows)]
+    # All submitted before the loop admits them: one prefill group, one decode batch.
+    handles = runtime.scheduler.call(lambda: [submit(n, row) for n, row in enumerate(rows)]).result()
+    together = [outcome(handle) for handle in handles]
+    assert together == alone
+    assert alone[2][1] == "content_filter" and alone[3][1] == "length"
