@@ -94,8 +94,11 @@ class InferenceClient:
             on_record = {record.process_id for record in await registry.processes_live()}
         except (OSError, RedisError) as exc:
             raise InferenceUnavailable(f"The message broker (REDIS_URL) is unreachable: {exc.__class__.__name__}") from None
-        if not on_record:  # none has announced itself yet: the first to start takes the call
-            reply = await self.call(call, expected, timeout=timeout)
+        if not on_record:
+            # None has announced itself yet: the first to start takes the call. The call's own (long) timeout
+            # is for work a live process is doing; with none alive, wait only as long as one may take to start.
+            start_wait = settings.INFERENCE_START_TIMEOUT_S if settings.INFERENCE_EXPECTED else settings.INFERENCE_TIMEOUT_S
+            reply = await self.call(call, expected, timeout=min(wait, start_wait))
             return Fanout(reply=reply, applied=[getattr(reply, "process_id", None) or "?"])
         layer = self.layer
         try:

@@ -27,6 +27,7 @@ from steering.models import SaeStatus, SteeringState
 from steering.sae_attachment import sae_attach_request, sae_detach_request
 from steering.sae_quality import sae_quality
 from steering.selectors import feature_search_page, sae_get, sae_list
+from steering.steering_options import sae_steering_recommendation
 from steering.text_diff import same_share, word_diff
 
 FEATURE_PAGE_SIZE = 25
@@ -113,6 +114,9 @@ def steering_page(request):
                "state": SteeringState.current(), "nav": "steering"}
     if request.htmx and request.htmx.target == "feature-rows":
         return render(request, "steering/_feature_rows.html", context)
+    context["recommendation"] = sae_steering_recommendation(attached) if attached else None
+    if context["recommendation"] and not context["state"].features:
+        context["state"].units = context["recommendation"]["units"]  # the sliders start in the recommended units
     context["rows"] = _state_rows(context["state"], attached)
     context["pending"] = _add_requested_row(request, context["rows"], attached)
     context["ranges"] = slider_ranges(attached)
@@ -137,7 +141,7 @@ def _add_requested_row(request, rows: list[dict], sae) -> bool:
     if any(row["index"] == index for row in rows):
         return False
     label = sae.labels.filter(index=index).first()
-    rows.append({"index": index, "strength": getattr(label, "recommended_strength", None) or 0.0,
+    rows.append({"index": index, "strength": _recommended_strength(sae),
                  "label": label.label if label else "", "new": True})
     return True
 
@@ -157,10 +161,16 @@ def steering_slider(request, index: int):
     label = sae.labels.filter(index=index).first()
     units = request.GET.get("units", "raw")
     ranges = slider_ranges(sae)
-    strength = getattr(label, "recommended_strength", None) or 0.0  # another change may add recommended strengths
+    strength = _recommended_strength(sae)
     row = {"index": index, "strength": strength, "label": label.label if label else "", "new": True}
     return render(request, "steering/_slider_row.html", {"row": row, "range": ranges.get(units, ranges["raw"]),
                                                         "attached": sae})
+
+
+def _recommended_strength(sae) -> float:
+    """Where a new slider starts: the SAE's calibrated strength (in its recommended units), else 0."""
+    recommendation = sae_steering_recommendation(sae) if sae is not None else None
+    return float(recommendation["recommended_strength"]) if recommendation else 0.0
 
 
 def _form_features(request) -> list[dict]:
@@ -180,7 +190,8 @@ async def steering_apply_action(request):
     try:
         state = await steering_services.steering_apply(
             features=_form_features(request), mode=request.POST.get("mode", "additive"),
-            positions=request.POST.get("positions", "all"), units=request.POST.get("units", "raw"))
+            positions=request.POST.get("positions", "all"), units=request.POST.get("units", "raw"),
+            preset=request.POST.get("preset") or None)
     except MillmError as exc:
         return error_fragment(request, exc)
     return await sync_to_async(render)(request, "steering/_applied.html", {"state": state})
@@ -200,7 +211,7 @@ async def steering_compare_action(request):
         result = await steering_services.steering_compare(
             prompt=request.POST.get("prompt", "").strip() or "Hello!", features=features,
             mode=request.POST.get("mode", "additive"), positions=request.POST.get("positions", "all"),
-            units=units, max_tokens=max_tokens)
+            units=units, max_tokens=max_tokens, preset=request.POST.get("preset") or None)
     except MillmError as exc:
         return error_fragment(request, exc)
     before, after = result["unsteered"]["text"], result["steered"]["text"]
