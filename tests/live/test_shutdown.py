@@ -39,6 +39,17 @@ def _read_stream(url: str, started: threading.Event, out: dict) -> None:
     started.set()
 
 
+def _post_plain(url: str, out: dict) -> None:
+    """A non-streaming chat in flight at SIGTERM: its answer, or a 503 in OpenAI's shape, never a cut."""
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Tell me a long story"}],
+            "max_tokens": 900, "ignore_eos": True, "temperature": 0}
+    try:
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        out["status"], out["body"] = response.status_code, response.json()
+    except httpx.HTTPError as exc:
+        out["status"] = f"cut: {type(exc).__name__}"
+
+
 def _check_ending(out: dict) -> str:
     """'error' (error event then [DONE]) or 'completed' (finish_reason then [DONE]); fails on anything else."""
     events = out["events"]
@@ -68,17 +79,27 @@ def test_sigterm_ends_streams_in_flight_with_an_error_event_and_done(tmp_path, t
             reader.start()
         for event in started:
             assert event.wait(60), "a stream did not start"
+        plain: dict = {}
+        plain_reader = threading.Thread(target=_post_plain, args=(stack.url, plain))
+        plain_reader.start()
+        time.sleep(0.2)  # the non-streaming request is in flight
         pid = stack.process.pid if target == "supervisor" else children(stack.process.pid)["web"][0].pid
         os.kill(pid, signal.SIGTERM)
         signalled = time.monotonic()
         for reader in readers:
             reader.join(30)
             assert not reader.is_alive(), "a stream hung after SIGTERM"
+        plain_reader.join(30)
+        assert plain["status"] in (200, 503), plain
+        if plain["status"] == 503:
+            assert plain["body"]["error"]["code"] == "service_unavailable", plain
+        else:
+            assert plain["body"]["usage"]["completion_tokens"] == 900
         endings = [_check_ending(out) for out in outs]
         closed_s = max(out["finished_at"] for out in outs) - signalled
         tokens = [len(out["events"]) for out in outs]
         print(f"\nSIGTERM to {target}: {STREAMS} streams ended {endings} within {closed_s:.2f}s "
-              f"(events read: {tokens})")
+              f"(events read: {tokens}); a non-streaming request in flight got {plain['status']}")
         assert "error" in endings, "every stream completed before SIGTERM reached it: make them longer"
         assert closed_s < 5
     finally:
