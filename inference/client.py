@@ -94,12 +94,13 @@ class InferenceClient:
             on_record = {record.process_id for record in await registry.processes_live()}
         except (OSError, RedisError) as exc:
             raise InferenceUnavailable(f"The message broker (REDIS_URL) is unreachable: {exc.__class__.__name__}") from None
-        if not on_record:
-            # None has announced itself yet: the first to start takes the call. The call's own (long) timeout
-            # is for work a live process is doing; with none alive, wait only as long as one may take to start.
+        if not on_record:  # none has announced itself yet: the first to start takes the call
             start_wait = settings.INFERENCE_START_TIMEOUT_S if settings.INFERENCE_EXPECTED else settings.INFERENCE_TIMEOUT_S
-            reply = await self.call(call, expected, timeout=min(wait, start_wait))
-            return Fanout(reply=reply, applied=[getattr(reply, "process_id", None) or "?"])
+            try:
+                return await self._first_taker(call, expected, wait=wait, start_wait=min(wait, start_wait))
+            except (OSError, RedisError) as exc:
+                raise InferenceUnavailable(
+                    f"The message broker (REDIS_URL) is unreachable: {exc.__class__.__name__}") from None
         layer = self.layer
         try:
             reply_channel = await layer.new_channel()
@@ -109,6 +110,31 @@ class InferenceClient:
         except (OSError, RedisError) as exc:
             raise InferenceUnavailable(f"The message broker (REDIS_URL) is unreachable: {exc.__class__.__name__}") from None
         return _fanout(call, expected, answers, no_answer=sorted((on_record | received) - answers.keys()), wait=wait)
+
+    async def _first_taker(self, call: m.Call, expected: type[R], *, wait: float, start_wait: float) -> Fanout[R]:
+        """The call on the shared channel, for whichever process takes it: wait `start_wait` for one to
+        acknowledge it (none may be alive), then the call's own `wait` for its answer (a load takes long)."""
+        layer = self.layer
+        reply_channel = await layer.new_channel()
+        await layer.send(self.channel, call.model_copy(update={"reply_channel": reply_channel, "broadcast": True})
+                         .model_dump())
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        deadline = start + start_wait
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                message = m.parse_reply(await asyncio.wait_for(layer.receive(reply_channel), remaining))
+            except (TimeoutError, ValidationError):
+                continue
+            if isinstance(message, m.Received):
+                deadline = start + wait  # a live process has it: now the call's own timeout applies
+            elif isinstance(message, m.Applied):
+                try:
+                    answer = m.parse_reply(message.reply)
+                except ValidationError:
+                    raise MillmError("The inference process sent a malformed reply; see the inference log") from None
+                return _fanout(call, expected, {message.process_id: answer}, no_answer=[], wait=wait)
+        raise InferenceUnavailable(f"No inference process answered within {deadline - start:g}s")
 
     async def _gather(self, layer, reply_channel: str, on_record: set[str],
                       wait: float) -> tuple[set[str], dict[str, m.AnyReply]]:

@@ -9,7 +9,7 @@ from ninja import Body, Router, Schema
 from pydantic import Field
 
 from catalog.selectors import model_get
-from engine.rules import SteeringMode, SteeringPositions
+from engine.rules import MAX_STEERING_LAYERS, SteeringDirection, SteeringMode, SteeringPositions
 from millm_site.envelope import envelope
 from profiles import services
 from profiles.models import Profile
@@ -26,6 +26,8 @@ class ProfileIn(Schema):
     sae: str | None = None  # catalog name
     mode: SteeringMode = "additive"
     positions: SteeringPositions = "all"
+    layers: list[int] = Field(default_factory=list, max_length=MAX_STEERING_LAYERS)
+    direction: SteeringDirection = "decoder"
     features: list[ProfileFeatureFile] = Field(default_factory=list, max_length=1024)
 
 
@@ -33,7 +35,8 @@ def _save(payload: ProfileIn, *, replace: bool) -> dict[str, Any]:
     model = model_get(name=payload.model) if payload.model else None
     sae = sae_get(name=payload.sae) if payload.sae else None
     profile = services.profile_save(name=payload.name, description=payload.description, model=model, sae=sae,
-                                    mode=payload.mode, positions=payload.positions,
+                                    mode=payload.mode, positions=payload.positions, layers=payload.layers,
+                                    direction=payload.direction,
                                     features=[f.model_dump() for f in payload.features], replace=replace)
     return profile_data(services.profile_get(name=profile.name))
 

@@ -8,6 +8,7 @@ from typing import Any
 from millm_site.errors import SaeNotAttached, ValidationFailed
 from profiles.models import Profile
 from profiles.services import profile_save
+from steering.steering_options import steering_options_resolve
 from steering.steering_services import attached_sae, steering_validate
 from steering.units import strengths_to_raw
 
@@ -23,7 +24,7 @@ def profile_name_check(name: str) -> str:
 
 def profile_save_from_steering(*, name: str, description: str = "", features: list[dict[str, Any]],
                                mode: str = "additive", positions: str = "all", units: str = "raw",
-                               replace: bool = False) -> Profile:
+                               preset: str | None = None, replace: bool = False) -> Profile:
     """Save the given steering of the attached SAE as a profile.
 
     Profiles hold raw strengths (what the engine applies), so relative units are converted here, once,
@@ -33,6 +34,8 @@ def profile_save_from_steering(*, name: str, description: str = "", features: li
     sae = attached_sae()
     if sae is None:
         raise SaeNotAttached("No SAE is attached: attach one on the SAEs page, then steer its features")
+    options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, preset=preset)
+    mode, positions, units = options.mode, options.positions, options.units
     normalised = steering_validate(sae=sae, features=features, mode=mode, positions=positions, units=units)
     if not normalised:
         raise ValidationFailed("features: add at least one feature to save", details={"field": "features"})
@@ -42,5 +45,5 @@ def profile_save_from_steering(*, name: str, description: str = "", features: li
         typed = ", ".join(f"#{f['index']} {f['strength']:g}" for f in normalised)
         description = (description + "\n" if description else "") + f"Set as {typed} ({units})."
     return profile_save(name=name, description=description.strip(), model=sae.model, sae=sae, mode=mode,
-                        positions=positions, replace=replace,
+                        positions=positions, layers=options.layers, direction=options.direction, replace=replace,
                         features=[{**f, "label": labels.get(f["index"], "")[:300]} for f in raw])

@@ -6,17 +6,12 @@ from django.db import models
 from django.db.models import Q
 
 from catalog.models import LanguageModel
+from engine.rules import STEERING_DIRECTIONS, STEERING_MODES, STEERING_POSITIONS
 from steering.models import SparseAutoencoder
 
 
-class SteeringMode(models.TextChoices):
-    ADDITIVE = "additive"
-    CLAMP = "clamp"
-
-
-class SteeringPositions(models.TextChoices):
-    ALL = "all"
-    GENERATED_ONLY = "generated_only"
+def _choices(values: tuple[str, ...]) -> list[tuple[str, str]]:
+    return [(value, value.replace("_", " ")) for value in values]
 
 
 class Profile(models.Model):
@@ -25,8 +20,10 @@ class Profile(models.Model):
     description = models.TextField(blank=True)
     model = models.ForeignKey(LanguageModel, null=True, blank=True, on_delete=models.SET_NULL, related_name="profiles")
     sae = models.ForeignKey(SparseAutoencoder, null=True, blank=True, on_delete=models.SET_NULL, related_name="profiles")
-    mode = models.CharField(max_length=16, choices=SteeringMode.choices, default=SteeringMode.ADDITIVE)
-    positions = models.CharField(max_length=16, choices=SteeringPositions.choices, default=SteeringPositions.ALL)
+    mode = models.CharField(max_length=16, choices=_choices(STEERING_MODES), default="additive")
+    positions = models.CharField(max_length=16, choices=_choices(STEERING_POSITIONS), default="all")
+    layers = models.JSONField(default=list, blank=True)  # additive: also steer at these decoder layers
+    direction = models.CharField(max_length=16, choices=_choices(STEERING_DIRECTIONS), default="decoder")
     is_active = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.rules import SteeringMode, SteeringPositions
+from engine.rules import MAX_STEERING_LAYERS, SteeringDirection, SteeringMode, SteeringPositions
 
 MAX_STRENGTH = 10000.0  # the database's bound (profiles.models); the engine applies its own at steering time
 MAX_FEATURE_INDEX = (1 << 31) - 1  # the index column is a 32-bit integer on PostgreSQL (and SQLite's is 64)
@@ -45,5 +45,8 @@ class ProfileFile(BaseModel):
     features: list[ProfileFeatureFile] = Field(default_factory=list, max_length=1024)
     mode: SteeringMode = "additive"
     positions: SteeringPositions = "all"
+    # miLLM's own (a miStudio file without them steers the SAE's layer along decoder rows, as before)
+    layers: list[int] = Field(default_factory=list, max_length=MAX_STEERING_LAYERS)
+    direction: SteeringDirection = "decoder"
     created_at: datetime | None = None
     updated_at: datetime | None = None

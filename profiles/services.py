@@ -13,6 +13,8 @@ from millm_site.errors import Conflict, InvalidFeatureIndex, ProfileNotFound, Sa
 from profiles.models import Profile, ProfileFeature
 from profiles.schemas import ProfileFile
 from steering.models import SparseAutoencoder
+from steering.steering_options import steering_options_resolve
+from steering.steering_services import attached_sae, steering_apply
 
 
 def profile_get(*, name: str) -> Profile:
@@ -38,11 +40,13 @@ def _check_features(features: list[dict[str, Any]], sae: SparseAutoencoder | Non
 @transaction.atomic
 def profile_save(*, name: str, description: str = "", model: LanguageModel | None = None,
                  sae: SparseAutoencoder | None = None, mode: str = "additive", positions: str = "all",
+                 layers: list[int] | tuple[int, ...] = (), direction: str = "decoder",
                  features: list[dict[str, Any]], replace: bool = False) -> Profile:
     """Create (or, with replace, overwrite) a profile and its features in one transaction."""
     if sae is not None and model is not None and sae.model_id != model.pk:
         raise ValidationFailed(f"sae: SAE {sae.name} belongs to model {sae.model.name}, not {model.name}",
                                details={"field": "sae"})
+    options = steering_options_resolve(sae=sae, mode=mode, positions=positions, layers=layers, direction=direction)
     _check_features(features, sae)
     profile = Profile.objects.filter(name=name).first()
     if profile is not None and not replace:
@@ -50,7 +54,8 @@ def profile_save(*, name: str, description: str = "", model: LanguageModel | Non
     if profile is None:
         profile = Profile(name=name)
     profile.description, profile.model, profile.sae = description, model, sae
-    profile.mode, profile.positions = mode, positions
+    profile.mode, profile.positions = options.mode, options.positions
+    profile.layers, profile.direction = list(options.layers), options.direction
     profile.save()
     profile.features.all().delete()
     ProfileFeature.objects.bulk_create([
@@ -71,8 +76,8 @@ def profile_import(*, data: Any, replace: bool = False) -> Profile:
     model = _find_model(parsed)
     sae = _find_sae(parsed, model)
     return profile_save(name=parsed.name, description=parsed.description, model=model, sae=sae, mode=parsed.mode,
-                        positions=parsed.positions, features=[f.model_dump() for f in parsed.features],
-                        replace=replace)
+                        positions=parsed.positions, layers=parsed.layers, direction=parsed.direction,
+                        features=[f.model_dump() for f in parsed.features], replace=replace)
 
 
 def _find_model(parsed: ProfileFile) -> LanguageModel | None:
@@ -115,6 +120,8 @@ def profile_export(*, profile: Profile) -> dict[str, Any]:
         "features": [{"index": f.index, "strength": f.strength, "label": f.label} for f in profile.features.all()],
         "mode": profile.mode,
         "positions": profile.positions,
+        "layers": list(profile.layers or ()),
+        "direction": profile.direction,
         "created_at": profile.created_at.isoformat().replace("+00:00", "Z"),
         "updated_at": profile.updated_at.isoformat().replace("+00:00", "Z"),
     }
@@ -157,14 +164,13 @@ def profile_update_details(*, profile: Profile, name: str, description: str) -> 
 
 async def profile_activate_and_apply(*, name: str) -> Profile:
     """Apply the profile's steering in the inference process, then mark it active (nothing half-done)."""
-    from steering.steering_services import attached_sae, steering_apply
-
     profile = await sync_to_async(profile_get)(name=name)
     sae = await sync_to_async(attached_sae)()
     if profile.sae_id is not None and (sae is None or sae.pk != profile.sae_id):
         raise SaeNotAttached(f"Profile {name} steers SAE {profile.sae.name}, which is not attached")
     features = [{"index": f.index, "strength": f.strength} for f in profile.features.all()]
-    await steering_apply(features=features, mode=profile.mode, positions=profile.positions, source_profile=name)
+    await steering_apply(features=features, mode=profile.mode, positions=profile.positions,
+                         layers=list(profile.layers or ()), direction=profile.direction, source_profile=name)
     return await sync_to_async(profile_activate)(profile=profile)
 
 

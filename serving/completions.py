@@ -89,7 +89,8 @@ def _steering_payload(target: Target, inline: Any) -> Steering | None:
     if target.profile is not None:
         profile = target.profile
         return Steering(features=[{"index": f.index, "strength": f.strength} for f in profile.features.all()],
-                        mode=profile.mode, positions=profile.positions, label=f"profile:{profile.name}")
+                        mode=profile.mode, positions=profile.positions, layers=list(profile.layers or ()),
+                        direction=profile.direction, label=f"profile:{profile.name}")
     return None
 
 

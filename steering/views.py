@@ -227,7 +227,7 @@ async def steering_save_profile_action(request):
             name=request.POST.get("profile_name", ""), description=request.POST.get("profile_description", ""),
             features=_form_features(request), mode=request.POST.get("mode", "additive"),
             positions=request.POST.get("positions", "all"), units=request.POST.get("units", "raw"),
-            replace=request.POST.get("profile_replace") == "on")
+            preset=request.POST.get("preset") or None, replace=request.POST.get("profile_replace") == "on")
     except MillmError as exc:
         return error_fragment(request, exc)
     return await sync_to_async(render)(request, "steering/_profile_saved.html",
