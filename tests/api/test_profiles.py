@@ -111,3 +111,25 @@ def test_duplicate_name_is_a_conflict_and_unknown_profile_is_404(client, catalog
     assert post(client, "/api/profiles", LOUD).json()["error"]["code"] == "CONFLICT"
     missing = client.get("/api/profiles/ghost")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "PROFILE_NOT_FOUND"
+
+
+def test_layers_and_direction_survive_export_and_import(client, catalog):
+    spread = {**LOUD, "layers": [0, 1, 3], "direction": "concept"}
+    assert post(client, "/api/profiles", spread).status_code == 200
+    exported = client.get("/api/profiles/loud/export").json()
+    assert exported["layers"] == [0, 1, 3] and exported["direction"] == "concept"
+    client.delete("/api/profiles/loud")
+    imported = post(client, "/api/profiles/import", exported).json()["data"]
+    assert imported["layers"] == [0, 1, 3] and imported["direction"] == "concept"
+    miStudio = {k: v for k, v in exported.items() if k not in ("layers", "direction")}  # a file without them
+    client.delete("/api/profiles/loud")
+    plain = post(client, "/api/profiles/import", miStudio).json()["data"]
+    assert plain["layers"] == [] and plain["direction"] == "decoder"
+
+
+@pytest.mark.parametrize("extra,field", [({"layers": [1, 1]}, "layers"), ({"layers": [4]}, "layers"),
+                                         ({"layers": [1], "mode": "clamp"}, "mode"), ({"direction": "up"}, "direction")])
+def test_bad_layers_or_direction_are_refused_whole(client, catalog, extra, field):
+    response = post(client, "/api/profiles", {**LOUD, **extra})
+    assert response.status_code == 422 and field in json.dumps(response.json()["error"])
+    assert not Profile.objects.exists()
