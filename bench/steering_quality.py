@@ -46,8 +46,8 @@ TODAY = {"mode": "additive", "direction": "decoder", "positions": "all", "layers
 class Engine:
     """The inference process's engine parts, in-process: scheduler, SAE hook, layer-spread hook."""
 
-    def __init__(self, model_path: str, sae_path: str, *, batch: int) -> None:
-        self.loaded = load_model(model_path)
+    def __init__(self, model_path: str, sae_path: str, *, batch: int, quantization: str | None = None) -> None:
+        self.loaded = load_model(model_path, quantization=quantization)
         self.hook, self.layer_hook = SaeHook(), LayerSteeringHook()
         self.scheduler = GenerationScheduler(self.loaded, max_batch_size=batch,
                                              interceptors=[self.hook, self.layer_hook]).start()
@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--layers", default=None,
                         help="'hook' (the SAE's layer only) or a comma list of layers to spread the strength over")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantization", choices=["q4", "q8"], default=None, help="the served variant (default fp32)")
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--show", type=int, default=2, help="print this many answers per feature")
     parser.add_argument("--json", type=Path, default=None, help="also write every answer here")
@@ -123,7 +124,7 @@ def main() -> None:
     assets = build_demo_tier(args.asset_dir / "demo")
     manifest = read_manifest(args.asset_dir / "demo")
     torch.set_num_threads(args.threads)
-    engine = Engine(str(assets.model.local_path), str(assets.sae.local_path), batch=args.batch)
+    engine = Engine(str(assets.model.local_path), str(assets.sae.local_path), batch=args.batch, quantization=args.quantization)
     residual_norm = manifest["residual_median_norm"]
 
     prompts = quality.NEUTRAL_PROMPTS
