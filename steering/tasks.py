@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 from django.conf import settings
 
 from engine.assets.demo_corpus import chat_conversations, docstring_texts, writing_texts
@@ -51,7 +51,8 @@ def _corpus(tokenizer: Any) -> Iterator[str]:
     yield from docstring_texts()
 
 
-@worker_process_init.connect
+@worker_ready.connect  # --pool=threads (manage.py serve): tasks run in the worker's own process
+@worker_process_init.connect  # prefork: each child process
 def _warm_imports(**_kwargs: Any) -> None:
     """transformers and sae_lens take ~25 s to import: pay it while the worker idles, not in the first build."""
     threading.Thread(target=_import_heavy, name="warm-imports", daemon=True).start()
