@@ -140,3 +140,36 @@ def test_monitoring_and_returned_features_are_the_same_chunked_and_in_one_pass(t
             for key, value in b["features"].items():
                 assert a["features"][key] == pytest.approx(value, abs=2e-4)
 
+
+
+def worst_gap_while_prefilling(tiny, context: int) -> float:
+    """The longest wait between a running stream's tokens while a `context`-token prompt prefills."""
+    prompt = long_prompt(tiny, context)  # tokenized first: the reader must keep up with the stream
+    scheduler = GenerationScheduler(tiny, prefill_chunk_tokens=CHUNK).start()
+    arrivals = []
+    try:
+        running = scheduler.submit(GenerationRequest("Once upon a time", greedy(120)))
+        for _ in range(10):  # the stream is decoding
+            running.get(timeout=TIMEOUT_S)
+        long_handle = scheduler.submit(GenerationRequest(prompt, greedy(2)))
+        while True:
+            event = running.get(timeout=TIMEOUT_S)
+            arrivals.append(time.monotonic())
+            if isinstance(event, FinishEvent):
+                break
+        _, long = run(long_handle)
+    finally:
+        scheduler.stop()
+    assert long.finish_reason == "length"
+    return max(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
+
+
+def test_a_running_stream_keeps_its_pace_while_a_long_prompt_prefills(tiny):
+    """Unchunked, one gap is at least the whole prefill. Best of three runs: the CPU is shared."""
+    context = tiny.context_length - 24
+    whole_s, one_chunk_s = prefill_seconds(tiny, context)
+    gaps = [worst_gap_while_prefilling(tiny, context) for _ in range(3)]
+    print(f"\nworst gap between a running stream's tokens while a {context}-token prompt prefilled: "
+          f"{', '.join(f'{g * 1000:.1f}' for g in gaps)} ms (one-pass prefill {whole_s * 1000:.1f} ms, "
+          f"one {CHUNK}-token chunk {one_chunk_s * 1000:.1f} ms)")
+    assert min(gaps) < min(3 * one_chunk_s + 0.01, whole_s * 0.75)
