@@ -25,6 +25,7 @@ def model_register(
     num_layers: int | None = None,
     context_length: int | None = None,
     dtype: str = "float32",
+    quantization: str = "none",
     memory_estimate_bytes: int | None = None,
     is_demo: bool = False,
 ) -> LanguageModel:
@@ -39,6 +40,7 @@ def model_register(
             "num_layers": num_layers,
             "context_length": context_length,
             "dtype": dtype,
+            "quantization": quantization,
             "memory_estimate_bytes": memory_estimate_bytes,
             "status": ModelStatus.READY,
             "status_message": "",
