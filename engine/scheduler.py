@@ -8,7 +8,9 @@ ForwardContext before every forward pass and are collected after it.
 
 Fair admission: a prompt longer than `prefill_chunk_tokens` is prefilled one chunk per iteration
 (one such prompt at a time), so no iteration holds the decode step for more than about one chunk's
-forward pass, and short requests queued behind it are admitted past it in the meantime. A row that
+forward pass, and short requests queued behind it are admitted past it in the meantime. Chunks shrink
+from `prefill_chunk_tokens` until one takes about `prefill_chunk_s` (a CPU is 100x slower per token
+than a GPU; each chunk's time sets the next one's size, as attention grows with the prompt). A row that
 captures features gets its chunks' captures joined as if its prompt had run in one pass.
 
 Threading: submit(), cancel() and status() may be called from any thread; everything that touches
@@ -43,6 +45,7 @@ from engine.sampling import InvalidRequestError
 log = logging.getLogger("millm.engine.scheduler")
 T = TypeVar("T")
 THROUGHPUT_WINDOW_S = 10.0
+MIN_CHUNK_TOKENS = 32  # below this a chunk's fixed costs dominate
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,8 @@ class GenerationScheduler:
         max_tokens_default: int | None = None,
         embed_piece_tokens: int = 256,
         max_embed_tokens: int | None = None,
-        prefill_chunk_tokens: int = 256,
+        prefill_chunk_tokens: int = 512,
+        prefill_chunk_s: float = 0.5,
     ) -> None:
         check_cache_support(loaded.model.config)
         self.loaded = loaded
@@ -83,7 +87,9 @@ class GenerationScheduler:
         # holds generation for more than one piece.
         self.embed_piece_tokens = embed_piece_tokens
         self.max_embed_tokens = max_embed_tokens
-        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens  # the largest chunk, and the threshold for chunking
+        self.prefill_chunk_s = prefill_chunk_s
+        self._chunk_tokens = prefill_chunk_tokens  # the next chunk's size
         self._partial: PartialPrefill | None = None  # the long prompt being prefilled chunk by chunk
         self._embeds: collections.deque[tuple[EmbeddingJob, Future]] = collections.deque()
         self._interceptors: tuple[ForwardInterceptor, ...] = tuple(interceptors)
@@ -343,7 +349,11 @@ class GenerationScheduler:
         """At most one chunk of the long prompt in progress, then a group of short prompts (queued in
         order, passing long ones that wait for their turn), bounded by max_prefill_tokens."""
         if self._partial is not None:
-            self._count(self._batch.prefill_chunk(self._partial, self.prefill_chunk_tokens))
+            size, done = min(self._chunk_tokens, self.prefill_chunk_tokens), self._partial.done
+            started = time.perf_counter()
+            self._count(self._batch.prefill_chunk(self._partial, size))
+            per_token_s = (time.perf_counter() - started) / max(self._partial.done - done, 1)
+            self._chunk_tokens = max(MIN_CHUNK_TOKENS, int(self.prefill_chunk_s / max(per_token_s, 1e-9)))
             if self._partial.finished:
                 self._partial = None
         group: list[Row] = []
