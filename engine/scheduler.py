@@ -6,11 +6,12 @@ into the running batch (see batch_cache), (4) runs one decode step for every row
 SamplingParams and steering, and (5) lets finished rows leave. Interceptors (the SAE hook) get a
 ForwardContext before every forward pass and are collected after it.
 
-Fair admission: a prompt longer than `prefill_chunk_tokens` is prefilled one chunk per iteration
-(one such prompt at a time), so no iteration holds the decode step for more than about one chunk's
-forward pass, and short requests queued behind it are admitted past it in the meantime. Chunks shrink
-from `prefill_chunk_tokens` until one takes about `prefill_chunk_s` (a CPU is 100x slower per token
-than a GPU; each chunk's time sets the next one's size, as attention grows with the prompt). A row that
+Fair admission: a prompt longer than one chunk is prefilled one chunk per iteration (one such prompt
+at a time), so no iteration holds the decode step for more than about one chunk's forward pass, and
+short requests queued behind it are admitted past it in the meantime. A chunk is sized to take about
+`prefill_chunk_s`: the first is `first_chunk_tokens`, then each chunk's time sets the next one's size
+(within [32, `prefill_chunk_tokens`]), since a CPU is 100x slower per token than a GPU and attention
+grows with the prompt. A row that
 captures features gets its chunks' captures joined as if its prompt had run in one pass.
 
 Threading: submit(), cancel() and status() may be called from any thread; everything that touches
@@ -73,6 +74,7 @@ class GenerationScheduler:
         max_embed_tokens: int | None = None,
         prefill_chunk_tokens: int = 512,
         prefill_chunk_s: float = 0.5,
+        first_chunk_tokens: int = 128,
     ) -> None:
         check_cache_support(loaded.model.config)
         self.loaded = loaded
@@ -87,9 +89,9 @@ class GenerationScheduler:
         # holds generation for more than one piece.
         self.embed_piece_tokens = embed_piece_tokens
         self.max_embed_tokens = max_embed_tokens
-        self.prefill_chunk_tokens = prefill_chunk_tokens  # the largest chunk, and the threshold for chunking
+        self.prefill_chunk_tokens = prefill_chunk_tokens  # the largest chunk
         self.prefill_chunk_s = prefill_chunk_s
-        self._chunk_tokens = prefill_chunk_tokens  # the next chunk's size
+        self._chunk_tokens = first_chunk_tokens  # the next chunk's size; longer prompts are chunked
         self._partial: PartialPrefill | None = None  # the long prompt being prefilled chunk by chunk
         self._embeds: collections.deque[tuple[EmbeddingJob, Future]] = collections.deque()
         self._interceptors: tuple[ForwardInterceptor, ...] = tuple(interceptors)
@@ -382,7 +384,7 @@ class GenerationScheduler:
             self._partial = self._batch.start_partial(start_partial)
 
     def _chunked(self, row: Row) -> bool:
-        return len(row.prompt_ids) > self.prefill_chunk_tokens
+        return len(row.prompt_ids) > min(self._chunk_tokens, self.prefill_chunk_tokens)
 
     def _count(self, tokens: int) -> None:
         if tokens:

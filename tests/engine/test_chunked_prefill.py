@@ -52,7 +52,7 @@ def test_greedy_output_is_the_same_chunked_and_in_one_pass(tiny):
     prompt = long_prompt(tiny, 1000)
     outputs = {}
     for chunk in (CHUNK, 4096):
-        scheduler = GenerationScheduler(tiny, prefill_chunk_tokens=chunk).start()
+        scheduler = GenerationScheduler(tiny, prefill_chunk_tokens=chunk, first_chunk_tokens=chunk).start()
         try:
             # A short request alongside: it joins the batch while the long one is still prefilling.
             long_handle = scheduler.submit(GenerationRequest(prompt, greedy(16)))
@@ -85,7 +85,7 @@ def prefill_seconds(tiny, context: int) -> tuple[float, float]:
 def test_a_short_request_starts_within_a_few_chunks_while_a_long_prompt_prefills(tiny):
     context = tiny.context_length - 24
     whole_s, one_chunk_s = prefill_seconds(tiny, context)
-    scheduler = GenerationScheduler(tiny, prefill_chunk_tokens=CHUNK).start()
+    scheduler = GenerationScheduler(tiny, prefill_chunk_tokens=CHUNK, first_chunk_tokens=CHUNK).start()
     try:
         long_handle = scheduler.submit(GenerationRequest(long_prompt(tiny, context), greedy(4)))
         time.sleep(0.01)  # the long prefill is under way
@@ -115,7 +115,7 @@ def test_monitoring_and_returned_features_are_the_same_chunked_and_in_one_pass(t
     prompt_tokens = len(runtime.loaded.tokenizer("The cat sat on the mat")["input_ids"])
     try:
         for chunk in (3, 4096):
-            runtime.scheduler.prefill_chunk_tokens = chunk
+            runtime.scheduler.prefill_chunk_tokens = runtime.scheduler._chunk_tokens = chunk
             submitted = runtime.submit(request_id=f"chunk-{chunk}", model=None, prompt="The cat sat on the mat",
                                        messages=None, params={"max_tokens": 4, "temperature": 0.0},
                                        steering=steering, features=FeatureRequest(top_k=5, after_steering=True))
@@ -145,7 +145,7 @@ def test_monitoring_and_returned_features_are_the_same_chunked_and_in_one_pass(t
 def worst_gap_while_prefilling(tiny, context: int) -> float:
     """The longest wait between a running stream's tokens while a `context`-token prompt prefills."""
     prompt = long_prompt(tiny, context)  # tokenized first: the reader must keep up with the stream
-    scheduler = GenerationScheduler(tiny, prefill_chunk_tokens=CHUNK).start()
+    scheduler = GenerationScheduler(tiny, prefill_chunk_tokens=CHUNK, first_chunk_tokens=CHUNK).start()
     arrivals = []
     try:
         running = scheduler.submit(GenerationRequest("Once upon a time", greedy(120)))
