@@ -362,7 +362,8 @@ class GenerationScheduler:
         start_partial: Row | None = None
         with self._lock:
             waiting: list[Row] = []
-            while self._intake and len(self._batch) + (self._partial is not None) + len(group) < self.max_batch_size:
+            while self._intake and (len(self._batch) + (self._partial is not None) + (start_partial is not None)
+                                    + len(group) < self.max_batch_size):
                 row = self._intake.popleft()
                 if self._chunked(row):
                     if self._partial is None and start_partial is None:

@@ -173,3 +173,17 @@ def test_a_running_stream_keeps_its_pace_while_a_long_prompt_prefills(tiny):
           f"{', '.join(f'{g * 1000:.1f}' for g in gaps)} ms (one-pass prefill {whole_s * 1000:.1f} ms, "
           f"one {CHUNK}-token chunk {one_chunk_s * 1000:.1f} ms)")
     assert min(gaps) < min(3 * one_chunk_s + 0.01, whole_s * 0.75)
+
+
+def test_a_prompt_being_chunked_holds_its_batch_slot(tiny):
+    """max_batch_size 1: the short request queued behind the long one waits for it, chunked or not."""
+    scheduler = GenerationScheduler(tiny, max_batch_size=1, prefill_chunk_tokens=CHUNK, first_chunk_tokens=CHUNK)
+    long_handle = scheduler.submit(GenerationRequest(long_prompt(tiny, 4 * CHUNK), greedy(3)))
+    short_handle = scheduler.submit(GenerationRequest("Hello", greedy(3)))
+    scheduler.start()  # both are queued before the loop first looks
+    try:
+        _, long = run(long_handle)
+        _, short = run(short_handle)
+    finally:
+        scheduler.stop()
+    assert short.timings.first_token_s > long.timings.total_s - 0.01
