@@ -25,7 +25,7 @@ def model_register(
     num_layers: int | None = None,
     context_length: int | None = None,
     dtype: str = "float32",
-    quantization: str = "none",
+    quantization: str | None = None,  # None: keep what the row has (a download records what was asked)
     memory_estimate_bytes: int | None = None,
     is_demo: bool = False,
 ) -> LanguageModel:
@@ -40,7 +40,7 @@ def model_register(
             "num_layers": num_layers,
             "context_length": context_length,
             "dtype": dtype,
-            "quantization": quantization,
+            **({"quantization": quantization} if quantization is not None else {}),
             "memory_estimate_bytes": memory_estimate_bytes,
             "status": ModelStatus.READY,
             "status_message": "",
