@@ -8,8 +8,8 @@ INFERENCE_UNAVAILABLE (503). Three routes:
   the method returns a `Fanout`: the first process's reply plus which processes applied it, skipped
   it (pinned to another model), failed or did not answer. With no live process on record (one is
   still starting) the call goes to the shared channel instead and waits for whichever starts first;
-- generations and embeddings go to the channel of their model (`channel_for_model`), which every
-  process serving it listens on;
+- generations and embeddings go to the own channel of the least busy live process serving their
+  model (`channel_for_model`);
 - pings, statistics and cancels go to the shared channel or a process's own channel.
 Generations stream: `generate` and `collect` live in inference/generation_stream.py.
 """
@@ -17,6 +17,8 @@ Generations stream: `generate` and `collect` live in inference/generation_stream
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -57,7 +59,7 @@ class Fanout(Generic[R]):
 class InferenceClient:
     def __init__(self, *, channel: str | None = None) -> None:
         self._channel = channel  # None: settings.INFERENCE_CHANNEL, read at call time (tests override it)
-        self._routes_cache: tuple[float, set[str]] | None = None
+        self._records_cache: tuple[float, list[registry.ProcessRecord]] | None = None
 
     @property
     def channel(self) -> str:
@@ -174,23 +176,36 @@ class InferenceClient:
                                                           message="malformed reply from an inference process")
 
     async def channel_for_model(self, model: str | None) -> str:
-        """The channel of the processes serving `model`; the shared one when none does (any process then
-        answers with the refusal, or the first to start serves it)."""
+        """Where a generation or embedding for `model` goes: the own channel of the least busy live process
+        serving it (ties broken at random, so a burst spreads while heartbeats are a second old); the
+        shared channel when none does (any process then refuses it, or the first to start serves it).
+
+        One consumer per channel on purpose: channels-redis puts each received message in an in-flight
+        backup queue that the next receiver on the same channel moves back before it pops, so two
+        processes receiving from one channel can both get the same message (a generation run twice).
+        """
         if not model:
             return self.channel
-        routes = await self._routes()
-        return m.model_channel(self.channel, model) if model in routes else self.channel
+        serving = [r for r in await self._records() if r.loaded_model == model and _alive(r)]
+        if not serving:
+            return self.channel
+        least = min(r.queue_depth + r.active_requests for r in serving)
+        return random.choice([r for r in serving if r.queue_depth + r.active_requests == least]).channel
 
     async def _routes(self) -> set[str]:
+        """The models some live process serves."""
+        return {r.loaded_model for r in await self._records() if r.loaded_model and _alive(r)}
+
+    async def _records(self) -> list[registry.ProcessRecord]:
         now = time.monotonic()
-        if self._routes_cache is not None and now - self._routes_cache[0] < ROUTES_TTL_S:
-            return self._routes_cache[1]
+        if self._records_cache is not None and now - self._records_cache[0] < ROUTES_TTL_S:
+            return self._records_cache[1]
         try:
-            served = {r.loaded_model for r in await registry.processes_live() if r.loaded_model}
+            records = await registry.processes_live()
         except (OSError, RedisError):
-            served = set()  # Redis away: the shared channel's send reports it
-        self._routes_cache = (now, served)
-        return served
+            records = []  # Redis away: the shared channel's send reports it
+        self._records_cache = (now, records)
+        return records
 
     async def send(self, call: m.Message, *, channel: str | None = None) -> None:
         """A call that gets no reply (cancel)."""
@@ -240,6 +255,19 @@ class InferenceClient:
 
     async def cancel(self, *, request_id: str, channel: str) -> None:
         await self.send(m.Cancel(request_id=request_id), channel=channel)
+
+
+def _alive(record: registry.ProcessRecord) -> bool:
+    """False for a process on this host whose pid is gone (its record has not expired yet)."""
+    if record.host != registry.host_name():
+        return True
+    try:
+        os.kill(record.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fanout(call: m.Call, expected: type[R], answers: dict[str, m.AnyReply], *, no_answer: list[str],

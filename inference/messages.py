@@ -373,12 +373,6 @@ def control_group(channel: str) -> str:
     return f"{channel}.control"
 
 
-def model_channel(channel: str, model: str) -> str:
-    """The channel every process serving `model` listens on: its generations and embeddings go there,
-    and the processes take turns receiving them, which spreads the load."""
-    return f"{channel}.model.{model}"
-
-
 def parse_call(message: dict[str, Any]) -> AnyCall:
     """A received call, validated; raises pydantic's ValidationError."""
     return _CALL.validate_python(message)

@@ -3,10 +3,9 @@
 N of them may run side by side. Each one listens on
 - the shared inference channel (any process may take a call there: pings, statistics, and requests
   for a model nobody serves, which get the refusal),
-- the channel of the model it serves (`messages.model_channel`): generations and embeddings, taken
-  in turns by every process serving that model,
-- its own channel: cancels and liveness pings for the generations it runs, and the broadcast
-  management calls that reach it through the control group (`messages.control_group`).
+- its own channel: the generations and embeddings the web tier routes to it (inference/client.py picks
+  the least busy process serving the model), cancels, leases and liveness pings for them, and the
+  broadcast management calls that reach it through the control group (`messages.control_group`).
 It restores the desired state from the database when it starts, refreshes its heartbeat record
 (inference/registry.py) every few seconds, and drains cleanly on SIGTERM/SIGINT. A process may be
 pinned to one model (MILLM_INFERENCE_MODEL). The torch side is `engine.runtime`.
@@ -42,7 +41,6 @@ class InferenceWorker:
         self.own_channel = ""
         self.process_id = registry.new_process_id()
         self.pinned_model = pinned_model or None
-        self.model_listener: tuple[str, asyncio.Future] | None = None  # (model, its channel's listener)
         self.started_at = time.time()
         self.stopping = asyncio.Event()
         self.calls = WorkerCalls(self, runtime)
@@ -57,7 +55,6 @@ class InferenceWorker:
         heartbeat = asyncio.ensure_future(self._heartbeat())
         if restore:
             await self.calls.restore_desired_state()
-        self.follow_model()
         log.info("inference_ready", channel=self.channel_name, pid=os.getpid(), process_id=self.process_id,
                  pinned_model=self.pinned_model)
         with contextlib.suppress(Exception):  # the model's route appears now, not at the next beat
@@ -65,8 +62,6 @@ class InferenceWorker:
         listeners = [asyncio.ensure_future(self._listen(self.channel_name)),
                      asyncio.ensure_future(self._listen(self.own_channel)), heartbeat]
         await self.stopping.wait()
-        if self.model_listener is not None:
-            listeners.append(self.model_listener[1])
         for listener in listeners:
             listener.cancel()
         await self._leave()
@@ -108,19 +103,6 @@ class InferenceWorker:
             task = asyncio.ensure_future(self.dispatch(message))
             self.in_flight.add(task)
             task.add_done_callback(self.in_flight.discard)
-
-    def follow_model(self) -> None:
-        """Listen on the channel of the model loaded now (and on no other model's)."""
-        model = self.calls.runtime.model_name
-        current = self.model_listener[0] if self.model_listener else None
-        if model == current:
-            return
-        if self.model_listener is not None:
-            # Between two receives only: a model switch runs while its generations are drained.
-            self.model_listener[1].cancel()
-        self.model_listener = None
-        if model is not None:
-            self.model_listener = (model, asyncio.ensure_future(self._listen(m.model_channel(self.channel_name, model))))
 
     def heartbeat_record(self) -> registry.ProcessRecord:
         status = self.calls.runtime.status()
@@ -172,7 +154,6 @@ class InferenceWorker:
                     log.info("inference_call_refused", call=call.type, code=reply.code, status=reply.status)
                 else:
                     log.exception("inference_call_failed", call=call.type)
-            self.follow_model()  # a load or unload changes which model channel this process serves
             if reply is not None and broadcast:
                 reply = m.Applied(process_id=self.process_id, reply=reply.model_dump())
         if reply is not None and isinstance(reply_channel, str) and reply_channel:
