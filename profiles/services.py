@@ -9,6 +9,7 @@ from django.db import transaction
 from pydantic import ValidationError
 
 from catalog.models import LanguageModel
+from engine.rules import feature_index_problem
 from millm_site.errors import Conflict, InvalidFeatureIndex, ProfileNotFound, SaeNotAttached, ValidationFailed
 from profiles.models import Profile, ProfileFeature
 from profiles.schemas import ProfileFile
@@ -32,9 +33,9 @@ def _check_features(features: list[dict[str, Any]], sae: SparseAutoencoder | Non
             raise ValidationFailed(f"features[{position}].index: feature {index} is listed twice",
                                    details={"field": f"features[{position}].index"})
         seen.add(index)
-        if sae is not None and index >= sae.d_sae:
-            raise InvalidFeatureIndex(f"features[{position}].index: {index} is outside 0..{sae.d_sae - 1} "
-                                      f"for SAE {sae.name}", details={"field": f"features[{position}].index"})
+        if sae is not None and (problem := feature_index_problem(index, sae.d_sae)) is not None:
+            raise InvalidFeatureIndex(f"features[{position}].index: {problem} for SAE {sae.name}",
+                                      details={"field": f"features[{position}].index"})
 
 
 @transaction.atomic

@@ -8,6 +8,7 @@ from pathlib import Path
 from django.db import transaction
 
 from catalog.models import LanguageModel
+from engine.rules import feature_index_problem
 from millm_site.errors import ValidationFailed
 from millm_site.events import event_publish_sync
 from steering.models import FeatureLabel, LabelSource, SaeStatus, SparseAutoencoder
@@ -90,7 +91,7 @@ def _checked_label_rows(
 ) -> list[tuple[int, str, str, float | None]]:
     """The rows, refused whole on an index outside the SAE or listed twice."""
     rows = list(labels)
-    bad = [index for index, *_ in rows if not 0 <= index < sae.d_sae]
+    bad = [index for index, *_ in rows if feature_index_problem(index, sae.d_sae) is not None]
     if bad:
         raise ValidationFailed(
             f"Feature index {bad[0]} is outside 0..{sae.d_sae - 1} for SAE {sae.name}",
