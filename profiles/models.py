@@ -24,6 +24,8 @@ class Profile(models.Model):
     positions = models.CharField(max_length=16, choices=_choices(STEERING_POSITIONS), default="all")
     layers = models.JSONField(default=list, blank=True)  # additive: also steer at these decoder layers
     direction = models.CharField(max_length=16, choices=_choices(STEERING_DIRECTIONS), default="decoder")
+    # Stop generating at the first token where one of these holds: [{"sae", "index", "above"|"below"}].
+    abort_when = models.JSONField(default=list, blank=True)
     is_active = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -40,14 +42,18 @@ class Profile(models.Model):
 
 class ProfileFeature(models.Model):
     profile = models.ForeignKey(Profile, on_delete=models.CASCADE, related_name="features")
+    # The SAE the feature belongs to; blank: the first attached SAE (single-SAE profiles and files).
+    sae = models.CharField(max_length=120, blank=True, default="")
     index = models.PositiveIntegerField()
     strength = models.FloatField()
     label = models.CharField(max_length=300, blank=True)
+    # Optional condition on another feature at the same token: {"sae", "index", "above"|"below"}.
+    when = models.JSONField(null=True, blank=True)
 
     class Meta:
-        ordering = ["profile", "index"]
+        ordering = ["profile", "sae", "index"]
         constraints = [
-            models.UniqueConstraint(fields=["profile", "index"], name="profile_feature_unique"),
+            models.UniqueConstraint(fields=["profile", "sae", "index"], name="profile_feature_unique"),
             models.CheckConstraint(condition=Q(index__gte=0), name="profile_feature_index_nonnegative"),
             # NaN compares false both ways, so this also keeps NaN out on PostgreSQL.
             models.CheckConstraint(condition=Q(strength__gte=-10000.0) & Q(strength__lte=10000.0),
