@@ -98,7 +98,10 @@ class SteeringState(models.Model):
     mode = models.CharField(max_length=16, default="additive")
     positions = models.CharField(max_length=16, default="all")
     units = models.CharField(max_length=16, default="raw")
-    features = models.JSONField(default=list, blank=True)  # [{"index": int, "strength": float}]
+    # [{"index": int, "strength": float, "sae": str (optional), "when": {...} (optional)}]
+    features = models.JSONField(default=list, blank=True)
+    # Stop generating at the first token where one holds: [{"sae", "index", "above"|"below"}]
+    abort_when = models.JSONField(default=list, blank=True)
     layers = models.JSONField(default=list, blank=True)  # additive: also steer at these decoder layers
     direction = models.CharField(max_length=16, default="decoder")  # decoder row or concept direction
     source_profile = models.CharField(max_length=100, blank=True)
