@@ -1,0 +1,208 @@
+"""Token-level diff of a steered generation against the unsteered model, by teacher forcing.
+
+Given the prompt ids P (length p) and a generated continuation g_0..g_{n-1}, one forward pass over
+P + g scores every generated token at once: the logits at input column p-1+j are the next-token
+distribution that produced g_j. Per generated token j of the steered run:
+
+    steered_logprob[j]   = log p_s(g_j | P, g_<j)        (the model with the request's steering)
+    unsteered_logprob[j] = log p_u(g_j | P, g_<j)        (the plain model)
+    kl[j]                = KL(p_s || p_u) = Σ_v p_s(v) (log p_s(v) - log p_u(v))   at that position
+
+Steered scoring applies exactly the steering the generation used: the rows carry the same
+CompiledSteering through the model's interceptors (the SAE hook, the layer hook), with the same
+generated mask the scheduler builds (a column is "generated" where its input token was generated), so
+at temperature 0 each steered token is the arg-max of its steered distribution.
+
+Features: the residual at the SAE's hook layer is read *before* steering (a forward hook prepended to
+the SAE hook) on unsteered rows, at the columns of the generated tokens p..p+n-1, and encoded by the
+SAE. A text's feature profile is the mean over its generated tokens (documented choice: one number
+per feature and text, comparable between texts of different lengths); the top changed features are
+those with the largest |mean(steered text) - mean(unsteered text)|.
+
+The same scoring gives the sweep its fluency (mean unsteered log-probability of a steered text) and its
+concept score (a feature's mean activation over the steered text). Run it on the scheduler's loop
+thread (`scheduler.call`), between forward passes. No Django here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.chat import build_chat_prompt
+from engine.interceptors import ForwardContext, ForwardInterceptor, RowInfo
+from engine.sae import SaeWeights, decoder_layers
+
+# Rows × columns × vocabulary floats one scoring forward may hold in logits (≈ 256 MiB in float32):
+# the sweep scores many texts, so they go in row chunks under this budget.
+LOGIT_BUDGET = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class ScoringRow:
+    prompt_ids: Sequence[int]
+    generated_ids: Sequence[int]
+    steering: Any | None = None  # a CompiledSteering, applied exactly as the generation applied it
+
+
+@dataclass(frozen=True)
+class ScoredRow:
+    logprobs: torch.Tensor  # (n,) float32: log p(g_j | P, g_<j)
+    log_distributions: torch.Tensor | None  # (n, V) float32 log-softmax at each scoring column, when kept
+    features: torch.Tensor | None  # (n, d_sae) float32: SAE features of the generated tokens, before steering
+
+    @property
+    def mean_logprob(self) -> float | None:
+        return float(self.logprobs.mean()) if self.logprobs.numel() else None
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    token_id: int
+    position: int  # index among the generated tokens (0 = the first generated token)
+    steered_logprob: float
+    unsteered_logprob: float
+    kl: float  # KL(steered || unsteered) of the next-token distributions that produced this token
+
+
+@dataclass(frozen=True)
+class FeatureChange:
+    index: int
+    before: float  # mean activation over the unsteered text's generated tokens
+    after: float  # mean activation over the steered text's generated tokens
+    delta: float  # after - before
+
+
+@dataclass(frozen=True)
+class TokenDiff:
+    tokens: list[TokenScore]
+    first_divergence: int | None  # first generated position where the two greedy outputs differ; None: equal
+    top_changed_features: list[FeatureChange]
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str | None, messages: Sequence[Mapping[str, Any]] | None) -> list[int]:
+    """The prompt ids exactly as a generation tokenizes them (chat template for messages)."""
+    if messages is not None:
+        return list(build_chat_prompt(tokenizer, messages).token_ids)
+    return list(tokenizer(prompt or "")["input_ids"])
+
+
+def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dimension, from log-probabilities; 0·log 0 counts as 0."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """First index where the sequences differ (a prefix differs where the shorter one ends); None if equal."""
+    for position, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return position
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def score_rows(model: torch.nn.Module, interceptors: Sequence[ForwardInterceptor], rows: Sequence[ScoringRow], *,
+               pad_id: int, sae: SaeWeights | None = None, keep_distributions: bool = False) -> list[ScoredRow]:
+    """Teacher-force every row (prompt + its generated ids) in batched forwards (row chunks within
+    LOGIT_BUDGET); `sae` set: also the features of each row's generated tokens, read before steering."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    scored: list[ScoredRow] = []
+    start = 0
+    while start < len(rows):
+        end = start + 1
+        width = len(rows[start].prompt_ids) + len(rows[start].generated_ids)
+        while end < len(rows):
+            wider = max(width, len(rows[end].prompt_ids) + len(rows[end].generated_ids))
+            if (end - start + 1) * wider * vocab > LOGIT_BUDGET:
+                break
+            width, end = wider, end + 1
+        scored.extend(_score_chunk(model, interceptors, rows[start:end], pad_id=pad_id, sae=sae,
+                                   keep_distributions=keep_distributions))
+        start = end
+    return scored
+
+
+def _score_chunk(model: torch.nn.Module, interceptors: Sequence[ForwardInterceptor], rows: Sequence[ScoringRow], *,
+                 pad_id: int, sae: SaeWeights | None, keep_distributions: bool) -> list[ScoredRow]:
+    device = next(model.parameters()).device
+    lengths = [len(r.prompt_ids) + len(r.generated_ids) for r in rows]
+    width = max(lengths)
+    pads = [width - length for length in lengths]
+    # Left-padded, as the scheduler's prefill pads, with the same position ids and masks.
+    input_ids = torch.tensor([[pad_id] * pad + list(r.prompt_ids) + list(r.generated_ids)
+                              for r, pad in zip(rows, pads, strict=True)], device=device)
+    columns = torch.arange(width, device=device).unsqueeze(0)
+    pads_t = torch.tensor(pads, device=device).unsqueeze(1)
+    valid = columns >= pads_t
+    prompt_end = pads_t + torch.tensor([len(r.prompt_ids) for r in rows], device=device).unsqueeze(1)
+    context = ForwardContext(rows=tuple(RowInfo(request_id=f"score-{i}", steering=r.steering, monitor=False)
+                                        for i, r in enumerate(rows)),
+                             generated_mask=columns >= prompt_end, valid_mask=valid)
+    captured: list[torch.Tensor] = []
+    handle = None
+    if sae is not None:
+        def read(module: Any, args: Any, output: Any) -> None:
+            captured.append((output[0] if isinstance(output, tuple) else output).detach())
+
+        # Prepended: it runs before the SAE hook's steering, so features are read before steering.
+        handle = decoder_layers(model)[sae.hook_layer].register_forward_hook(read, prepend=True)
+    try:
+        for interceptor in interceptors:
+            interceptor.set_context(context)
+        with torch.inference_mode():
+            out = model(input_ids=input_ids, attention_mask=valid.long(),
+                        position_ids=(columns - pads_t).clamp(min=0), use_cache=False)
+        for interceptor in interceptors:
+            interceptor.collect()  # nothing is monitored; this only clears the pass's state
+    finally:
+        for interceptor in interceptors:
+            interceptor.set_context(None)
+        if handle is not None:
+            handle.remove()
+    with torch.inference_mode():
+        log_probs = out.logits.float().log_softmax(dim=-1)  # (B, T, V)
+        results = []
+        for b, row in enumerate(rows):
+            n, first = len(row.generated_ids), pads[b] + len(row.prompt_ids)
+            dists = log_probs[b, first - 1 : first - 1 + n]  # column first-1+j predicts g_j
+            ids = torch.tensor(list(row.generated_ids), dtype=torch.long, device=device)
+            features = None
+            if sae is not None:
+                features = sae.encode(captured[0][b, first : first + n]).float()
+            results.append(ScoredRow(logprobs=dists.gather(-1, ids.unsqueeze(-1)).squeeze(-1).cpu(),
+                                     log_distributions=dists.clone() if keep_distributions else None,
+                                     features=features.cpu() if features is not None else None))
+    return results
+
+
+def token_diff(model: torch.nn.Module, interceptors: Sequence[ForwardInterceptor], *, prompt_ids: Sequence[int],
+               steered_ids: Sequence[int], unsteered_ids: Sequence[int], steering: Any | None, pad_id: int,
+               sae: SaeWeights | None = None, top_features: int = 10) -> TokenDiff:
+    """The diff of a steered greedy continuation against the unsteered one: one batched unsteered forward
+    (the steered text, and the unsteered text for its features) and one steered forward."""
+    if not steered_ids:
+        return TokenDiff(tokens=[], first_divergence=first_divergence(steered_ids, unsteered_ids),
+                         top_changed_features=[])
+    unsteered_rows = [ScoringRow(prompt_ids, steered_ids)]
+    if sae is not None and unsteered_ids:
+        unsteered_rows.append(ScoringRow(prompt_ids, unsteered_ids))
+    plain = _score_chunk(model, interceptors, unsteered_rows, pad_id=pad_id, sae=sae, keep_distributions=True)
+    steered = _score_chunk(model, interceptors, [ScoringRow(prompt_ids, steered_ids, steering)], pad_id=pad_id,
+                           sae=None, keep_distributions=True)[0]
+    kl = kl_divergence(steered.log_distributions, plain[0].log_distributions)
+    tokens = [TokenScore(token_id=int(t), position=j, steered_logprob=s, unsteered_logprob=u, kl=max(0.0, k))
+              for j, (t, s, u, k) in enumerate(zip(steered_ids, steered.logprobs.tolist(),
+                                                   plain[0].logprobs.tolist(), kl.tolist(), strict=True))]
+    changes: list[FeatureChange] = []
+    if sae is not None:
+        after = plain[0].features.mean(dim=0)
+        before = plain[1].features.mean(dim=0) if len(plain) > 1 else torch.zeros_like(after)
+        delta = after - before
+        order = delta.abs().topk(min(top_features, delta.numel())).indices.tolist()
+        changes = [FeatureChange(index=i, before=float(before[i]), after=float(after[i]), delta=float(delta[i]))
+                   for i in order if delta[i] != 0]
+    return TokenDiff(tokens=tokens, first_divergence=first_divergence(steered_ids, unsteered_ids),
+                     top_changed_features=changes)
