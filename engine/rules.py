@@ -49,6 +49,16 @@ def feature_index_problem(index: object, d_sae: int) -> str | None:
     return None
 
 
+# --- steering sweeps (POST /api/steering/sweep) --------------------------------------------------------
+
+# Every strength × prompt is one greedy generation, all submitted at once (the scheduler batches them).
+MAX_SWEEP_STRENGTHS = 16
+MAX_SWEEP_PROMPTS = 8
+MAX_SWEEP_RUNS = 64  # strengths × prompts, the unsteered baseline (strength 0) included
+SWEEP_INLINE_RUNS = 16  # up to this many the answer comes inline; above, a background job to poll
+MAX_SWEEP_TOKENS = 256
+
+
 # --- SAE hooks ---------------------------------------------------------------------------------------
 
 _RESID_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")

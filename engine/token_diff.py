@@ -46,6 +46,7 @@ class ScoringRow:
     prompt_ids: Sequence[int]
     generated_ids: Sequence[int]
     steering: Any | None = None  # a CompiledSteering, applied exactly as the generation applied it
+    conditions: Any | None = None  # its CompiledConditions (conditional features), when it has any
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,8 @@ def _score_chunk(model: torch.nn.Module, interceptors: Sequence[ForwardIntercept
     pads_t = torch.tensor(pads, device=device).unsqueeze(1)
     valid = columns >= pads_t
     prompt_end = pads_t + torch.tensor([len(r.prompt_ids) for r in rows], device=device).unsqueeze(1)
-    context = ForwardContext(rows=tuple(RowInfo(request_id=f"score-{i}", steering=r.steering, monitor=False)
-                                        for i, r in enumerate(rows)),
+    context = ForwardContext(rows=tuple(RowInfo(request_id=f"score-{i}", steering=r.steering, monitor=False,
+                                                conditions=r.conditions) for i, r in enumerate(rows)),
                              generated_mask=columns >= prompt_end, valid_mask=valid)
     captured: list[torch.Tensor] = []
     handle = None
@@ -180,7 +181,7 @@ def _score_chunk(model: torch.nn.Module, interceptors: Sequence[ForwardIntercept
 
 def token_diff(model: torch.nn.Module, interceptors: Sequence[ForwardInterceptor], *, prompt_ids: Sequence[int],
                steered_ids: Sequence[int], unsteered_ids: Sequence[int], steering: Any | None, pad_id: int,
-               sae: SaeWeights | None = None, top_features: int = 10) -> TokenDiff:
+               sae: SaeWeights | None = None, top_features: int = 10, conditions: Any | None = None) -> TokenDiff:
     """The diff of a steered greedy continuation against the unsteered one: one batched unsteered forward
     (the steered text, and the unsteered text for its features) and one steered forward."""
     if not steered_ids:
@@ -190,7 +191,7 @@ def token_diff(model: torch.nn.Module, interceptors: Sequence[ForwardInterceptor
     if sae is not None and unsteered_ids:
         unsteered_rows.append(ScoringRow(prompt_ids, unsteered_ids))
     plain = _score_chunk(model, interceptors, unsteered_rows, pad_id=pad_id, sae=sae, keep_distributions=True)
-    steered = _score_chunk(model, interceptors, [ScoringRow(prompt_ids, steered_ids, steering)], pad_id=pad_id,
+    steered = _score_chunk(model, interceptors, [ScoringRow(prompt_ids, steered_ids, steering, conditions)], pad_id=pad_id,
                            sae=None, keep_distributions=True)[0]
     kl = kl_divergence(steered.log_distributions, plain[0].log_distributions)
     tokens = [TokenScore(token_id=int(t), position=j, steered_logprob=s, unsteered_logprob=u, kl=max(0.0, k))

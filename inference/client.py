@@ -38,6 +38,7 @@ LOAD_TIMEOUT_S = 900.0  # a large model from a slow disk
 ATTACH_TIMEOUT_S = 600.0
 SHORT_TIMEOUT_S = 60.0  # unload, detach, set steering: quick unless the process is stuck
 EMBED_TIMEOUT_S = 120.0
+SCORE_TIMEOUT_S = 120.0  # token diffs and sweep scores (teacher forcing, many texts on a CPU)
 RECEIPT_WINDOW_S = 2.0  # a process on record that has not acknowledged a broadcast by then is gone
 ROUTES_TTL_S = 1.0  # how long a web process reuses its view of which process serves which model
 
@@ -252,6 +253,14 @@ class InferenceClient:
         """Sent to a process serving `model` (the one with the SAE attached), not the shared channel."""
         return await self.call(m.FeatureLogitLens(sae=sae, index=index, count=count), m.FeatureLogits,
                                channel=await self.channel_for_model(model))
+
+    async def token_diff(self, *, model: str, call: m.TokenDiff) -> m.TokenDiffResult:
+        """Teacher-forced scoring runs between decode passes: bounded like embeddings, not like a ping."""
+        return await self.call(call, m.TokenDiffResult, timeout=SCORE_TIMEOUT_S,
+                               channel=await self.channel_for_model(model))
+
+    async def score_texts(self, *, model: str, call: m.ScoreTexts) -> m.TextScores:
+        return await self.call(call, m.TextScores, timeout=SCORE_TIMEOUT_S, channel=await self.channel_for_model(model))
 
     async def cancel(self, *, request_id: str, channel: str) -> None:
         await self.send(m.Cancel(request_id=request_id), channel=channel)

@@ -21,8 +21,10 @@ from engine.feature_lens import feature_logits, unembedding_with_gain
 from engine.generation import FinishEvent, TokenEvent
 from engine.request_features import FeatureRequest
 from engine.runtime import EngineRuntime
+from engine.sampling import InvalidRequestError
 from engine.steering import SteeringFeature, SteeringSpec
 from engine.steering_conditions import ConditionalFeature, FeatureCondition, SteeringConditions
+from engine.token_diff import ScoringRow, prompt_token_ids, score_rows, token_diff
 from inference import messages as m
 from inference.client import EMBED_TIMEOUT_S
 from monitoring.models import CaptureSettings
@@ -270,6 +272,59 @@ class WorkerCalls:
         return m.FeatureLogits(sae=call.sae, index=call.index,
                                promoted=[m.TokenLogit(**vars(t)) for t in promoted],
                                suppressed=[m.TokenLogit(**vars(t)) for t in suppressed])
+
+    def _scoring_parts(self, sae_name: str) -> tuple[Any, Any, Any]:
+        """The scheduler, loaded model and SAE a scoring call runs on (the named SAE must be attached)."""
+        scheduler = self.runtime.require_model()
+        sae = self.runtime.hook.sae
+        if sae is None or self.runtime.sae_name != sae_name:
+            raise SaeNotAttachedError(f"SAE {sae_name} is not attached (attached: {self.runtime.sae_name or 'none'})")
+        return scheduler, self.runtime.loaded, sae
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.runtime.loaded.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(param=param, message=f"{param}: token ids must be within 0..{vocab - 1}")
+
+    async def call_token_diff(self, call: m.TokenDiff) -> m.TokenDiffResult:
+        runtime = self.runtime
+        scheduler, loaded, sae = self._scoring_parts(call.sae)
+        self._check_ids(call.steered_ids, "steered_ids")
+        self._check_ids(call.unsteered_ids, "unsteered_ids")
+        # The same compile the steered generation ran, conditional features included.
+        compiled = runtime.compile(engine_spec(call.steering))
+        conditions = runtime.compile_conditions(engine_conditions(call.steering), call.steering.mode)
+        tokenizer = loaded.tokenizer
+        prompt_ids = await in_thread(prompt_token_ids, tokenizer, call.prompt, call.messages)
+        hooks = [runtime.hook, runtime.layer_hook]
+        diff = await asyncio.wrap_future(scheduler.call(lambda: token_diff(
+            loaded.model, hooks, prompt_ids=prompt_ids, steered_ids=call.steered_ids,
+            unsteered_ids=call.unsteered_ids, steering=compiled, pad_id=tokenizer.pad_token_id or 0, sae=sae,
+            top_features=call.top_features, conditions=conditions)))
+        return m.TokenDiffResult(
+            tokens=[m.TokenDiffToken(token=tokenizer.decode([t.token_id]), **vars(t)) for t in diff.tokens],
+            first_divergence=diff.first_divergence,
+            top_changed_features=[m.FeatureChange(**vars(f)) for f in diff.top_changed_features])
+
+    async def call_score_texts(self, call: m.ScoreTexts) -> m.TextScores:
+        runtime = self.runtime
+        scheduler, loaded, sae = self._scoring_parts(call.sae)
+        for position, index in enumerate(call.features):
+            if not 0 <= index < sae.d_sae:
+                raise InvalidFeatureIndexError(f"features[{position}]: {index} is outside 0..{sae.d_sae - 1}")
+        for position, text in enumerate(call.texts):
+            self._check_ids(text.generated_ids, f"texts[{position}].generated_ids")
+        tokenizer = loaded.tokenizer
+        rows = [ScoringRow(await in_thread(prompt_token_ids, tokenizer, t.prompt, t.messages), t.generated_ids)
+                for t in call.texts]
+        hooks, columns = [runtime.hook, runtime.layer_hook], list(call.features)
+        scored = await asyncio.wrap_future(scheduler.call(lambda: score_rows(
+            loaded.model, hooks, rows, pad_id=tokenizer.pad_token_id or 0, sae=sae)))
+        return m.TextScores(scores=[m.TextScore(
+            tokens=len(row.generated_ids), mean_logprob=s.mean_logprob,
+            feature_means=(s.features[:, columns].mean(dim=0).tolist() if len(row.generated_ids)
+                           else [0.0] * len(columns)))
+            for row, s in zip(rows, scored, strict=True)])
 
     async def call_lease(self, call: m.Lease) -> None:
         now = time.monotonic()

@@ -153,6 +153,34 @@ class FeatureLogitLens(Call):
     count: int = Field(10, ge=1, le=100)
 
 
+class TokenDiff(Call):
+    """Score a steered greedy continuation against the unsteered one, token by token (engine/token_diff.py)."""
+
+    type: Literal["token_diff"] = "token_diff"
+    sae: str
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None  # chat messages, tokenized as the generation did
+    steered_ids: list[int]
+    unsteered_ids: list[int]
+    steering: Steering  # exactly what the steered generation ran
+    top_features: int = Field(10, ge=0, le=100)
+
+
+class TextToScore(Message):
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    generated_ids: list[int]
+
+
+class ScoreTexts(Call):
+    """Fluency (mean unsteered log-probability) and mean feature activations of continuations (the sweep)."""
+
+    type: Literal["score_texts"] = "score_texts"
+    sae: str
+    texts: list[TextToScore]
+    features: list[int] = Field(default_factory=list)
+
+
 class Cancel(Message):
     type: Literal["cancel"] = "cancel"
     request_id: str
@@ -167,7 +195,7 @@ class Lease(Message):
 
 AnyCall = Annotated[
     Ping | LoadModel | UnloadModel | AttachSae | DetachSae | SetSteering | ConfigureMonitoring | GetStatistics
-    | ResetStatistics | Embed | Generate | Cancel | FeatureLogitLens | Lease,
+    | ResetStatistics | Embed | Generate | Cancel | FeatureLogitLens | Lease | TokenDiff | ScoreTexts,
     Field(discriminator="type"),
 ]
 _CALL = TypeAdapter(AnyCall)
@@ -276,6 +304,40 @@ class FeatureLogits(Message):
     suppressed: list[TokenLogit]
 
 
+class TokenDiffToken(Message):
+    token_id: int
+    token: str
+    position: int
+    steered_logprob: float
+    unsteered_logprob: float
+    kl: float
+
+
+class FeatureChange(Message):
+    index: int
+    before: float
+    after: float
+    delta: float
+
+
+class TokenDiffResult(Message):
+    type: Literal["token_diff_result"] = "token_diff_result"
+    tokens: list[TokenDiffToken]
+    first_divergence: int | None
+    top_changed_features: list[FeatureChange]
+
+
+class TextScore(Message):
+    tokens: int
+    mean_logprob: float | None  # None for an empty continuation
+    feature_means: list[float]  # per requested feature, its mean activation over the generated tokens
+
+
+class TextScores(Message):
+    type: Literal["text_scores"] = "text_scores"
+    scores: list[TextScore]
+
+
 class Started(Message):
     type: Literal["started"] = "started"
     worker_channel: str  # the generating process's own channel: cancel and liveness pings go there
@@ -362,7 +424,8 @@ class Applied(Message):
 
 AnyReply = Annotated[
     Pong | Loaded | Unloaded | Attached | Detached | SteeringSet | MonitoringSettings | Statistics | StatisticsReset
-    | Embeddings | Started | Chunk | Done | Error | Skipped | Received | Applied | FeatureLogits,
+    | Embeddings | Started | Chunk | Done | Error | Skipped | Received | Applied | FeatureLogits
+    | TokenDiffResult | TextScores,
     Field(discriminator="type"),
 ]
 _REPLY = TypeAdapter(AnyReply)

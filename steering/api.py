@@ -9,7 +9,7 @@ from pydantic import Field
 
 from engine.rules import MAX_STEERING_LAYERS, SteeringDirection, SteeringMode, SteeringPositions, StrengthUnit
 from millm_site.envelope import envelope
-from steering import sae_services, selectors, steering_services
+from steering import sae_services, selectors, steering_services, sweep_services
 from steering.labels_import import parse_labels
 from steering.models import LabelSource, SparseAutoencoder
 from steering.sae_attachment import sae_attach_request, sae_detach_request
@@ -126,3 +126,32 @@ async def compare(request, payload: CompareIn):
     return envelope(await steering_services.steering_compare(
         prompt=payload.prompt, chat=payload.chat, max_tokens=payload.max_tokens,
         features=[f.model_dump() for f in payload.features], **payload.options()))
+
+
+class SweepFeatureIn(Schema):
+    index: int
+    strength: float | None = Field(None, description="this feature's strength at sweep strength 1 (default 1)")
+
+
+class SweepIn(SteeringIn):
+    features: list[SweepFeatureIn] = Field(default_factory=list, max_length=256)  # type: ignore[assignment]
+    strengths: list[float] | Literal["auto"] = Field(
+        "auto", description="multipliers of each feature's strength, in `units`; auto: a geometric grid around "
+        "the recommended strength. 0 (the unsteered baseline) is always added")
+    prompts: list[str] = Field(default_factory=list, description="empty: a few neutral prompts")
+    max_tokens: int = Field(40, ge=1)
+    chat: bool = True
+
+
+@steering_router.post("/sweep", summary="Sweep features over strengths: outputs, concept and fluency scores, "
+                      "the recommended strength (large sweeps run as a job)")
+async def sweep(request, payload: SweepIn):
+    data = await sweep_services.sweep_start(
+        features=[f.model_dump() for f in payload.features], strengths=payload.strengths, prompts=payload.prompts,
+        max_tokens=payload.max_tokens, chat=payload.chat, **payload.options())
+    return envelope(data)  # status "done" with the result, or "queued": poll GET /api/steering/sweeps/{id}
+
+
+@steering_router.get("/sweeps/{sweep_id}", summary="One sweep: its status, progress and result")
+def get_sweep(request, sweep_id: str):
+    return envelope(sweep_services.sweep_get(sweep_id=sweep_id))

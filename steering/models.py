@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from django.db import models
 from django.db.models import Q
 
@@ -118,3 +120,31 @@ class SteeringState(models.Model):
     def current(cls) -> SteeringState:
         state, _ = cls.objects.get_or_create(pk=1)
         return state
+
+
+class SweepStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class SweepRun(models.Model):
+    """One steering sweep (POST /api/steering/sweep): what was asked, how far it got, and its result.
+    Small sweeps are answered inline and saved done; large ones run as a Celery job the client polls."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    sae = models.ForeignKey(SparseAutoencoder, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    request = models.JSONField(default=dict)  # the validated request: features, strengths, prompts, options
+    status = models.CharField(max_length=16, choices=SweepStatus.choices, default=SweepStatus.QUEUED)
+    progress = models.FloatField(default=0.0)  # 0..1
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"sweep {self.id} ({self.status})"

@@ -32,6 +32,7 @@ from monitoring.request_tracking import RequestTracker
 from profiles.models import Profile
 from steering.models import SaeStatus, SparseAutoencoder, SteeringState
 from steering.steering_options import SteeringOptions, steering_options_resolve
+from steering.token_diff_services import compare_token_diff
 from steering.units import strengths_to_raw
 
 MODES, POSITIONS, UNITS = STEERING_MODES, STEERING_POSITIONS, STRENGTH_UNITS
@@ -144,11 +145,17 @@ async def steering_compare(*, prompt: str, features: list[dict[str, Any]], chat:
     raw = await sync_to_async(strengths_to_raw)(sae=sae, features=normalised, units=options.units)
     messages = [{"role": "user", "content": prompt}] if chat else None
     runs: dict[str, Any] = {}
-    for key, steering in (("unsteered", Steering()), ("steered", steering_message(raw, options))):
+    ids: dict[str, list[int]] = {}
+    steered = steering_message(raw, options)
+    for key, steering in (("unsteered", Steering()), ("steered", steered)):
         result = await generation_stream.collect(generation_stream.generate(
             model=sae.model.name, prompt=None if chat else prompt, messages=messages,
             params={"max_tokens": max_tokens, "temperature": 0.0}, steering=steering,
             observer=RequestTracker(endpoint="compare", model=sae.model.name), on_frames=activation_publisher().offer))
         runs[key] = {"text": result.text, "completion_tokens": result.completion_tokens,
                      "finish_reason": result.finish_reason}
-    return {**runs, "features": raw, **options.as_dict()}
+        ids[key] = [t.id for t in result.tokens]
+    # Per token of the steered answer: both models' log-probabilities, their KL, the changed features.
+    token_diff = await compare_token_diff(sae=sae, prompt=None if chat else prompt, messages=messages,
+                                          steered_ids=ids["steered"], unsteered_ids=ids["unsteered"], steering=steered)
+    return {**runs, "features": raw, **options.as_dict(), "token_diff": token_diff}

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
+from asgiref.sync import async_to_sync
 from celery.signals import worker_process_init, worker_ready
 from django.conf import settings
 
@@ -32,7 +33,8 @@ from steering.feature_contexts import (
     contexts_status,
     write_status,
 )
-from steering.models import SparseAutoencoder
+from steering.models import SparseAutoencoder, SweepRun, SweepStatus
+from steering.sweep_services import SWEEP_TASK, SweepPlan, sweep_finish
 
 log = structlog.get_logger("millm.features")
 
@@ -98,3 +100,16 @@ def feature_contexts_build(*, sae_name: str, max_tokens: int = CORPUS_TOKENS) ->
     tokens = len(acts.token_text)
     write_status(sae, "done", done=tokens, total=tokens, message=f"{tokens:,} tokens in {time.monotonic() - started:.1f} s")
     return contexts_status(sae=sae)
+
+
+@app.task(name=SWEEP_TASK)
+def sweep_run(sweep_id: str) -> str:
+    """A large steering sweep (POST /api/steering/sweep): progress on /ws/progress/, the result in its SweepRun."""
+    run = SweepRun.objects.get(pk=sweep_id)
+    plan = SweepPlan(**run.request)
+    SweepRun.objects.filter(pk=run.pk).update(status=SweepStatus.RUNNING)
+    try:
+        async_to_sync(sweep_finish)(run, plan)
+    except Exception:
+        log.exception("sweep_failed", sweep=sweep_id)  # sweep_finish saved the failure on the run
+    return sweep_id

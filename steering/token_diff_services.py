@@ -1,0 +1,33 @@
+"""The compare's token-level diff: the inference process scores the steered greedy answer against the
+unsteered model (engine/token_diff.py); this side adds the changed features' labels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asgiref.sync import sync_to_async
+
+from inference import messages as m
+from inference.client import inference_client
+from steering.models import FeatureLabel, SparseAutoencoder
+
+TOP_CHANGED_FEATURES = 10
+
+
+def feature_labels(*, sae: SparseAutoencoder, indices: list[int]) -> dict[int, str]:
+    return dict(FeatureLabel.objects.filter(sae=sae, index__in=indices).values_list("index", "label"))
+
+
+async def compare_token_diff(*, sae: SparseAutoencoder, prompt: str | None, messages: list[dict[str, Any]] | None,
+                             steered_ids: list[int], unsteered_ids: list[int], steering: m.Steering) -> dict[str, Any]:
+    """{tokens: [{token, position, steered_logprob, unsteered_logprob, kl}], first_divergence, top_changed_features}."""
+    diff = await inference_client().token_diff(model=sae.model.name, call=m.TokenDiff(
+        sae=sae.name, prompt=prompt, messages=messages, steered_ids=steered_ids, unsteered_ids=unsteered_ids,
+        steering=steering, top_features=TOP_CHANGED_FEATURES))
+    labels = await sync_to_async(feature_labels)(sae=sae, indices=[f.index for f in diff.top_changed_features])
+    return {"tokens": [{"token": t.token, "token_id": t.token_id, "position": t.position,
+                        "steered_logprob": t.steered_logprob, "unsteered_logprob": t.unsteered_logprob, "kl": t.kl}
+                       for t in diff.tokens],
+            "first_divergence": diff.first_divergence,
+            "top_changed_features": [{"index": f.index, "label": labels.get(f.index), "before": f.before,
+                                      "after": f.after, "delta": f.delta} for f in diff.top_changed_features]}
