@@ -13,7 +13,7 @@ from engine.rules import MAX_STEERING_LAYERS, SteeringDirection, SteeringMode, S
 from millm_site.envelope import envelope
 from profiles import services
 from profiles.models import Profile
-from profiles.schemas import ProfileFeatureFile
+from profiles.schemas import ConditionFile, ProfileFeatureFile
 from steering.selectors import sae_get
 
 router = Router(tags=["profiles"])
@@ -29,6 +29,7 @@ class ProfileIn(Schema):
     layers: list[int] = Field(default_factory=list, max_length=MAX_STEERING_LAYERS)
     direction: SteeringDirection = "decoder"
     features: list[ProfileFeatureFile] = Field(default_factory=list, max_length=1024)
+    abort_when: list[ConditionFile] = Field(default_factory=list, max_length=64)
 
 
 def _save(payload: ProfileIn, *, replace: bool) -> dict[str, Any]:
@@ -37,7 +38,9 @@ def _save(payload: ProfileIn, *, replace: bool) -> dict[str, Any]:
     profile = services.profile_save(name=payload.name, description=payload.description, model=model, sae=sae,
                                     mode=payload.mode, positions=payload.positions, layers=payload.layers,
                                     direction=payload.direction,
-                                    features=[f.model_dump() for f in payload.features], replace=replace)
+                                    features=[f.model_dump(exclude_none=True) for f in payload.features],
+                                    abort_when=[c.model_dump(exclude_none=True) for c in payload.abort_when],
+                                    replace=replace)
     return profile_data(services.profile_get(name=profile.name))
 
 

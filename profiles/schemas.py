@@ -13,11 +13,22 @@ MAX_STRENGTH = 10000.0  # the database's bound (profiles.models); the engine app
 MAX_FEATURE_INDEX = (1 << 31) - 1  # the index column is a 32-bit integer on PostgreSQL (and SQLite's is 64)
 
 
+class ConditionFile(BaseModel):
+    """A feature's activation at the same token (raw units): holds where above < f < below (steering/conditions.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    sae: str | None = Field(default=None, max_length=120)  # None: the profile's SAE
+    index: int = Field(ge=0, le=MAX_FEATURE_INDEX)
+    above: float | None = Field(default=None, allow_inf_nan=False)
+    below: float | None = Field(default=None, allow_inf_nan=False)
+
+
 class ProfileFeatureFile(BaseModel):
     model_config = ConfigDict(extra="ignore")
     index: int = Field(ge=0, le=MAX_FEATURE_INDEX)
     strength: float = Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)
     label: str = Field(default="", max_length=300)
+    when: ConditionFile | None = None  # miLLM's own: steered only on tokens where it holds
 
 
 class ProfileModelRef(BaseModel):
@@ -48,5 +59,6 @@ class ProfileFile(BaseModel):
     # miLLM's own (a miStudio file without them steers the SAE's layer along decoder rows, as before)
     layers: list[int] = Field(default_factory=list, max_length=MAX_STEERING_LAYERS)
     direction: SteeringDirection = "decoder"
+    abort_when: list[ConditionFile] = Field(default_factory=list, max_length=64)  # stop where one holds
     created_at: datetime | None = None
     updated_at: datetime | None = None

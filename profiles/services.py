@@ -13,6 +13,7 @@ from engine.rules import feature_index_problem
 from millm_site.errors import Conflict, InvalidFeatureIndex, ProfileNotFound, SaeNotAttached, ValidationFailed
 from profiles.models import Profile, ProfileFeature
 from profiles.schemas import ProfileFile
+from steering.conditions import conditions_normalise
 from steering.models import SparseAutoencoder
 from steering.steering_options import steering_options_resolve
 from steering.steering_services import attached_sae, steering_apply
@@ -42,13 +43,16 @@ def _check_features(features: list[dict[str, Any]], sae: SparseAutoencoder | Non
 def profile_save(*, name: str, description: str = "", model: LanguageModel | None = None,
                  sae: SparseAutoencoder | None = None, mode: str = "additive", positions: str = "all",
                  layers: list[int] | tuple[int, ...] = (), direction: str = "decoder",
-                 features: list[dict[str, Any]], replace: bool = False) -> Profile:
+                 features: list[dict[str, Any]], replace: bool = False,
+                 abort_when: list[dict[str, Any]] | None = None) -> Profile:
     """Create (or, with replace, overwrite) a profile and its features in one transaction."""
     if sae is not None and model is not None and sae.model_id != model.pk:
         raise ValidationFailed(f"sae: SAE {sae.name} belongs to model {sae.model.name}, not {model.name}",
                                details={"field": "sae"})
     options = steering_options_resolve(sae=sae, mode=mode, positions=positions, layers=layers, direction=direction)
     _check_features(features, sae)
+    features, abort_when = conditions_normalise(features=features, abort_when=abort_when, mode=options.mode, sae=sae,
+                                                shape_only=sae is None)
     profile = Profile.objects.filter(name=name).first()
     if profile is not None and not replace:
         raise Conflict(f"A profile named {name!r} already exists", details={"field": "name"})
@@ -57,10 +61,12 @@ def profile_save(*, name: str, description: str = "", model: LanguageModel | Non
     profile.description, profile.model, profile.sae = description, model, sae
     profile.mode, profile.positions = options.mode, options.positions
     profile.layers, profile.direction = list(options.layers), options.direction
+    profile.abort_when = abort_when
     profile.save()
     profile.features.all().delete()
     ProfileFeature.objects.bulk_create([
-        ProfileFeature(profile=profile, index=f["index"], strength=f["strength"], label=f.get("label", ""))
+        ProfileFeature(profile=profile, index=f["index"], strength=f["strength"], label=f.get("label", ""),
+                       when=f.get("when"))
         for f in features
     ])
     return profile
@@ -78,7 +84,8 @@ def profile_import(*, data: Any, replace: bool = False) -> Profile:
     sae = _find_sae(parsed, model)
     return profile_save(name=parsed.name, description=parsed.description, model=model, sae=sae, mode=parsed.mode,
                         positions=parsed.positions, layers=parsed.layers, direction=parsed.direction,
-                        features=[f.model_dump() for f in parsed.features], replace=replace)
+                        features=[f.model_dump(exclude_none=True) for f in parsed.features], replace=replace,
+                        abort_when=[c.model_dump(exclude_none=True) for c in parsed.abort_when])
 
 
 def _find_model(parsed: ProfileFile) -> LanguageModel | None:
@@ -118,7 +125,9 @@ def profile_export(*, profile: Profile) -> dict[str, Any]:
                   if profile.model else None),
         "sae": ({"repo_id": profile.sae.repo_id, "layer": profile.sae.layer, "sae_id": profile.sae.sae_id,
                  "name": profile.sae.name} if profile.sae else None),
-        "features": [{"index": f.index, "strength": f.strength, "label": f.label} for f in profile.features.all()],
+        "features": [{"index": f.index, "strength": f.strength, "label": f.label, **({"when": f.when} if f.when else {})}
+                     for f in profile.features.all()],
+        "abort_when": list(profile.abort_when or []),
         "mode": profile.mode,
         "positions": profile.positions,
         "layers": list(profile.layers or ()),
@@ -169,9 +178,11 @@ async def profile_activate_and_apply(*, name: str) -> Profile:
     sae = await sync_to_async(attached_sae)()
     if profile.sae_id is not None and (sae is None or sae.pk != profile.sae_id):
         raise SaeNotAttached(f"Profile {name} steers SAE {profile.sae.name}, which is not attached")
-    features = [{"index": f.index, "strength": f.strength} for f in profile.features.all()]
+    features = [{"index": f.index, "strength": f.strength, **({"when": f.when} if f.when else {})}
+                for f in profile.features.all()]
     await steering_apply(features=features, mode=profile.mode, positions=profile.positions,
-                         layers=list(profile.layers or ()), direction=profile.direction, source_profile=name)
+                         layers=list(profile.layers or ()), direction=profile.direction, source_profile=name,
+                         abort_when=list(profile.abort_when or []))
     return await sync_to_async(profile_activate)(profile=profile)
 
 

@@ -74,9 +74,17 @@ def import_labels(request, name: str, payload: LabelFile):
     return envelope({"imported": count})
 
 
+class ConditionIn(Schema):
+    sae: str | None = Field(None, description="the SAE the condition reads (default: the attached one)")
+    index: int
+    above: float | None = Field(None, allow_inf_nan=False, description="holds where the activation is above this")
+    below: float | None = Field(None, allow_inf_nan=False, description="holds where it is below (both: a band)")
+
+
 class SteeringFeatureIn(Schema):
     index: int
     strength: float
+    when: ConditionIn | None = Field(None, description="steer only on tokens where this condition holds (additive)")
 
 
 class SteeringIn(Schema):
@@ -94,6 +102,9 @@ class SteeringIn(Schema):
     preset: Literal["recommended"] | None = Field(
         None, description="recommended: the SAE's measured setting (mode, positions, units, layers, direction)")
 
+    abort_when: list[ConditionIn] = Field(default_factory=list, max_length=64,
+                                          description="stop generating at the first token where one holds")
+
     def options(self) -> dict:
         return {"mode": self.mode, "positions": self.positions, "units": self.units, "layers": self.layers,
                 "direction": self.direction, "preset": self.preset}
@@ -106,8 +117,10 @@ async def get_steering(request):
 
 @steering_router.put("", summary="Set the active steering (applied to every /v1 request)")
 async def set_steering(request, payload: SteeringIn = Body(...)):  # noqa: B008
-    features = [f.model_dump() for f in payload.features]
-    return envelope(await steering_services.steering_apply(features=features, **payload.options()))
+    features = [f.model_dump(exclude_none=True) for f in payload.features]
+    abort_when = [c.model_dump(exclude_none=True) for c in payload.abort_when]
+    return envelope(await steering_services.steering_apply(features=features, abort_when=abort_when,
+                                                           **payload.options()))
 
 
 @steering_router.delete("", summary="Clear the active steering")

@@ -30,6 +30,7 @@ from millm_site.events import event_publish
 from monitoring.live import activation_publisher
 from monitoring.request_tracking import RequestTracker
 from profiles.models import Profile
+from steering.conditions import condition_message, conditions_normalise
 from steering.models import SaeStatus, SparseAutoencoder, SteeringState
 from steering.steering_options import SteeringOptions, steering_options_resolve
 from steering.token_diff_services import compare_token_diff
@@ -66,35 +67,40 @@ def steering_validate(*, sae: SparseAutoencoder | None, features: list[dict[str,
         if index in seen:
             raise ValidationFailed(f"{field}.index: feature {index} is listed twice", details={"field": f"{field}.index"})
         seen.add(index)
-        normalised.append({"index": index, "strength": float(strength)})
+        kept = {"when": feature["when"]} if feature.get("when") is not None else {}  # checked by conditions_normalise
+        normalised.append({"index": index, "strength": float(strength), **kept})
     return normalised
 
 
 def steering_data(state: SteeringState) -> dict[str, Any]:
     return {"sae": state.sae.name if state.sae else None, "mode": state.mode, "positions": state.positions,
             "units": state.units, "layers": list(state.layers or ()), "direction": state.direction or "decoder",
-            "features": state.features, "source_profile": state.source_profile or None,
+            "features": state.features, "abort_when": list(state.abort_when or []),
+            "source_profile": state.source_profile or None,
             "updated_at": state.updated_at.isoformat() if state.updated_at else None}
 
 
 async def steering_apply(*, features: list[dict[str, Any]], mode: str = "additive", positions: str = "all",
                          units: str = "raw", layers: list[int] | None = None, direction: str = "decoder",
-                         preset: str | None = None, source_profile: str = "") -> dict[str, Any]:
+                         preset: str | None = None, source_profile: str = "",
+                         abort_when: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     sae = await sync_to_async(attached_sae)()
     options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, layers=layers,
                                        direction=direction, preset=preset)
     normalised = steering_validate(sae=sae, features=features, mode=options.mode, positions=options.positions,
                                    units=options.units)
+    # Conditions are checked here too, before the inference process hears of anything.
+    normalised, aborts = conditions_normalise(features=normalised, abort_when=abort_when, mode=options.mode, sae=sae)
     raw = await sync_to_async(strengths_to_raw)(sae=sae, features=normalised, units=options.units) if sae else []
     label = f"profile:{source_profile}" if source_profile else "active"
-    fanout = await inference_client().set_steering(steering_message(raw, options, label=label),
+    fanout = await inference_client().set_steering(steering_message(raw, options, label=label, abort_when=aborts),
                                                    sae=sae.name if sae else None)
 
     def save() -> dict[str, Any]:
         state = SteeringState.current()
         state.sae, state.features, state.mode, state.positions = sae, normalised, options.mode, options.positions
         state.units, state.layers, state.direction = options.units, list(options.layers), options.direction
-        state.source_profile = source_profile
+        state.source_profile, state.abort_when = source_profile, aborts
         state.save()
         # A profile is active only while its steering is the one applied: any other change ends it.
         Profile.objects.filter(is_active=True).exclude(name=source_profile or None).update(is_active=False)
@@ -115,19 +121,22 @@ async def steering_current() -> dict[str, Any]:
 
 def steering_state_message(state: SteeringState) -> Steering | None:
     """What the inference process must apply for the saved state (raw strengths, with its label)."""
-    if not state.features or state.sae is None:
+    if (not state.features and not state.abort_when) or state.sae is None:
         return None
     raw = strengths_to_raw(sae=state.sae, features=state.features, units=state.units)
     label = f"profile:{state.source_profile}" if state.source_profile else "active"
     options = SteeringOptions(mode=state.mode, positions=state.positions, units=state.units,
                               layers=tuple(state.layers or ()), direction=state.direction or "decoder")
-    return steering_message(raw, options, label=label)
+    return steering_message(raw, options, label=label, abort_when=list(state.abort_when or []))
 
 
-def steering_message(raw: list[dict[str, Any]], options: SteeringOptions, *, label: str = "inline") -> Steering:
-    """The contract's steering for raw-strength features applied with these options."""
-    return Steering(features=raw, mode=options.mode, positions=options.positions, layers=list(options.layers),
-                    direction=options.direction, label=label)
+def steering_message(raw: list[dict[str, Any]], options: SteeringOptions, *, label: str = "inline",
+                     abort_when: list[dict[str, Any]] | None = None) -> Steering:
+    """The contract's steering for raw-strength features applied with these options (and conditions)."""
+    features = [{**f, "when": condition_message(f["when"])} if f.get("when") else f for f in raw]
+    return Steering(features=features, mode=options.mode, positions=options.positions, layers=list(options.layers),
+                    direction=options.direction, label=label,
+                    abort_when=[condition_message(c) for c in abort_when or ()])
 
 
 async def steering_compare(*, prompt: str, features: list[dict[str, Any]], chat: bool = True, max_tokens: int = 48,
