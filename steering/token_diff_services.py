@@ -31,3 +31,12 @@ async def compare_token_diff(*, sae: SparseAutoencoder, prompt: str | None, mess
             "first_divergence": diff.first_divergence,
             "top_changed_features": [{"index": f.index, "label": labels.get(f.index), "before": f.before,
                                       "after": f.after, "delta": f.delta} for f in diff.top_changed_features]}
+
+
+def token_diff_view(diff: dict[str, Any]) -> dict[str, Any]:
+    """The compare panel's token strip: each token shaded by its KL (relative to the largest, 0..100) and the
+    first divergence flagged."""
+    largest = max((t["kl"] for t in diff["tokens"]), default=0.0) or 1.0
+    tokens = [{**t, "shade": round(100 * t["kl"] / largest), "diverges": t["position"] == diff["first_divergence"]}
+              for t in diff["tokens"]]
+    return {**diff, "tokens": tokens, "largest_kl": largest}

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from steering import views
+from steering import sweep_views, views
 
 app_name = "steering"
 urlpatterns = [
@@ -12,6 +12,8 @@ urlpatterns = [
     path("steering/slider/<int:index>", views.steering_slider, name="slider"),
     path("steering/apply", views.steering_apply_action, name="apply"),
     path("steering/compare", views.steering_compare_action, name="compare"),
+    path("steering/sweep", sweep_views.sweep_action, name="sweep"),
+    path("steering/sweeps/<uuid:sweep_id>", sweep_views.sweep_fragment, name="sweep-status"),
     path("steering/save-profile", views.steering_save_profile_action, name="save-profile"),
     path("saes/<slug:name>/features/<int:index>/", views.feature_page, name="feature"),
     path("saes/<slug:name>/features/<int:index>/label", views.feature_label_action, name="feature-label"),

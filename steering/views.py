@@ -29,6 +29,7 @@ from steering.sae_quality import sae_quality
 from steering.selectors import feature_search_page, sae_get, sae_list
 from steering.steering_options import sae_steering_recommendation
 from steering.text_diff import same_share, word_diff
+from steering.token_diff_services import token_diff_view
 
 FEATURE_PAGE_SIZE = 25
 # Slider range (±) and step per strength unit; raw follows the SAE's residual norm when it is recorded.
@@ -119,6 +120,7 @@ def steering_page(request):
         context["state"].units = context["recommendation"]["units"]  # the sliders start in the recommended units
     context["rows"] = _state_rows(context["state"], attached)
     context["pending"] = _add_requested_row(request, context["rows"], attached)
+    context["sweep_on_load"] = attached is not None and request.GET.get("sweep", "").isdigit()
     context["ranges"] = slider_ranges(attached)
     context["range"] = context["ranges"].get(context["state"].units, context["ranges"]["raw"])
     context["ranges_json"] = json.dumps(context["ranges"])
@@ -134,7 +136,7 @@ def _state_rows(state: SteeringState, sae) -> list[dict]:
 
 def _add_requested_row(request, rows: list[dict], sae) -> bool:
     """`?steer=<index>` (from a feature page) adds that feature's slider, not yet applied."""
-    wanted = request.GET.get("steer", "")
+    wanted = request.GET.get("steer", "") or request.GET.get("sweep", "")  # ?sweep=<index> also runs a sweep
     if sae is None or not wanted.isdigit() or not int(wanted) < sae.d_sae:
         return False
     index = int(wanted)
@@ -216,7 +218,7 @@ async def steering_compare_action(request):
         return error_fragment(request, exc)
     before, after = result["unsteered"]["text"], result["steered"]["text"]
     context = {"result": result, "diff": word_diff(before, after), "same": same_share(before, after),
-               "typed": features, "units": units}
+               "typed": features, "units": units, "token_diff": token_diff_view(result["token_diff"])}
     return await sync_to_async(render)(request, "steering/_compare.html", context)
 
 
