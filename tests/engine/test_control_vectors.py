@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.control_vectors import (
+from engine.control_vector_files import (
     ControlVector,
     ControlVectorFileError,
-    LayerVector,
-    VectorSteeringSpec,
     read_control_vector_gguf,
-    steering_control_vector,
+    read_repeng_json,
     write_control_vector_gguf,
+    write_repeng_json,
 )
+from engine.control_vectors import LayerVector, VectorSteeringSpec, layer_vector, steering_control_vector
 from engine.errors import InvalidSteeringError
 from engine.generation import TokenEvent
 from engine.runtime import EngineRuntime
@@ -31,7 +31,8 @@ PROMPT = "The cat sat on the mat and the dog"
 
 def vector(width: int = 8, layers=(1, 3)) -> ControlVector:
     generator = torch.Generator().manual_seed(3)
-    return ControlVector(model_hint="llama", directions={n: torch.randn(width, generator=generator) for n in layers})
+    return ControlVector(model_hint="llama",
+                         directions={n: torch.randn(width, generator=generator).numpy() for n in layers})
 
 
 def test_gguf_round_trip_is_exact_and_carries_what_llama_cpp_and_repeng_read(tmp_path):
@@ -40,7 +41,9 @@ def test_gguf_round_trip_is_exact_and_carries_what_llama_cpp_and_repeng_read(tmp
     back = read_control_vector_gguf(data)
     assert back.model_hint == "llama" and back.layers == [1, 3]
     for layer in (1, 3):
-        assert torch.equal(back.directions[layer], original.directions[layer])
+        assert np.array_equal(back.directions[layer], original.directions[layer])
+    again = read_repeng_json(write_repeng_json(back))  # repeng's dataclass as JSON
+    assert again.model_hint == "llama" and all(np.array_equal(again.directions[n], back.directions[n]) for n in (1, 3))
     # What llama.cpp's loader and repeng's import_gguf look at, read with the reference reader.
     path = tmp_path / "v.gguf"
     path.write_bytes(data)
@@ -85,7 +88,7 @@ def test_malformed_files_are_refused_with_the_reason(tmp_path):
 
 
 def test_layer_zero_is_not_exported_for_llama_cpp():
-    with pytest.raises(InvalidSteeringError, match="layer 0"):
+    with pytest.raises(ControlVectorFileError, match="layer 0"):
         write_control_vector_gguf(vector(layers=(0, 2)))
     assert read_control_vector_gguf(write_control_vector_gguf(vector(layers=(0, 2)), for_llama_cpp=False)).layers == [0, 2]
 
@@ -150,12 +153,23 @@ def test_sae_steering_exports_its_delta_at_each_layer(runtime, test_tier_assets)
         spec = SteeringSpec(features=(SteeringFeature(7, 3.0), SteeringFeature(2, -1.5)))
         exported = steering_control_vector(runtime.compile(spec), sae_layer=sae.hook_layer, model_hint="llama")
         assert exported.layers == [sae.hook_layer]
-        torch.testing.assert_close(exported.directions[sae.hook_layer], 3.0 * sae.W_dec[7] - 1.5 * sae.W_dec[2])
+        torch.testing.assert_close(torch.from_numpy(exported.directions[sae.hook_layer]),
+                                   3.0 * sae.W_dec[7] - 1.5 * sae.W_dec[2])
+        # Served back as a vector, the exported file steers exactly as the features did.
+        served = VectorSteeringSpec(features=(), vectors=(layer_vector(read_control_vector_gguf(
+            write_control_vector_gguf(exported))),))
+        assert generate(runtime, served) == generate(runtime, spec)
         with pytest.raises(InvalidSteeringError, match="additive"):
             steering_control_vector(runtime.compile(SteeringSpec(features=(SteeringFeature(7, 3.0),), mode="clamp")),
                                     sae_layer=sae.hook_layer, model_hint="llama")
     finally:
         runtime.detach_sae()
+
+
+def generate(runtime, spec) -> list[int]:
+    handle = runtime.submit(request_id=f"g{id(spec)}", model=None, prompt=PROMPT, messages=None,
+                            params={"max_tokens": 8, "temperature": 0.0}, steering=spec).handle
+    return [e.token_id for e in handle if isinstance(e, TokenEvent)]
 
 
 def test_a_batch_mixing_rows_with_and_without_vectors_gives_each_row_its_alone_text(runtime, test_tier_assets):
