@@ -11,7 +11,8 @@ always included. Per strength, over the prompts (greedy, `max_tokens`):
   then prompts; engine/token_diff.py);
 - degenerate: outputs whose distinct-token ratio is < 0.5 or that repeat one token more than 8 times in a row.
 The recommended point is the strength with the highest concept score whose fluency is within FLUENCY_MARGIN
-nats of the unsteered outputs' (None when no steered strength keeps it).
+nats of the unsteered outputs' (None when no steered strength keeps it while raising the concept score above
+the unsteered outputs').
 
 `strengths: "auto"` is a geometric grid AUTO_FACTORS × a centre: the SAE's recommended strength when its units
 are the request's, else AUTO_CENTER[units].
@@ -165,12 +166,13 @@ def _mean(values: list[float]) -> float | None:
 
 def sweep_recommend(points: list[dict[str, Any]], *, margin: float = FLUENCY_MARGIN) -> float | None:
     """The strength with the highest concept score whose fluency is within `margin` of the baseline's
-    (the point at strength 0); None when no steered strength qualifies."""
+    (the point at strength 0); None when no steered strength both keeps it and raises the concept score."""
     baseline = next((p for p in points if p["strength"] == 0), None)
     if baseline is None or baseline["fluency"] is None:
         return None
+    floor = baseline["concept_score"] or 0.0
     fluent = [p for p in points if p["strength"] != 0 and p["fluency"] is not None and p["concept_score"] is not None
-              and p["fluency"] >= baseline["fluency"] - margin]
+              and p["fluency"] >= baseline["fluency"] - margin and p["concept_score"] > floor]
     if not fluent:
         return None
     return max(fluent, key=lambda p: (p["concept_score"], -abs(p["strength"])))["strength"]
