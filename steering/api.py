@@ -9,7 +9,7 @@ from pydantic import Field
 
 from engine.rules import MAX_STEERING_LAYERS, SteeringDirection, SteeringMode, SteeringPositions, StrengthUnit
 from millm_site.envelope import envelope
-from steering import sae_services, selectors, steering_services, sweep_services
+from steering import calibration_services, sae_services, selectors, steering_services, sweep_services
 from steering.labels_import import parse_labels
 from steering.models import LabelSource, SparseAutoencoder
 from steering.sae_attachment import sae_attach_request, sae_detach_request
@@ -53,13 +53,36 @@ async def detach_sae(request, name: str):
 def sae_features(request, name: str, q: str = "", limit: int = Query(50, ge=1, le=1000)):  # noqa: B008
     sae = selectors.sae_get(name=name)
     labels = selectors.feature_search(sae=sae, query=q, limit=limit)
-    # One calibrated setting per SAE today (its steering.json), so every feature shares it.
+    # The SAE's preset (steering.json) and each feature's calibrated strengths (calibration.json), when there.
     recommendation = sae_steering_recommendation(sae) or {}
-    return envelope([{"index": f.index, "label": f.label, "description": f.description, "source": f.source,
-                      "max_activation": f.max_activation,
-                      "recommended_strength": recommendation.get("recommended_strength"),
-                      "strength_range": recommendation.get("strength_range"),
-                      "recommended_units": recommendation.get("units")} for f in labels])
+    calibration = calibration_services.sae_calibration(sae)
+    rows = []
+    for f in labels:
+        found = calibration_services.feature_calibration(sae, f.index, max_activation=f.max_activation,
+                                                         calibration=calibration) if calibration else None
+        units = recommendation.get("units") or (found and "raw")
+        own = found["units"].get(units) if found else None
+        rows.append({"index": f.index, "label": f.label, "description": f.description, "source": f.source,
+                     "max_activation": f.max_activation,
+                     "recommended_strength": own["recommended"] if own else recommendation.get("recommended_strength"),
+                     "strength_range": [own["low"], own["high"]] if own else recommendation.get("strength_range"),
+                     "recommended_units": units, "strengths": found["units"] if found else None,
+                     "calibration_source": found["source"] if found else None})
+    return envelope(rows)
+
+
+@saes_router.post("/{name}/calibrate", summary="Compute every feature's recommended strength (a worker task; "
+                  "progress as calibration_progress on /ws/progress/)")
+def calibrate_sae(request, name: str):
+    sae = selectors.sae_get(name=name)
+    return envelope(calibration_services.sae_calibrate_request(sae=sae))
+
+
+@saes_router.get("/{name}/calibration", summary="The calibration's status (state, phase, done, total)")
+def sae_calibration_status(request, name: str):
+    sae = selectors.sae_get(name=name)
+    return envelope({**calibration_services.calibration_status(sae=sae),
+                     "calibrated": calibration_services.sae_calibration(sae) is not None})
 
 
 class LabelFile(Schema):
@@ -83,7 +106,8 @@ class ConditionIn(Schema):
 
 class SteeringFeatureIn(Schema):
     index: int
-    strength: float
+    strength: float | None = Field(None, description="in `units`; omitted: the feature's calibrated recommended "
+                                   "strength (refused when it has none)")
     when: ConditionIn | None = Field(None, description="steer only on tokens where this condition holds (additive)")
 
 

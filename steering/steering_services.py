@@ -30,6 +30,7 @@ from millm_site.events import event_publish
 from monitoring.live import activation_publisher
 from monitoring.request_tracking import RequestTracker
 from profiles.models import Profile
+from steering.calibration_services import features_fill_recommended
 from steering.conditions import condition_message, conditions_normalise
 from steering.models import SaeStatus, SparseAutoencoder, SteeringState
 from steering.steering_options import SteeringOptions, steering_options_resolve
@@ -87,6 +88,8 @@ async def steering_apply(*, features: list[dict[str, Any]], mode: str = "additiv
     sae = await sync_to_async(attached_sae)()
     options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, layers=layers,
                                        direction=direction, preset=preset)
+    # A feature without a strength gets its calibrated one (steering/calibration_services.py).
+    features = await sync_to_async(features_fill_recommended)(sae=sae, features=features, units=options.units)
     normalised = steering_validate(sae=sae, features=features, mode=options.mode, positions=options.positions,
                                    units=options.units)
     # Conditions are checked here too, before the inference process hears of anything.
@@ -149,6 +152,8 @@ async def steering_compare(*, prompt: str, features: list[dict[str, Any]], chat:
         raise SaeNotAttached("No SAE is attached: attach one before steering its features")
     options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, layers=layers,
                                        direction=direction, preset=preset)
+    # A feature without a strength gets its calibrated one (steering/calibration_services.py).
+    features = await sync_to_async(features_fill_recommended)(sae=sae, features=features, units=options.units)
     normalised = steering_validate(sae=sae, features=features, mode=options.mode, positions=options.positions,
                                    units=options.units)
     raw = await sync_to_async(strengths_to_raw)(sae=sae, features=normalised, units=options.units)

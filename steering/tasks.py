@@ -26,6 +26,7 @@ from engine.loading import load_model
 from engine.sae import load_sae
 from millm_site.celery import app
 from monitoring.models import RequestRecord
+from steering.calibration_services import sae_calibrate_run
 from steering.feature_contexts import (
     CORPUS_TOKENS,
     HISTORY_TEXTS,
@@ -113,3 +114,10 @@ def sweep_run(sweep_id: str) -> str:
     except Exception:
         log.exception("sweep_failed", sweep=sweep_id)  # sweep_finish saved the failure on the run
     return sweep_id
+
+
+@app.task(name="steering.tasks.sae_calibrate")
+def sae_calibrate(*, sae_name: str) -> dict[str, Any]:
+    """Per-feature recommended strengths of an SAE (POST /api/saes/{name}/calibrate): steering/calibration_services."""
+    sae = SparseAutoencoder.objects.select_related("model").get(name=sae_name)
+    return sae_calibrate_run(sae=sae)

@@ -21,6 +21,11 @@ from millm_site.htmx import error_fragment
 from profiles.from_steering import profile_save_from_steering
 from steering import steering_services
 from steering.feature_contexts import contexts_request, contexts_status, feature_corpus_facts
+from steering.calibration_services import (
+    feature_calibration,
+    feature_recommended_strength,
+    slider_calibration,
+)
 from steering.feature_facts import feature_file_stats, similar_features
 from steering.feature_services import feature_label_edit
 from steering.models import SaeStatus, SteeringState
@@ -131,7 +136,25 @@ def _state_rows(state: SteeringState, sae) -> list[dict]:
     if sae is None or state.sae_id != sae.pk:
         return []
     labels = dict(sae.labels.values_list("index", "label"))
-    return [{"index": f["index"], "strength": f["strength"], "label": labels.get(f["index"], "")} for f in state.features]
+    return [_slider_row(sae, f["index"], f["strength"], labels.get(f["index"], ""), state.units)
+            for f in state.features]
+
+
+def _slider_row(sae, index: int, strength: float, label: str, units: str, *, new: bool = False) -> dict:
+    """A slider's row: its range follows the unit and, when the feature is calibrated, its useful range; the page
+    script reads `calibration` (per unit: factor to raw, recommended, low, high) to follow a unit switch."""
+    calibration = slider_calibration(sae, index) or {}
+    return {"index": index, "strength": strength, "label": label, "new": new,
+            "range": feature_slider_range(calibration.get(units), slider_ranges(sae).get(units)),
+            "calibration": json.dumps(calibration)}
+
+
+def feature_slider_range(unit: dict | None, fallback: dict | None) -> dict | None:
+    """± twice the top of the feature's useful range, 200 steps across one side; else the unit's default range."""
+    if not unit or not unit.get("high"):
+        return fallback
+    top = float(f"{2 * abs(unit['high']):.2g}")
+    return {"max": top, "step": float(f"{top / 200:.2g}")}
 
 
 def _add_requested_row(request, rows: list[dict], sae) -> bool:
@@ -143,13 +166,19 @@ def _add_requested_row(request, rows: list[dict], sae) -> bool:
     if any(row["index"] == index for row in rows):
         return False
     label = sae.labels.filter(index=index).first()
-    rows.append({"index": index, "strength": _recommended_strength(sae),
-                 "label": label.label if label else "", "new": True})
+    units = SteeringState.current().units if rows else _panel_units(sae)
+    rows.append(_slider_row(sae, index, _recommended_strength(sae, index, units), label.label if label else "", units,
+                            new=True))
     return True
 
 
 def steering_slider(request, index: int):
     """One slider row for the panel; a feature already in the panel is refused, not added twice."""
+def _panel_units(sae) -> str:
+    recommendation = sae_steering_recommendation(sae) if sae is not None else None
+    return recommendation["units"] if recommendation else SteeringState.current().units
+
+
     sae = steering_services.attached_sae()
     try:
         if sae is None:
@@ -163,14 +192,18 @@ def steering_slider(request, index: int):
     label = sae.labels.filter(index=index).first()
     units = request.GET.get("units", "raw")
     ranges = slider_ranges(sae)
-    strength = _recommended_strength(sae)
-    row = {"index": index, "strength": strength, "label": label.label if label else "", "new": True}
+    row = _slider_row(sae, index, _recommended_strength(sae, index, units), label.label if label else "", units,
+                      new=True)
     return render(request, "steering/_slider_row.html", {"row": row, "range": ranges.get(units, ranges["raw"]),
                                                         "attached": sae})
 
 
-def _recommended_strength(sae) -> float:
-    """Where a new slider starts: the SAE's calibrated strength (in its recommended units), else 0."""
+def _recommended_strength(sae, index: int, units: str) -> float:
+    """Where a new slider starts: the feature's calibrated strength in `units`, else the SAE's preset strength
+    (when in its units), else 0."""
+    own = feature_recommended_strength(sae, index, units)
+    if own is not None:
+        return own
     recommendation = sae_steering_recommendation(sae) if sae is not None else None
     return float(recommendation["recommended_strength"]) if recommendation else 0.0
 
@@ -250,7 +283,9 @@ def feature_page(request, name: str, index: int):
     steered = next((f["strength"] for f in state.features if f["index"] == index), None) if state.sae_id == sae.pk else None
     context = {"sae": sae, "index": index, "label": label, "stats": feature_file_stats(sae=sae, index=index),
                "similar": similar_features(sae=sae, index=index), "steered": steered, "state": state,
-               "recommended": getattr(label, "recommended_strength", None), "nav": "steering",
+               "recommended": feature_calibration(sae, index, max_activation=label.max_activation if label else None),
+               "nav": "steering",
+               "recommendation": sae_steering_recommendation(sae),
                "attached": steering_services.attached_sae(), **_contexts_context(sae, index)}
     return render(request, "steering/feature.html", context)
 

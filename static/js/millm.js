@@ -13,21 +13,39 @@ function millmSteeringEmpty() {
   if (rows && empty) empty.hidden = rows.children.length > 0;
 }
 
-// Slider range and step follow the strength unit (the number box takes any value).
+// Slider range and step follow the strength unit (the number box takes any value). A calibrated feature's
+// row carries, per unit, its factor to raw and useful range: a unit switch keeps the same raw strength and
+// spans twice the top of the useful range (steering/views.py feature_slider_range).
 function millmApplyRanges() {
   const form = document.getElementById("steering-form");
   const units = document.getElementById("steering-units");
   if (!form || !units || !form.dataset.ranges) return;
-  const range = JSON.parse(form.dataset.ranges)[units.value];
-  if (!range) return;
+  const previous = units.dataset.previous || units.value;
+  units.dataset.previous = units.value;
+  const fallback = JSON.parse(form.dataset.ranges)[units.value];
   form.querySelectorAll("input.strength-range").forEach((input) => {
+    const row = input.closest(".slider-row");
+    const calibration = row && row.dataset.calibration ? JSON.parse(row.dataset.calibration) : {};
+    const from = calibration[previous], to = calibration[units.value];
+    const number = input.nextElementSibling;
+    if (from && to && previous !== units.value) {
+      number.value = Number((parseFloat(number.value) * from.factor / to.factor).toPrecision(3));
+    }
+    let range = fallback;
+    if (to && to.high) {
+      const top = Number((2 * Math.abs(to.high)).toPrecision(2));
+      range = { max: top, step: Number((top / 200).toPrecision(2)) };
+    }
+    if (!range) return;
     input.min = -range.max; input.max = range.max; input.step = range.step;
-    input.value = input.nextElementSibling.value;
+    input.value = number.value;
   });
 }
 
 document.addEventListener("DOMContentLoaded", () => {
   millmSteeringEmpty();
+  const unitSelect = document.getElementById("steering-units");
+  if (unitSelect) unitSelect.dataset.previous = unitSelect.value;
   const form = document.getElementById("steering-form");
   if (form) {
     form.addEventListener("input", (event) => {
