@@ -5,6 +5,7 @@ on the Django side. Engine errors carry their code, status and param; `error_rep
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from typing import Any, Protocol
@@ -16,7 +17,14 @@ from django.conf import settings
 
 from catalog.models import LanguageModel, ModelStatus
 from catalog.services import model_set_status
-from engine.errors import EngineError, GenerationFailedError, InvalidFeatureIndexError, SaeNotAttachedError
+from engine.control_vectors import LayerVector, VectorSteeringSpec, steering_control_vector
+from engine.errors import (
+    EngineError,
+    GenerationFailedError,
+    InvalidFeatureIndexError,
+    InvalidSteeringError,
+    SaeNotAttachedError,
+)
 from engine.feature_lens import feature_logits, unembedding_with_gain
 from engine.generation import FinishEvent, TokenEvent
 from engine.request_features import FeatureRequest
@@ -91,10 +99,19 @@ def engine_conditions(steering: m.Steering | None) -> SteeringConditions | None:
 
 
 def engine_spec(steering: m.Steering) -> SteeringSpec:
-    return SteeringSpec(features=tuple(SteeringFeature(f.index, f.strength) for f in steering.features
+    return with_vectors(steering, SteeringSpec(features=tuple(SteeringFeature(f.index, f.strength) for f in steering.features
                                        if f.when is None),
                         mode=steering.mode, positions=steering.positions, layers=tuple(steering.layers),
-                        direction=steering.direction)
+                        direction=steering.direction))
+
+
+def with_vectors(steering: m.Steering, spec: SteeringSpec) -> SteeringSpec:
+    """The spec plus the steering's raw vectors (engine/control_vectors.py), each part at its layer."""
+    if not steering.vectors:
+        return spec
+    vectors = tuple(LayerVector({p.layer: torch.tensor(p.values, dtype=torch.float32)}, strength=p.strength,
+                                name=p.name) for p in steering.vectors)
+    return VectorSteeringSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}, vectors=vectors)
 
 
 class WorkerCalls:
@@ -325,6 +342,18 @@ class WorkerCalls:
             feature_means=(s.features[:, columns].mean(dim=0).tolist() if len(row.generated_ids)
                            else [0.0] * len(columns)))
             for row, s in zip(rows, scored, strict=True)])
+
+    async def call_export_steering(self, call: m.ExportSteering) -> m.SteeringExported:
+        runtime = self.runtime
+        runtime.require_model()
+        compiled = runtime.compile(engine_spec(call.steering))
+        if compiled is None:
+            raise InvalidSteeringError("the steering adds nothing: there is no control vector to export")
+        sae_layer = runtime.hook.sae.hook_layer if runtime.hook.attached else 0
+        model_hint = str(getattr(runtime.loaded.model.config, "model_type", "") or "")
+        vector = steering_control_vector(compiled, sae_layer=sae_layer, model_hint=model_hint)
+        return m.SteeringExported(model_hint=model_hint, parts=[
+            m.VectorPart(layer=layer, values=vector.directions[layer].tolist()) for layer in vector.layers])
 
     async def call_lease(self, call: m.Lease) -> None:
         now = time.monotonic()

@@ -40,12 +40,23 @@ class SteeringFeature(Message):
     when: Condition | None = None  # conditional: steered only on tokens where it holds
 
 
+class VectorPart(Message):
+    """A steering vector's direction at one decoder layer, added to that layer's output times `strength`
+    (engine/control_vectors.py); the engine checks its width and layer against the model."""
+
+    layer: int
+    values: list[float]
+    strength: float = 1.0
+    name: str = ""  # a stored vector's name (several parts of one vector share it)
+
+
 class Steering(Message):
     """Steering in raw strengths, with the label reported back (X-miLLM-Steering, history):
     "active", "profile:<name>" or "inline". The engine checks indices and bounds against the SAE."""
 
     features: list[SteeringFeature] = Field(default_factory=list)
     abort_when: list[Condition] = Field(default_factory=list)  # the generation stops where one holds
+    vectors: list[VectorPart] = Field(default_factory=list)  # raw vectors added at their layers (no SAE needed)
     mode: SteeringMode = "additive"
     positions: SteeringPositions = "all"
     layers: list[int] = Field(default_factory=list)  # additive: also add at these layers, each at its norm
@@ -181,6 +192,13 @@ class ScoreTexts(Call):
     features: list[int] = Field(default_factory=list)
 
 
+class ExportSteering(Call):
+    """The steering compiled as the process would apply it, returned as a control vector per layer."""
+
+    type: Literal["export_steering"] = "export_steering"
+    steering: Steering
+
+
 class Cancel(Message):
     type: Literal["cancel"] = "cancel"
     request_id: str
@@ -195,7 +213,8 @@ class Lease(Message):
 
 AnyCall = Annotated[
     Ping | LoadModel | UnloadModel | AttachSae | DetachSae | SetSteering | ConfigureMonitoring | GetStatistics
-    | ResetStatistics | Embed | Generate | Cancel | FeatureLogitLens | Lease | TokenDiff | ScoreTexts,
+    | ResetStatistics | Embed | Generate | Cancel | FeatureLogitLens | Lease | TokenDiff | ScoreTexts
+    | ExportSteering,
     Field(discriminator="type"),
 ]
 _CALL = TypeAdapter(AnyCall)
@@ -338,6 +357,12 @@ class TextScores(Message):
     scores: list[TextScore]
 
 
+class SteeringExported(Message):
+    type: Literal["steering_exported"] = "steering_exported"
+    model_hint: str  # the model's type (config.model_type), llama.cpp's controlvector.model_hint
+    parts: list[VectorPart]  # one per layer, strength 1
+
+
 class Started(Message):
     type: Literal["started"] = "started"
     worker_channel: str  # the generating process's own channel: cancel and liveness pings go there
@@ -425,7 +450,7 @@ class Applied(Message):
 AnyReply = Annotated[
     Pong | Loaded | Unloaded | Attached | Detached | SteeringSet | MonitoringSettings | Statistics | StatisticsReset
     | Embeddings | Started | Chunk | Done | Error | Skipped | Received | Applied | FeatureLogits
-    | TokenDiffResult | TextScores,
+    | TokenDiffResult | TextScores | SteeringExported,
     Field(discriminator="type"),
 ]
 _REPLY = TypeAdapter(AnyReply)

@@ -25,6 +25,7 @@ from monitoring.capture_api import monitoring_router as live_monitoring_router
 from monitoring.history_api import router as history_router
 from monitoring.system_api import router as system_router
 from profiles.api import router as profiles_router
+from profiles.vector_api import router as vectors_router
 from steering.api import saes_router, steering_router
 
 log = structlog.get_logger("millm.api")
@@ -102,6 +103,7 @@ def _mount_routers() -> None:
     api.add_router("/profiles", profiles_router)
     api.add_router("/saes", saes_router)
     api.add_router("/steering", steering_router)
+    api.add_router("/vectors", vectors_router)
 
 
 _mount_routers()

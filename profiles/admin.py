@@ -1,7 +1,7 @@
 from django.contrib import admin
 
 from profiles import services
-from profiles.models import Profile, ProfileFeature
+from profiles.models import Profile, ProfileFeature, SteeringVector
 
 
 class ProfileFeatureInline(admin.TabularInline):
@@ -30,3 +30,13 @@ class ProfileAdmin(admin.ModelAdmin):
         for profile in queryset:
             services.profile_deactivate(profile=profile)
         self.message_user(request, f"{queryset.count()} profile(s) deactivated.")
+
+
+@admin.register(SteeringVector)
+class SteeringVectorAdmin(admin.ModelAdmin):
+    list_display = ("name", "model", "d_model", "layers", "source_format", "active_strength", "created_at")
+    list_filter = ("source_format", "model")
+    search_fields = ("name", "description", "model_hint")
+    # The directions are a GGUF blob: imported and exported through /api/vectors, not edited here.
+    readonly_fields = ("model_hint", "d_model", "layers", "source_format", "created_at")
+    exclude = ("data",)

@@ -13,7 +13,7 @@ from engine.rules import MAX_STEERING_LAYERS, SteeringDirection, SteeringMode, S
 from millm_site.envelope import envelope
 from profiles import services
 from profiles.models import Profile
-from profiles.schemas import ConditionFile, ProfileFeatureFile
+from profiles.schemas import ConditionFile, ProfileFeatureFile, VectorRefFile
 from steering.selectors import sae_get
 
 router = Router(tags=["profiles"])
@@ -30,6 +30,7 @@ class ProfileIn(Schema):
     direction: SteeringDirection = "decoder"
     features: list[ProfileFeatureFile] = Field(default_factory=list, max_length=1024)
     abort_when: list[ConditionFile] = Field(default_factory=list, max_length=64)
+    vectors: list[VectorRefFile] = Field(default_factory=list, max_length=16)
 
 
 def _save(payload: ProfileIn, *, replace: bool) -> dict[str, Any]:
@@ -40,6 +41,7 @@ def _save(payload: ProfileIn, *, replace: bool) -> dict[str, Any]:
                                     direction=payload.direction,
                                     features=[f.model_dump(exclude_none=True) for f in payload.features],
                                     abort_when=[c.model_dump(exclude_none=True) for c in payload.abort_when],
+                                    vectors=[v.model_dump() for v in payload.vectors],
                                     replace=replace)
     return profile_data(services.profile_get(name=profile.name))
 

@@ -23,6 +23,14 @@ class ConditionFile(BaseModel):
     below: float | None = Field(default=None, allow_inf_nan=False)
 
 
+class VectorRefFile(BaseModel):
+    """A stored steering vector (/api/vectors) the profile adds, by name."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=100)
+    strength: float = Field(default=1.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)
+
+
 class ProfileFeatureFile(BaseModel):
     model_config = ConfigDict(extra="ignore")
     index: int = Field(ge=0, le=MAX_FEATURE_INDEX)
@@ -60,5 +68,6 @@ class ProfileFile(BaseModel):
     layers: list[int] = Field(default_factory=list, max_length=MAX_STEERING_LAYERS)
     direction: SteeringDirection = "decoder"
     abort_when: list[ConditionFile] = Field(default_factory=list, max_length=64)  # stop where one holds
+    vectors: list[VectorRefFile] = Field(default_factory=list, max_length=16)  # stored vectors, by name
     created_at: datetime | None = None
     updated_at: datetime | None = None

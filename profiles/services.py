@@ -13,6 +13,7 @@ from engine.rules import feature_index_problem
 from millm_site.errors import Conflict, InvalidFeatureIndex, ProfileNotFound, SaeNotAttached, ValidationFailed
 from profiles.models import Profile, ProfileFeature
 from profiles.schemas import ProfileFile
+from profiles.vector_services import stored_vector_refs, vector_parts
 from steering.conditions import conditions_normalise
 from steering.models import SparseAutoencoder
 from steering.steering_options import steering_options_resolve
@@ -44,7 +45,8 @@ def profile_save(*, name: str, description: str = "", model: LanguageModel | Non
                  sae: SparseAutoencoder | None = None, mode: str = "additive", positions: str = "all",
                  layers: list[int] | tuple[int, ...] = (), direction: str = "decoder",
                  features: list[dict[str, Any]], replace: bool = False,
-                 abort_when: list[dict[str, Any]] | None = None) -> Profile:
+                 abort_when: list[dict[str, Any]] | None = None, vectors: list[dict[str, Any]] | None = None,
+                 ) -> Profile:
     """Create (or, with replace, overwrite) a profile and its features in one transaction."""
     if sae is not None and model is not None and sae.model_id != model.pk:
         raise ValidationFailed(f"sae: SAE {sae.name} belongs to model {sae.model.name}, not {model.name}",
@@ -62,6 +64,8 @@ def profile_save(*, name: str, description: str = "", model: LanguageModel | Non
     profile.mode, profile.positions = options.mode, options.positions
     profile.layers, profile.direction = list(options.layers), options.direction
     profile.abort_when = abort_when
+    profile.vectors = stored_vector_refs(vectors or [])
+    vector_parts(profile.vectors, model=model or (sae.model if sae else None))  # names exist, widths fit
     profile.save()
     profile.features.all().delete()
     ProfileFeature.objects.bulk_create([
@@ -85,7 +89,8 @@ def profile_import(*, data: Any, replace: bool = False) -> Profile:
     return profile_save(name=parsed.name, description=parsed.description, model=model, sae=sae, mode=parsed.mode,
                         positions=parsed.positions, layers=parsed.layers, direction=parsed.direction,
                         features=[f.model_dump(exclude_none=True) for f in parsed.features], replace=replace,
-                        abort_when=[c.model_dump(exclude_none=True) for c in parsed.abort_when])
+                        abort_when=[c.model_dump(exclude_none=True) for c in parsed.abort_when],
+                        vectors=[v.model_dump() for v in parsed.vectors])
 
 
 def _find_model(parsed: ProfileFile) -> LanguageModel | None:
@@ -128,6 +133,7 @@ def profile_export(*, profile: Profile) -> dict[str, Any]:
         "features": [{"index": f.index, "strength": f.strength, "label": f.label, **({"when": f.when} if f.when else {})}
                      for f in profile.features.all()],
         "abort_when": list(profile.abort_when or []),
+        "vectors": list(profile.vectors or []),
         "mode": profile.mode,
         "positions": profile.positions,
         "layers": list(profile.layers or ()),
@@ -182,7 +188,7 @@ async def profile_activate_and_apply(*, name: str) -> Profile:
                 for f in profile.features.all()]
     await steering_apply(features=features, mode=profile.mode, positions=profile.positions,
                          layers=list(profile.layers or ()), direction=profile.direction, source_profile=name,
-                         abort_when=list(profile.abort_when or []))
+                         abort_when=list(profile.abort_when or []), vectors=list(profile.vectors or []))
     return await sync_to_async(profile_activate)(profile=profile)
 
 

@@ -23,6 +23,7 @@ from millm_site.errors import InferenceUnavailable, MillmError
 from monitoring.live import activation_publisher
 from monitoring.request_tracking import RequestTracker
 from profiles.models import Profile
+from profiles.vector_services import vector_parts
 from serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -31,7 +32,7 @@ from serving.protocol import (
     now,
     usage_body,
 )
-from steering.steering_options import steering_options_resolve
+from steering.steering_options import SteeringOptions, steering_options_resolve
 from steering.steering_services import attached_sae, steering_message
 from steering.units import strengths_to_raw
 
@@ -82,15 +83,24 @@ def _steering_payload(target: Target, inline: Any) -> Steering | None:
                 if sae is None:
                     raise OpenAIRequestError("steering: no SAE is attached", param="steering", code="sae_not_attached")
                 features = strengths_to_raw(sae=sae, features=features, units=options.units)
+            # Raw vectors or stored ones by name, checked against the requested model's width and layers.
+            vectors = vector_parts([v.model_dump(exclude_none=True) for v in inline.vectors], model=target.model)
         except MillmError as exc:
             field = exc.details.get("field", "units")
             raise OpenAIRequestError(exc.message, param=f"steering.{field}") from None
-        return steering_message(features, options)
+        return steering_message(features, options, vectors=vectors)
     if target.profile is not None:
         profile = target.profile
-        return Steering(features=[{"index": f.index, "strength": f.strength} for f in profile.features.all()],
-                        mode=profile.mode, positions=profile.positions, layers=list(profile.layers or ()),
-                        direction=profile.direction, label=f"profile:{profile.name}")
+        options = SteeringOptions(mode=profile.mode, positions=profile.positions, units="raw",
+                                  layers=tuple(profile.layers or ()), direction=profile.direction)
+        try:
+            vectors = vector_parts(list(profile.vectors or []), model=target.model)
+        except MillmError as exc:
+            raise OpenAIRequestError(f"profile {profile.name}: {exc.message}", param="model") from None
+        features = [{"index": f.index, "strength": f.strength, **({"when": f.when} if f.when else {})}
+                    for f in profile.features.all()]
+        return steering_message(features, options, label=f"profile:{profile.name}",
+                                abort_when=list(profile.abort_when or []), vectors=vectors)
     return None
 
 

@@ -35,6 +35,7 @@ SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1  # int64, as in OpenAI's spec
 MAX_TOKEN_ID = (1 << 31) - 1  # the engine checks the loaded vocabulary
 MAX_LOGIT_BIAS_ENTRIES = 1024
 TokenCount = Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+MAX_VECTOR_WIDTH, MAX_VECTOR_LAYER = 1 << 16, 1023  # past any hidden size and depth; the model's own are checked
 
 
 class OpenAIRequestError(Exception):
@@ -71,11 +72,23 @@ class SteeringFeatureIn(BaseModel):
     when: ConditionIn | None = None  # steer only on tokens where this holds (additive mode)
 
 
+class VectorIn(BaseModel):
+    """A steering vector added at a decoder layer's output: a stored one by `name`, or `layer` + `vector`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(default=None, min_length=1, max_length=100)
+    layer: StrictInt | None = Field(default=None, ge=0, le=MAX_VECTOR_LAYER)
+    vector: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(default=None, min_length=1,
+                                                                               max_length=MAX_VECTOR_WIDTH)
+    strength: float = Field(default=1.0, allow_inf_nan=False)
+
+
 class InlineSteering(BaseModel):
     """miLLM extension: steer this request only (`steering` in the body)."""
 
     model_config = ConfigDict(extra="forbid")
     features: list[SteeringFeatureIn] = Field(default_factory=list, max_length=256)
+    vectors: list[VectorIn] = Field(default_factory=list, max_length=16)  # raw or stored vectors at their layers
     abort_when: list[ConditionIn] = Field(default_factory=list, max_length=64)  # stop where one holds
     mode: SteeringMode = "additive"
     positions: SteeringPositions = "all"

@@ -104,6 +104,11 @@ class ConditionIn(Schema):
     below: float | None = Field(None, allow_inf_nan=False, description="holds where it is below (both: a band)")
 
 
+class VectorRefIn(Schema):
+    name: str = Field(description="a stored steering vector (/api/vectors)")
+    strength: float = Field(1.0, allow_inf_nan=False, description="the vector is added times this")
+
+
 class SteeringFeatureIn(Schema):
     index: int
     strength: float | None = Field(None, description="in `units`; omitted: the feature's calibrated recommended "
@@ -128,6 +133,8 @@ class SteeringIn(Schema):
 
     abort_when: list[ConditionIn] = Field(default_factory=list, max_length=64,
                                           description="stop generating at the first token where one holds")
+    vectors: list[VectorRefIn] = Field(default_factory=list, max_length=16,
+                                       description="stored steering vectors (/api/vectors) added at their layers")
 
     def options(self) -> dict:
         return {"mode": self.mode, "positions": self.positions, "units": self.units, "layers": self.layers,
@@ -143,8 +150,9 @@ async def get_steering(request):
 async def set_steering(request, payload: SteeringIn = Body(...)):  # noqa: B008
     features = [f.model_dump(exclude_none=True) for f in payload.features]
     abort_when = [c.model_dump(exclude_none=True) for c in payload.abort_when]
+    vectors = [v.model_dump() for v in payload.vectors]
     return envelope(await steering_services.steering_apply(features=features, abort_when=abort_when,
-                                                           **payload.options()))
+                                                           vectors=vectors, **payload.options()))
 
 
 @steering_router.delete("", summary="Clear the active steering")

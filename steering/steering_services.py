@@ -20,7 +20,7 @@ from engine.rules import (
 )
 from inference import generation_stream
 from inference.client import inference_client
-from inference.messages import Steering
+from inference.messages import Steering, VectorPart
 from millm_site.errors import (
     InvalidFeatureIndex,
     SaeNotAttached,
@@ -30,6 +30,7 @@ from millm_site.events import event_publish
 from monitoring.live import activation_publisher
 from monitoring.request_tracking import RequestTracker
 from profiles.models import Profile
+from profiles.vector_services import active_vector_refs, active_vectors_set, stored_vector_refs, vector_parts
 from steering.calibration_services import features_fill_recommended
 from steering.conditions import condition_message, conditions_normalise
 from steering.models import SaeStatus, SparseAutoencoder, SteeringState
@@ -76,7 +77,7 @@ def steering_validate(*, sae: SparseAutoencoder | None, features: list[dict[str,
 def steering_data(state: SteeringState) -> dict[str, Any]:
     return {"sae": state.sae.name if state.sae else None, "mode": state.mode, "positions": state.positions,
             "units": state.units, "layers": list(state.layers or ()), "direction": state.direction or "decoder",
-            "features": state.features, "abort_when": list(state.abort_when or []),
+            "features": state.features, "abort_when": list(state.abort_when or []), "vectors": active_vector_refs(),
             "source_profile": state.source_profile or None,
             "updated_at": state.updated_at.isoformat() if state.updated_at else None}
 
@@ -84,7 +85,8 @@ def steering_data(state: SteeringState) -> dict[str, Any]:
 async def steering_apply(*, features: list[dict[str, Any]], mode: str = "additive", positions: str = "all",
                          units: str = "raw", layers: list[int] | None = None, direction: str = "decoder",
                          preset: str | None = None, source_profile: str = "",
-                         abort_when: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                         abort_when: list[dict[str, Any]] | None = None,
+                         vectors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     sae = await sync_to_async(attached_sae)()
     options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, layers=layers,
                                        direction=direction, preset=preset)
@@ -96,7 +98,10 @@ async def steering_apply(*, features: list[dict[str, Any]], mode: str = "additiv
     normalised, aborts = conditions_normalise(features=normalised, abort_when=abort_when, mode=options.mode, sae=sae)
     raw = await sync_to_async(strengths_to_raw)(sae=sae, features=normalised, units=options.units) if sae else []
     label = f"profile:{source_profile}" if source_profile else "active"
-    fanout = await inference_client().set_steering(steering_message(raw, options, label=label, abort_when=aborts),
+    vector_refs = stored_vector_refs(vectors or [])  # the active steering names stored vectors
+    parts = await sync_to_async(vector_parts)(vector_refs, model=sae.model if sae else None)
+    fanout = await inference_client().set_steering(steering_message(raw, options, label=label, abort_when=aborts,
+                                                                    vectors=parts),
                                                    sae=sae.name if sae else None)
 
     def save() -> dict[str, Any]:
@@ -105,6 +110,7 @@ async def steering_apply(*, features: list[dict[str, Any]], mode: str = "additiv
         state.units, state.layers, state.direction = options.units, list(options.layers), options.direction
         state.source_profile, state.abort_when = source_profile, aborts
         state.save()
+        active_vectors_set(vector_refs)
         # A profile is active only while its steering is the one applied: any other change ends it.
         Profile.objects.filter(is_active=True).exclude(name=source_profile or None).update(is_active=False)
         return steering_data(state)
@@ -124,22 +130,27 @@ async def steering_current() -> dict[str, Any]:
 
 def steering_state_message(state: SteeringState) -> Steering | None:
     """What the inference process must apply for the saved state (raw strengths, with its label)."""
-    if (not state.features and not state.abort_when) or state.sae is None:
+    vectors = active_vector_refs()
+    if not state.features and not state.abort_when and not vectors:
         return None
-    raw = strengths_to_raw(sae=state.sae, features=state.features, units=state.units)
+    if state.sae is None and not vectors:
+        return None
+    raw = strengths_to_raw(sae=state.sae, features=state.features, units=state.units) if state.sae else []
     label = f"profile:{state.source_profile}" if state.source_profile else "active"
     options = SteeringOptions(mode=state.mode, positions=state.positions, units=state.units,
                               layers=tuple(state.layers or ()), direction=state.direction or "decoder")
-    return steering_message(raw, options, label=label, abort_when=list(state.abort_when or []))
+    return steering_message(raw, options, label=label, abort_when=list(state.abort_when or []),
+                            vectors=vector_parts(vectors, model=state.sae.model if state.sae else None))
 
 
 def steering_message(raw: list[dict[str, Any]], options: SteeringOptions, *, label: str = "inline",
-                     abort_when: list[dict[str, Any]] | None = None) -> Steering:
-    """The contract's steering for raw-strength features applied with these options (and conditions)."""
+                     abort_when: list[dict[str, Any]] | None = None, vectors: list[VectorPart] | None = None,
+                     ) -> Steering:
+    """The contract's steering for raw-strength features applied with these options (conditions, vectors)."""
     features = [{**f, "when": condition_message(f["when"])} if f.get("when") else f for f in raw]
     return Steering(features=features, mode=options.mode, positions=options.positions, layers=list(options.layers),
                     direction=options.direction, label=label,
-                    abort_when=[condition_message(c) for c in abort_when or ()])
+                    abort_when=[condition_message(c) for c in abort_when or ()], vectors=list(vectors or ()))
 
 
 async def steering_compare(*, prompt: str, features: list[dict[str, Any]], chat: bool = True, max_tokens: int = 48,
