@@ -156,6 +156,11 @@ class WorkerCalls:
             steering = await db(steering_state_message)(state) if state.sae_id == sae.pk else None
             if steering is not None:
                 await self.call_set_steering(m.SetSteering(steering=steering, sae=sae.name))
+        else:  # no SAE: the active steering may still add stored vectors (they need none)
+            state = await db(lambda: SteeringState.objects.select_related("sae").get_or_create(pk=1)[0])()
+            steering = await db(steering_state_message)(state) if state.sae_id is None else None
+            if steering is not None:
+                await self.call_set_steering(m.SetSteering(steering=steering))
         log.info("desired_state_restored", model=model.name, sae=sae.name if sae else None)
 
     async def shutdown(self) -> None:

@@ -5,6 +5,7 @@ GGUF are refused (4xx, the expected width named, nothing stored)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from engine.control_vector_files import ControlVector, read_control_vector_gguf, write_control_vector_gguf
+from inference.process import InferenceWorker
 from profiles.models import Profile, SteeringVector
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -169,3 +171,20 @@ def test_the_active_sae_steering_exports_as_its_decoder_sum_and_serves_back(clie
     np.testing.assert_allclose(exported.directions[sae.layer], 40.0 * W_dec[CAT] - 5.0 * W_dec[3], atol=1e-5)
     assert client.delete("/api/steering").status_code == 200
     assert chat(client, model.name, {"vectors": [{"name": "cat-up"}]}) == steered
+
+
+def test_a_restarted_inference_process_adds_the_active_vectors_with_no_sae(client, serving):
+    model, _ = serving
+    values = direction(model.hidden_size, 11)
+    assert import_gguf(client, "eleven", ControlVector(model_hint="llama", directions={1: values})).status_code == 200
+    assert send(client, "put", "/api/steering", {"vectors": [{"name": "eleven", "strength": 2.0}]}).status_code == 200
+
+    fresh = InferenceWorker(channel_layer=None, channel_name="restart-check")
+    runtime = fresh.calls.runtime
+    try:
+        asyncio.run(fresh.calls.restore_desired_state())
+        active = runtime.active_steering
+        assert active is not None and runtime.active_label == "active" and sorted(active.other_layers) == [1]
+        np.testing.assert_allclose(active.other_layers[1].additive_delta.numpy(), 2.0 * values, rtol=1e-6)
+    finally:
+        runtime.unload()
