@@ -26,6 +26,7 @@ thread (`scheduler.call`), between forward passes. No Django here.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -155,7 +156,7 @@ def _score_chunk(model: torch.nn.Module, interceptors: Sequence[ForwardIntercept
             interceptor.set_context(context)
         with torch.inference_mode():
             out = model(input_ids=input_ids, attention_mask=valid.long(),
-                        position_ids=(columns - pads_t).clamp(min=0), use_cache=False)
+                        position_ids=(columns - pads_t).clamp(min=0), use_cache=False, **_last_columns(model, rows))
         for interceptor in interceptors:
             interceptor.collect()  # nothing is monitored; this only clears the pass's state
     finally:
@@ -164,11 +165,12 @@ def _score_chunk(model: torch.nn.Module, interceptors: Sequence[ForwardIntercept
         if handle is not None:
             handle.remove()
     with torch.inference_mode():
-        log_probs = out.logits.float().log_softmax(dim=-1)  # (B, T, V)
+        log_probs = out.logits.float().log_softmax(dim=-1)  # (B, T', V): the last T' columns of the input
+        offset = width - log_probs.shape[1]
         results = []
         for b, row in enumerate(rows):
-            n, first = len(row.generated_ids), pads[b] + len(row.prompt_ids)
-            dists = log_probs[b, first - 1 : first - 1 + n]  # column first-1+j predicts g_j
+            n, first = len(row.generated_ids), pads[b] + len(row.prompt_ids)  # the input column of g_0
+            dists = log_probs[b, first - 1 - offset : first - 1 - offset + n]  # column first-1+j predicts g_j
             ids = torch.tensor(list(row.generated_ids), dtype=torch.long, device=device)
             features = None
             if sae is not None:
@@ -177,6 +179,14 @@ def _score_chunk(model: torch.nn.Module, interceptors: Sequence[ForwardIntercept
                                      log_distributions=dists.clone() if keep_distributions else None,
                                      features=features.cpu() if features is not None else None))
     return results
+
+
+def _last_columns(model: torch.nn.Module, rows: Sequence[ScoringRow]) -> dict[str, int]:
+    """Logits for the scoring columns only (left-padded, they are the last n+1), where the model can say so:
+    the vocabulary-wide log-softmax over every prompt column is most of a scoring pass's cost."""
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return {}
+    return {"logits_to_keep": max(len(r.generated_ids) for r in rows) + 1}
 
 
 def token_diff(model: torch.nn.Module, interceptors: Sequence[ForwardInterceptor], *, prompt_ids: Sequence[int],
