@@ -9,6 +9,7 @@ A steered feature's `when` gates it per token; `abort_when` stops the generation
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from engine.rules import feature_index_problem
@@ -45,8 +46,41 @@ def condition_normalise(condition: Any, *, field: str, default_sae: SparseAutoen
     return shaped
 
 
+CONDITION_TEXT = re.compile(
+    r"^\s*(?:(?P<low>-?[\d.eE+-]+)\s*<\s*)?(?P<sae>[-\w.]+)?#(?P<index>\d+)\s*"
+    r"(?:(?P<op>[<>])\s*(?P<bound>-?[\d.eE+-]+))?\s*$")
+
+
+def condition_parse(text: str, *, field: str) -> dict[str, Any] | None:
+    """`#88 > 3`, `#88 < 1`, `2 < #88 < 5` or `sae-b#88 > 3` (what `condition_text` writes); "" is no condition."""
+    if not text.strip():
+        return None
+    match = CONDITION_TEXT.match(text)
+    low, op, bound = (match["low"], match["op"], match["bound"]) if match else (None, None, None)
+    if match is None or (low is None and op is None) or (low is not None and op != "<" and op is not None):
+        raise ValidationFailed(f"{field}: {text[:40]!r} is not a condition like '#88 > 3', '#88 < 1' or "
+                               "'2 < #88 < 5'", details={"field": field})
+    try:
+        condition: dict[str, Any] = {"index": int(match["index"])}
+        if low is not None:
+            condition["above"] = float(low)
+        if op == ">":
+            condition["above"] = float(bound)
+        elif op == "<":
+            condition["below"] = float(bound)
+    except ValueError:
+        raise ValidationFailed(f"{field}: {text[:40]!r} has a bound that is not a number",
+                               details={"field": field}) from None
+    if match["sae"]:
+        condition["sae"] = match["sae"]
+    return condition
+
+
 def condition_shape(condition: Any, *, field: str) -> dict[str, Any]:
-    """The checks that need no SAE: an object with an integer index and finite, non-empty bounds."""
+    """The checks that need no SAE: an object with an integer index and finite, non-empty bounds
+    (the Steering page sends a condition as text: parsed here)."""
+    if isinstance(condition, str):
+        condition = condition_parse(condition, field=field) or {}
     if not isinstance(condition, dict):
         raise ValidationFailed(f"{field}: must be an object {{index, above|below}}", details={"field": field})
     unknown = set(condition) - {"sae", "index", "above", "below"}

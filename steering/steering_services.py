@@ -32,7 +32,7 @@ from monitoring.request_tracking import RequestTracker
 from profiles.models import Profile
 from profiles.vector_services import active_vector_refs, active_vectors_set, stored_vector_refs, vector_parts
 from steering.calibration_services import features_fill_recommended
-from steering.conditions import condition_message, conditions_normalise
+from steering.conditions import condition_message, condition_normalise, conditions_normalise
 from steering.models import SaeStatus, SparseAutoencoder, SteeringState
 from steering.steering_options import SteeringOptions, steering_options_resolve
 from steering.token_diff_services import compare_token_diff
@@ -69,7 +69,12 @@ def steering_validate(*, sae: SparseAutoencoder | None, features: list[dict[str,
         if index in seen:
             raise ValidationFailed(f"{field}.index: feature {index} is listed twice", details={"field": f"{field}.index"})
         seen.add(index)
-        kept = {"when": feature["when"]} if feature.get("when") is not None else {}  # checked by conditions_normalise
+        kept = {}
+        if feature.get("when") is not None:  # a condition on another feature at the same token (steering/conditions.py)
+            if mode != "additive":
+                raise ValidationFailed(f"{field}.when: conditions apply to additive steering only",
+                                       details={"field": f"{field}.when"})
+            kept["when"] = condition_normalise(feature["when"], field=f"{field}.when", default_sae=sae)
         normalised.append({"index": index, "strength": float(strength), **kept})
     return normalised
 

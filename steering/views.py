@@ -26,6 +26,7 @@ from steering.calibration_services import (
     feature_recommended_strength,
     slider_calibration,
 )
+from steering.conditions import condition_text
 from steering.feature_facts import feature_file_stats, similar_features
 from steering.feature_services import feature_label_edit
 from steering.models import SaeStatus, SteeringState
@@ -136,8 +137,8 @@ def _state_rows(state: SteeringState, sae) -> list[dict]:
     if sae is None or state.sae_id != sae.pk:
         return []
     labels = dict(sae.labels.values_list("index", "label"))
-    return [_slider_row(sae, f["index"], f["strength"], labels.get(f["index"], ""), state.units)
-            for f in state.features]
+    return [{**_slider_row(sae, f["index"], f["strength"], labels.get(f["index"], ""), state.units),
+             "when_text": condition_text(f.get("when"))} for f in state.features]
 
 
 def _slider_row(sae, index: int, strength: float, label: str, units: str, *, new: bool = False) -> dict:
@@ -211,12 +212,16 @@ def _recommended_strength(sae, index: int, units: str) -> float:
 def _form_features(request) -> list[dict]:
     indices = request.POST.getlist("index")
     strengths = request.POST.getlist("strength")
+    # Each row's condition as typed ("#88 > 3"; steering/conditions.py parses it), when the form has them.
+    whens = request.POST.getlist("when")
+    whens = whens if len(whens) == len(indices) else [""] * len(indices)
     features = []
-    for index, strength in zip(indices, strengths, strict=False):
+    for index, strength, when in zip(indices, strengths, whens, strict=False):
+        condition = {"when": when} if when.strip() else {}
         try:
-            features.append({"index": int(index), "strength": float(strength)})
+            features.append({"index": int(index), "strength": float(strength), **condition})
         except ValueError:
-            features.append({"index": index, "strength": strength})  # the service names what is wrong
+            features.append({"index": index, "strength": strength, **condition})  # the service names what is wrong
     return features
 
 

@@ -48,3 +48,19 @@ def test_the_profiles_page_shows_each_profiles_conditions_and_vectors(client, at
     page = client.get("/profiles/").content.decode()
     assert "#7 when other#2 &gt; 1 · abort when #3 &lt; 1 · vector calm ×-1.5" in page
     assert page.count('class="muted conditions"') == 1  # the plain profile shows none
+
+
+def test_a_slider_row_shows_its_condition_and_a_bad_one_is_refused_before_anything_applies(client, attached,
+                                                                                          settings):
+    state = SteeringState.current()
+    state.sae, state.features = attached, [{"index": 7, "strength": 4.0, "when": {"index": 88, "above": 3.0}}]
+    state.save()
+    page = client.get("/steering/").content.decode()
+    assert 'name="when" value="#88 &gt; 3"' in page
+    settings.INFERENCE_TIMEOUT_S = 0.3
+    for text, reason in (("#88 >> 3", "is not a condition like"), ("#99999 > 1", "outside"),
+                         ("5 < #88 < 2", "the band is empty")):
+        response = client.post("/steering/apply", {"index": ["7"], "strength": ["1"], "when": [text], "units": "raw"},
+                               HTTP_HX_REQUEST="true")
+        assert reason in response.content.decode(), text
+    assert SteeringState.current().features == state.features  # nothing applied

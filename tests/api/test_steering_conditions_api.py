@@ -153,3 +153,16 @@ def test_bad_profile_conditions_are_refused_whole(client, serving):
         response = send(client, "post", "/api/profiles", {**profile_body(when=when), "sae": sae.name})
         assert 400 <= response.status_code < 500 and response.json()["error"]["code"] == code, response.content
     assert not Profile.objects.filter(name="gated").exists()
+
+
+def test_the_steering_pages_condition_input_applies_the_condition(client, serving):
+    model, _ = serving
+    plain = chat(client, model.name)
+    response = client.post("/steering/apply", {"index": ["7"], "strength": ["40"], "when": ["#7 > 1000000"],
+                                               "units": "raw", "mode": "additive"}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 200 and "#7 when #7 &gt; 1e+06" in response.content.decode()
+    assert SteeringState.current().features == [{"index": CAT, "strength": 40.0, "when": {"index": CAT, "above": 1e6}}]
+    assert chat(client, model.name) == plain
+    client.post("/steering/apply", {"index": ["7"], "strength": ["40"], "when": [""], "units": "raw"},
+                HTTP_HX_REQUEST="true")
+    assert chat(client, model.name) != plain  # without the condition the feature steers
