@@ -211,6 +211,11 @@ class GenerationScheduler:
             job.cancelled = True  # the loop drops it before its next piece
             raise SchedulerUnavailableError(f"the embeddings did not finish within {timeout_s:g}s") from None
 
+    @property
+    def interceptors(self) -> tuple[ForwardInterceptor, ...]:
+        """What rides on every forward pass: a pass run through `call` (token-diff scoring) sets the same ones."""
+        return self._interceptors
+
     def status(self) -> SchedulerStatus:
         now = time.monotonic()
         recent = sum(n for t, n in list(self._throughput) if now - t <= THROUGHPUT_WINDOW_S)

@@ -318,7 +318,7 @@ class WorkerCalls:
         conditions = runtime.compile_conditions(engine_conditions(call.steering), call.steering.mode)
         tokenizer = loaded.tokenizer
         prompt_ids = await in_thread(prompt_token_ids, tokenizer, call.prompt, call.messages)
-        hooks = [runtime.hook, runtime.layer_hook]
+        hooks = scheduler.interceptors  # every SAE hook and the layer hook, as generation runs them
         diff = await asyncio.wrap_future(scheduler.call(lambda: token_diff(
             loaded.model, hooks, prompt_ids=prompt_ids, steered_ids=call.steered_ids,
             unsteered_ids=call.unsteered_ids, steering=compiled, pad_id=tokenizer.pad_token_id or 0, sae=sae,
@@ -329,7 +329,6 @@ class WorkerCalls:
             top_changed_features=[m.FeatureChange(**vars(f)) for f in diff.top_changed_features])
 
     async def call_score_texts(self, call: m.ScoreTexts) -> m.TextScores:
-        runtime = self.runtime
         scheduler, loaded, sae = self._scoring_parts(call.sae)
         for position, index in enumerate(call.features):
             if not 0 <= index < sae.d_sae:
@@ -339,7 +338,7 @@ class WorkerCalls:
         tokenizer = loaded.tokenizer
         rows = [ScoringRow(await in_thread(prompt_token_ids, tokenizer, t.prompt, t.messages), t.generated_ids)
                 for t in call.texts]
-        hooks, columns = [runtime.hook, runtime.layer_hook], list(call.features)
+        hooks, columns = scheduler.interceptors, list(call.features)
         scored = await asyncio.wrap_future(scheduler.call(lambda: score_rows(
             loaded.model, hooks, rows, pad_id=tokenizer.pad_token_id or 0, sae=sae)))
         return m.TextScores(scores=[m.TextScore(

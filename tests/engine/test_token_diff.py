@@ -56,7 +56,7 @@ def plain_log_probs(runtime: EngineRuntime, ids: list[int]) -> torch.Tensor:
 def run_diff(runtime, prompt_ids, steered, unsteered, compiled):
     loaded = runtime.loaded
     return runtime.scheduler.call(lambda: token_diff(
-        loaded.model, [runtime.hook, runtime.layer_hook], prompt_ids=prompt_ids, steered_ids=steered,
+        loaded.model, runtime.scheduler.interceptors, prompt_ids=prompt_ids, steered_ids=steered,
         unsteered_ids=unsteered, steering=compiled, pad_id=loaded.tokenizer.pad_token_id or 0,
         sae=runtime.hook.sae)).result()
 
@@ -114,7 +114,7 @@ def test_batched_scoring_equals_one_row_at_a_time(runtime):
     tokenizer = runtime.loaded.tokenizer
     rows = [ScoringRow(list(tokenizer(text)["input_ids"]), list(tokenizer(" the moon was high")["input_ids"])[1:])
             for text in ("The cat", "In the morning the river was long and")]
-    loaded, hooks = runtime.loaded, [runtime.hook, runtime.layer_hook]
+    loaded, hooks = runtime.loaded, runtime.scheduler.interceptors
     together = runtime.scheduler.call(lambda: score_rows(loaded.model, hooks, rows, pad_id=0,
                                                           sae=runtime.hook.sae)).result()
     for row, scored in zip(rows, together, strict=True):
