@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from django.contrib.auth.models import User
 
 from engine.control_vector_files import ControlVector, write_control_vector_gguf
 from profiles.models import Profile, ProfileFeature, SteeringVector
@@ -64,3 +65,11 @@ def test_a_slider_row_shows_its_condition_and_a_bad_one_is_refused_before_anythi
                                HTTP_HX_REQUEST="true")
         assert reason in response.content.decode(), text
     assert SteeringState.current().features == state.features  # nothing applied
+
+
+def test_the_admin_lists_and_opens_stored_vectors(client):
+    client.force_login(User.objects.create_superuser("admin", "a@example.com", "pw"))
+    vector = stored_vector("calm", active_strength=1.0)
+    listing = client.get("/admin/profiles/steeringvector/?q=calm")
+    assert listing.status_code == 200 and "calm" in listing.content.decode()
+    assert client.get(f"/admin/profiles/steeringvector/{vector.pk}/change/").status_code == 200
