@@ -61,6 +61,7 @@ class DecodeBatch:
         self._last_ids = self._steps = torch.empty(0, dtype=torch.long, device=self.device)
         self._sampling: SamplingBatch | None = None
         self._context: ForwardContext | None = None
+        self.preallocated_cache = True  # False: HF's DynamicCache as is (caches made from now on)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -84,7 +85,7 @@ class DecodeBatch:
         )
         for row in group:
             row.started()
-        cache = new_cache(self.model.config)
+        cache = new_cache(self.model.config, preallocated=self.preallocated_cache)
         try:
             logits, captures = self._forward(
                 context,
@@ -107,7 +108,7 @@ class DecodeBatch:
 
     def start_partial(self, row: Row) -> PartialPrefill:
         row.started()
-        return PartialPrefill(row, new_cache(self.model.config))
+        return PartialPrefill(row, new_cache(self.model.config, preallocated=self.preallocated_cache))
 
     def prefill_chunk(self, partial: PartialPrefill, chunk_tokens: int) -> int:
         """The next chunk_tokens of the prompt (no padding: one row); after the last one, the first token

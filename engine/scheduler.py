@@ -133,6 +133,15 @@ class GenerationScheduler:
                 future.cancel()
 
     @property
+    def preallocated_cache(self) -> bool:
+        """KV caches in preallocated buffers (the default) or HF's DynamicCache; applies to new prefills."""
+        return self._batch.preallocated_cache
+
+    @preallocated_cache.setter
+    def preallocated_cache(self, value: bool) -> None:
+        self._batch.preallocated_cache = value
+
+    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
