@@ -9,6 +9,7 @@ from pydantic import Field
 
 from engine.rules import MAX_STEERING_LAYERS, SteeringDirection, SteeringMode, SteeringPositions, StrengthUnit
 from millm_site.envelope import envelope
+from millm_site.errors import ValidationFailed
 from steering import calibration_services, sae_services, selectors, steering_services, sweep_services
 from steering.labels_import import parse_labels
 from steering.models import LabelSource, SparseAutoencoder
@@ -191,6 +192,9 @@ class SweepIn(SteeringIn):
 @steering_router.post("/sweep", summary="Sweep features over strengths: outputs, concept and fluency scores, "
                       "the recommended strength (large sweeps run as a job)")
 async def sweep(request, payload: SweepIn):
+    for field in ("abort_when", "vectors"):  # inherited from SteeringIn; a sweep scores feature steering only
+        if getattr(payload, field):
+            raise ValidationFailed(f"{field}: a sweep steers the listed features only", details={"field": field})
     data = await sweep_services.sweep_start(
         features=[f.model_dump() for f in payload.features], strengths=payload.strengths, prompts=payload.prompts,
         max_tokens=payload.max_tokens, chat=payload.chat, **payload.options())

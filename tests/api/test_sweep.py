@@ -3,9 +3,12 @@ thread) serving the test tier; bad input is refused before anything starts."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
+from channels_redis.core import RedisChannelLayer
+from django.conf import settings
 
 from monitoring.models import RequestRecord
 from steering.models import SweepRun, SweepStatus
@@ -68,6 +71,7 @@ def test_bad_sweeps_are_refused_and_start_nothing(client, tiny_catalog):
         ({"features": [{"index": CAT, "strength": 900.0}], "strengths": [2.0]}, (422, "VALIDATION_ERROR")),
         ({"features": [{"index": CAT}, {"index": CAT}]}, (422, "VALIDATION_ERROR")),
         ({"features": [{"index": CAT}], "units": "furlongs"}, (422, "VALIDATION_ERROR")),
+        ({"features": [{"index": CAT}], "abort_when": [{"index": 1, "above": 1.0}]}, (422, "VALIDATION_ERROR")),
     ]
     for body, expected in cases:
         response = post(client, "/api/steering/sweep", body)
@@ -139,13 +143,34 @@ def test_an_inline_sweep_scores_each_strength_and_recommends_one(client, serving
     assert saved["status"] == "done" and saved["result"] == result
 
 
+def progress_events_while(work) -> list[dict]:
+    """The `sweep_progress` events the /ws/progress/ group received while `work` ran."""
+    layer = RedisChannelLayer(**settings.CHANNEL_LAYERS["default"]["CONFIG"])
+
+    async def main() -> list[dict]:
+        channel = await layer.new_channel()
+        await layer.group_add("progress", channel)
+        await asyncio.to_thread(work)
+        events = []
+        while True:
+            try:
+                events.append(await asyncio.wait_for(layer.receive(channel), 1.0))
+            except TimeoutError:
+                return [e for e in events if e.get("kind") == "sweep_progress"]
+
+    return asyncio.run(main())
+
+
 def test_a_large_sweep_is_queued_as_a_job_and_its_result_saved(client, serving):
     response = post(client, "/api/steering/sweep", {"features": [{"index": CAT}], "strengths": "auto",
                                                      "units": "residual_norm", "prompts": PROMPTS * 2, "max_tokens": 4})
     assert response.status_code == 200, response.content
     data = response.json()["data"]
     assert data["status"] == "queued" and data["result"] is None  # 6 strengths × 4 prompts > 16: a job
-    sweep_run(data["id"])  # the Celery task's body, run here (no worker in this test)
+    events = progress_events_while(lambda: sweep_run(data["id"]))  # the Celery task's body, run here
+    progress = [e["payload"]["progress"] for e in events if e["payload"]["id"] == data["id"]]
+    assert progress == sorted(progress) and len(progress) >= 24 and progress[-1] == 1.0  # one per generation, then done
+    assert events[-1]["payload"]["status"] == "done"
     saved = client.get(f"/api/steering/sweeps/{data['id']}").json()["data"]
     assert saved["status"] == SweepStatus.DONE and saved["progress"] == 1.0
     assert saved["result"]["strengths"] == [0.0, 0.125, 0.25, 0.5, 1.0, 2.0]  # 0.5 × (¼, ½, 1, 2, 4)
