@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -127,8 +128,8 @@ async def generate(*, model: str, prompt: str | None, messages: list | None, par
     if observer is not None:
         observer.request_id, observer.params = request_id, params
         # The history keeps the shape it always had: {"source": label, features, mode, positions}.
-        observer.steering = ({"source": steering.label, **steering.model_dump(exclude={"label"})}
-                             if steering is not None else {"source": "active"})
+        observer.steering = ({"source": steering.label, **steering.model_dump(exclude={"label", "vectors"}),
+                              **_vectors_summary(steering)} if steering is not None else {"source": "active"})
         observer.prompt = prompt if prompt is not None else json.dumps(messages)
 
     async def fail(status: str, message: str) -> None:
@@ -225,3 +226,11 @@ async def collect(stream: AsyncIterator[GenerationReply]) -> Generation:
             result.abort = reply.abort
     result.text = "".join(pieces)
     return result
+
+
+def _vectors_summary(steering: m.Steering) -> dict[str, Any]:
+    """A steering's vectors as the history keeps them: layer, strength, name and norm, not d_model numbers each."""
+    if not steering.vectors:
+        return {}
+    return {"vectors": [{"layer": p.layer, "strength": p.strength, "name": p.name,
+                         "norm": round(math.sqrt(sum(v * v for v in p.values)), 6)} for p in steering.vectors]}

@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 
 from engine.control_vector_files import ControlVector, read_control_vector_gguf, write_control_vector_gguf
 from inference.process import InferenceWorker
+from monitoring.models import RequestRecord
 from profiles.models import Profile, SteeringVector
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -188,3 +189,14 @@ def test_a_restarted_inference_process_adds_the_active_vectors_with_no_sae(clien
         np.testing.assert_allclose(active.other_layers[1].additive_delta.numpy(), 2.0 * values, rtol=1e-6)
     finally:
         runtime.unload()
+
+
+def test_the_history_keeps_a_vectors_summary_not_its_numbers(client, serving):
+    model, _ = serving
+    values = direction(model.hidden_size, 13)
+    chat(client, model.name, {"vectors": [{"layer": 1, "vector": values.tolist(), "strength": 2.0}]})
+    record = RequestRecord.objects.latest("pk")
+    [summary] = record.steering["vectors"]
+    assert (summary["layer"], summary["strength"], summary["name"]) == (1, 2.0, "")
+    assert summary["norm"] == pytest.approx(float(np.linalg.norm(values)), rel=1e-5)
+    assert "values" not in json.dumps(record.steering)
