@@ -3,6 +3,7 @@
     .venv/bin/python bench/serve.py                 # test tier (tiny Llama), quick
     .venv/bin/python bench/serve.py --tier demo     # SmolLM2-135M-Instruct (what `make run` serves)
     .venv/bin/python bench/serve.py --tier demo --quantizations none q4 q8
+    .venv/bin/python bench/serve.py --tier demo --quantizations q4 --threads 1 2 1 2   # MILLM_TORCH_THREADS
 
 Starts a real stack (`manage.py serve`: daphne + inference process + Redis) on a free port, then for
 each quantization loads the tier's model with it and prints one row (medians over interleaved
@@ -13,6 +14,8 @@ rounds, so load hits every side alike), always against the same raw float32 base
   TTFT            time to first streamed token of a ~34-token chat prompt (p50), against the raw
                   float32 forward pass of that prompt (p50), and their ratio
 Every completion generates exactly --tokens tokens (ignore_eos), so the rates compare like for like.
+--threads N M ...: one stack per entry, in that order (repeat entries to alternate them), each with
+MILLM_TORCH_THREADS=N for the server and N torch threads for the raw baseline in this process.
 """
 
 from __future__ import annotations
@@ -52,9 +55,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_stack(tier: str, var_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_stack(tier: str, var_dir: Path, threads: int | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    if threads is not None:
+        env["MILLM_TORCH_THREADS"] = str(threads)
     env.update({"MILLM_VAR_DIR": str(var_dir), "MILLM_DEMO_TIER": tier, "LOG_LEVEL": "warning",
                 "MILLM_ASSET_CACHE": os.environ.get("MILLM_ASSET_CACHE", str(ROOT / "var" / "assets"))})
     process = subprocess.Popen([sys.executable, "manage.py", "serve", "--port", str(port)], cwd=ROOT, env=env,
@@ -167,40 +172,47 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None, help="tokens per request (default 128 test, 32 demo)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quantizations", nargs="+", default=["none", "q4", "q8"], choices=["none", "q4", "q8"])
+    parser.add_argument("--threads", nargs="+", type=int, default=None,
+                        help="MILLM_TORCH_THREADS per stack, e.g. 1 2 1 2 (default: the environment's or its default)")
     args = parser.parse_args()
     tokens = args.tokens or (128 if args.tier == "test" else 32)
     model_name = MODEL_NAMES[args.tier]
-    rows: list[tuple[str, str, dict[str, list[float]]]] = []
-    with tempfile.TemporaryDirectory(prefix="millm-bench-") as tmp:
-        process, url = start_stack(args.tier, Path(tmp) / "var")
-        try:
-            model = tokenizer = None
-            for quantization in args.quantizations:
-                response = httpx.post(f"{url}/api/models/{model_name}/load", params={"quantization": quantization},
-                                      timeout=900).json()
-                if not response["success"]:
-                    raise SystemExit(f"loading {quantization}: {response['error']}")
-                served = httpx.get(f"{url}/api/models/{model_name}", timeout=30).json()["data"]
-                if model is None:  # the raw float32 baseline, in this process
-                    torch.set_num_threads(int(os.environ.get("MILLM_TORCH_THREADS") or default_torch_threads()))
-                    model = AutoModelForCausalLM.from_pretrained(served["local_path"], dtype=torch.float32).eval()
-                    tokenizer = AutoTokenizer.from_pretrained(served["local_path"])
-                figures = asyncio.run(measure(url, model_name, model, tokenizer, tokens, args.rounds))
-                rows.append((quantization, served["status_message"], figures))
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
-    chat_tokens = rows[0][2]["chat_tokens"][0]
-    print(f"model {model_name}, {tokens} tokens per completion, {args.rounds} interleaved rounds, torch threads "
-          f"{torch.get_num_threads()} (server: MILLM_TORCH_THREADS or its default), chat prompt {chat_tokens} tokens")
-    print(f"{'quant':5}  {'raw fp32':>9}  {'1 stream':>9} {'×raw':>5}  {'8 streams':>9} {'×1':>5}  "
-          f"{'TTFT':>8} {'fwd fp32':>8} {'×fwd':>5}")
-    for quantization, message, f in rows:
+    rows: list[tuple[str, int, str, dict[str, list[float]]]] = []
+    default_threads = int(os.environ.get("MILLM_TORCH_THREADS") or default_torch_threads())
+    model = tokenizer = None
+    for index, threads in enumerate(args.threads or [None]):
+        with tempfile.TemporaryDirectory(prefix="millm-bench-") as tmp:
+            process, url = start_stack(args.tier, Path(tmp) / f"var{index}", threads)
+            # the raw baseline runs with the server's thread count
+            torch.set_num_threads(threads or default_threads)
+            try:
+                for quantization in args.quantizations:
+                    response = httpx.post(f"{url}/api/models/{model_name}/load", params={"quantization": quantization},
+                                          timeout=900).json()
+                    if not response["success"]:
+                        raise SystemExit(f"loading {quantization}: {response['error']}")
+                    served = httpx.get(f"{url}/api/models/{model_name}", timeout=30).json()["data"]
+                    if model is None:  # the raw float32 baseline, in this process
+                        model = AutoModelForCausalLM.from_pretrained(served["local_path"], dtype=torch.float32).eval()
+                        tokenizer = AutoTokenizer.from_pretrained(served["local_path"])
+                    figures = asyncio.run(measure(url, model_name, model, tokenizer, tokens, args.rounds))
+                    rows.append((quantization, threads or default_threads, served["status_message"], figures))
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=60)
+    chat_tokens = rows[0][3]["chat_tokens"][0]
+    print(f"model {model_name}, {tokens} tokens per completion, {args.rounds} interleaved rounds, chat prompt "
+          f"{chat_tokens} tokens; thr = MILLM_TORCH_THREADS of the server and torch threads of the raw baseline")
+    print(f"{'quant':5} {'thr':>3}  {'raw fp32':>9}  {'1 stream':>9} {'×raw':>5}  {'8 streams':>9} {'×1':>5}  "
+          f"{'TTFT':>8} {'fwd fp32':>8} {'×fwd':>5}  ×1 per round")
+    for quantization, threads, message, f in rows:
         raw, single, eight = (statistics.median(f[k]) for k in ("raw", "single", "eight"))
         ttft, forward = statistics.median(f["ttft"]), statistics.median(f["forward"])
-        print(f"{quantization:5}  {raw:9.1f}  {single:9.1f} {single / raw:5.2f}  {eight:9.1f} {eight / single:5.2f}  "
-              f"{ttft * 1000:6.1f}ms {forward * 1000:6.1f}ms {ttft / forward:5.2f}   ({message})")
-    print("rates in tok/s; TTFT and fwd are p50 over 3 requests a round")
+        spread = " ".join(f"{e / s:.2f}" for s, e in zip(f["single"], f["eight"], strict=True))
+        print(f"{quantization:5} {threads:3}  {raw:9.1f}  {single:9.1f} {single / raw:5.2f}  {eight:9.1f} "
+              f"{eight / single:5.2f}  {ttft * 1000:6.1f}ms {forward * 1000:6.1f}ms {ttft / forward:5.2f}  "
+              f"[{spread}]   ({message})")
+    print("rates in tok/s (medians over rounds); TTFT and fwd are p50 over 3 requests a round")
 
 
 if __name__ == "__main__":
