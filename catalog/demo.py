@@ -14,7 +14,7 @@ from django.utils.text import slugify
 
 from catalog.models import LanguageModel
 from catalog.services import model_register, model_set_desired_loaded
-from engine.assets.manifest import DemoAssets
+from engine.assets.manifest import BuiltSAE, DemoAssets
 from steering.models import LabelSource, SparseAutoencoder
 from steering.sae_services import feature_labels_replace, sae_register
 
@@ -75,7 +75,19 @@ def demo_assets_register(*, assets: DemoAssets, tier: str) -> tuple[LanguageMode
         labels=[(fl.index, fl.label, fl.description, fl.max_activation) for fl in built_sae.labels],
         source=LabelSource.BUILTIN,
     )
+    for extra in assets.extra_saes:  # more SAEs of the same model (several attach at once); `sae` stays the main one
+        _register_sae(model, extra)
     return model, sae
+
+
+def _register_sae(model: LanguageModel, built: BuiltSAE) -> SparseAutoencoder:
+    sae = sae_register(name=slugify(f"{model.name}-{built.sae_id}"), model=model, repo_id=built.repo_id,
+                       sae_id=built.sae_id, layer=built.layer, hook_name=built.hook_name, d_in=built.d_in,
+                       d_sae=built.d_sae, architecture=built.architecture, local_path=built.local_path,
+                       residual_norm=built.residual_norm, is_demo=True)
+    feature_labels_replace(sae=sae, labels=[(fl.index, fl.label, fl.description, fl.max_activation)
+                                            for fl in built.labels], source=LabelSource.BUILTIN)
+    return sae
 
 
 def demo_assets_ensure(*, tier: str, force: bool = False) -> tuple[LanguageModel, SparseAutoencoder]:

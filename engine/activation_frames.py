@@ -28,9 +28,10 @@ def _captures(items: Iterable[Any]) -> Iterable[FeatureCapture]:
 class FrameBuilder:
     def __init__(self, prompt_ids: Sequence[int], decode_token: Callable[[int], str], *, top_k: int | None = None,
                  features: Sequence[int] | None = None, steered: bool | None = None,
-                 positions: str = "all", stamp: bool = True) -> None:
+                 positions: str = "all", stamp: bool = True, sae: str | None = None) -> None:
         """`top_k`/`features` None: all the capture holds; `steered` None: captures of either residual;
-        `positions` "prompt"/"generated" keeps only those frames; `stamp` adds `produced_at`."""
+        `positions` "prompt"/"generated" keeps only those frames; `stamp` adds `produced_at`; `sae` (set
+        while several SAEs are attached) names the SAE the features belong to in each frame."""
         self.prompt_ids = list(prompt_ids)
         self.decode_token = decode_token
         self.generated_ids: list[int] = []
@@ -39,6 +40,7 @@ class FrameBuilder:
         self.steered = steered
         self.positions = positions
         self.stamp = stamp
+        self.sae = sae
 
     def frames(self, token_id: int, captures: Sequence[Any]) -> list[dict[str, Any]]:
         """Frames for the captures of the pass that produced `token_id` (then remember the token)."""
@@ -66,6 +68,8 @@ class FrameBuilder:
                         features[str(index)] = round(values[n], 4)
                 frame = {"position": position, "type": kind, "token": self.decode_token(input_id),
                          "token_id": input_id, "features": features}
+                if self.sae is not None:
+                    frame["sae"] = self.sae
                 if self.stamp:
                     frame["produced_at"] = produced_at
                 frames.append(frame)

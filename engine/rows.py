@@ -64,7 +64,8 @@ class Row:
             # The abort held at this pass's input token (the last one emitted): the token sampled from it is dropped.
             self.finish("content_filter", abort={"index": abort.index, "value": abort.value,
                                                  "position": len(self.prompt_ids) + self.generated - 1,
-                                                 "token_id": self._last_token})
+                                                 "token_id": self._last_token,
+                                                 **({"sae": abort.sae} if abort.sae else {})})
             return True
         self._last_token = token_id
         self.generated += 1

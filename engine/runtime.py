@@ -1,5 +1,9 @@
 """Everything the inference process holds, behind one object: the loaded model and its scheduler,
-the SAE hook, and the active steering. No Django here; `inference/process.py` drives it.
+the attached SAEs' hooks, and the active steering. No Django here; `inference/process.py` drives it.
+
+Several SAEs may be attached at once (`attached`, in attach order), on different layers or the same one.
+The first is the default: a feature without `sae` means it, monitoring frames and requested features read
+it, and `hook`/`sae_name` name it, so single-SAE callers see what they always saw.
 
 Blocking methods (load, attach) are meant for a worker thread; model surgery runs on the
 scheduler's loop thread between forward passes (`scheduler.call`), so no request sees half a change.
@@ -11,7 +15,7 @@ import gc
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ from safetensors.torch import load_file
 
 from engine.activation_frames import FrameBuilder
 from engine.chat import build_chat_prompt
+from engine.control_vectors import add_spec_vectors
 from engine.embeddings import EmbeddingResult
 from engine.errors import InsufficientMemoryError, ModelNotLoadedError, SaeNotAttachedError
 from engine.feature_stats import METRICS
@@ -28,11 +33,11 @@ from engine.generation import GenerationRequest, RequestHandle
 from engine.loading import LoadedModel, check_loadable, load_model
 from engine.request_features import FeatureRequest, validate_feature_request
 from engine.sae import SaeWeights, load_sae
-from engine.sae_hook import SaeHook
+from engine.sae_hook import SaeHook, SaeHooks
 from engine.sampling import InvalidRequestError, SamplingParams
 from engine.scheduler import GenerationScheduler
-from engine.steering import CompiledSteering, SteeringSpec, compile_steering
-from engine.steering_conditions import CompiledConditions, SteeringConditions, compile_conditions
+from engine.steering import CompiledSteering, InvalidSteeringError, SteeringSpec, compile_steering
+from engine.steering_conditions import CompiledConditions, SteeringConditions, compile_conditions_multi
 from engine.steering_layers import NORM_PROBE_TEXT, LayerSteeringHook, residual_norms
 from engine.throughput import ThroughputSampler
 
@@ -50,6 +55,15 @@ class Submitted:
     prompt_text: str
     frames: FrameBuilder | None  # set when the request is monitored
     features: FrameBuilder | None = None  # set when the request asks for its own features (return_features)
+
+
+@dataclass(frozen=True)
+class AttachedSae:
+    name: str
+    hook: SaeHook  # its own forward hook at its layer (captures, statistics, its part of the steering)
+    sae: SaeWeights  # the copy the hook runs, on the layer's device and dtype
+    concept_directions: torch.Tensor | None
+    size_bytes: int  # its weights file: counted against MILLM_MEMORY_LIMIT_BYTES with the others
 
 
 @dataclass
@@ -73,18 +87,44 @@ class EngineRuntime:
         self.loaded: LoadedModel | None = None
         self.model_name: str | None = None
         self.scheduler: GenerationScheduler | None = None
-        self.hook = SaeHook()
+        self.saes = SaeHooks()  # the scheduler's interceptor for every attached SAE's hook
+        self.attached: dict[str, AttachedSae] = {}  # attach order: the first is the default SAE
+        self._idle_hook = SaeHook()  # what `hook` is while no SAE is attached
         # Steering spread over layers (SteeringSpec.layers) and what it and direction="concept" need.
         self.layer_hook = LayerSteeringHook()
         self.layer_norms: list[float] | None = None
-        self.concept_directions: torch.Tensor | None = None
-        self.sae_name: str | None = None
         self.active_steering: CompiledSteering | None = None
         self.active_conditions: CompiledConditions | None = None  # the active steering's `when`/`abort_when`
         self.active_label = "none"
         self.monitoring = MonitoringSettings()
         self.throughput = ThroughputSampler(self._throughput_reading)  # runs while a model is loaded
         self._lock = threading.RLock()  # load/unload/attach never interleave
+
+    @property
+    def hook(self) -> SaeHook:
+        """The default (first attached) SAE's hook; an unattached one while none is."""
+        default = next(iter(self.attached.values()), None)
+        return default.hook if default is not None else self._idle_hook
+
+    @property
+    def sae_name(self) -> str | None:
+        return next(iter(self.attached), None)
+
+    @property
+    def concept_directions(self) -> torch.Tensor | None:
+        default = next(iter(self.attached.values()), None)
+        return default.concept_directions if default is not None else None
+
+    def attached_hook(self, sae: str | None) -> SaeHook:
+        """The hook of the named attached SAE (None: the default); SaeNotAttachedError otherwise."""
+        if sae is None:
+            if not self.attached:
+                raise SaeNotAttachedError("No SAE is attached")
+            return self.hook
+        if sae not in self.attached:
+            raise SaeNotAttachedError(f"SAE {sae!r} is not attached (attached: {', '.join(self.attached) or 'none'})",
+                                      param="sae")
+        return self.attached[sae].hook
 
     # --- model -------------------------------------------------------------------------------
 
@@ -97,9 +137,11 @@ class EngineRuntime:
             loaded = load_model(path, dtype=dtype, quantization=quantization, gguf_file=gguf_file or None)
             self.loaded, self.model_name = loaded, name
             self.scheduler = GenerationScheduler(loaded, max_batch_size=self.max_batch_size,
-                                                 interceptors=[self.hook, self.layer_hook],
+                                                 interceptors=[self.saes, self.layer_hook],
                                                  max_tokens_default=self.max_tokens_default,
                                                  max_embed_tokens=self.max_embed_tokens).start()
+            # Attached from the start: steering vectors add at any layer with no SAE attached.
+            self.scheduler.call(lambda: self.layer_hook.attach(loaded.model)).result()
             self.throughput.start()
             return loaded
 
@@ -109,9 +151,11 @@ class EngineRuntime:
             if self.scheduler is not None:
                 self.scheduler.stop(drain_timeout_s=0.0)
                 self.scheduler = None
-            self.hook.detach()
+            for attached in self.attached.values():
+                attached.hook.detach()
+            self.attached, self.saes.hooks, self.layer_norms = {}, (), None
             self.layer_hook.detach()
-            self.sae_name, self.active_steering, self.active_label = None, None, "none"
+            self.active_steering, self.active_label = None, "none"
             self.active_conditions = None
             if self.loaded is not None:
                 self.loaded.unload()
@@ -132,65 +176,142 @@ class EngineRuntime:
     # --- SAE and steering --------------------------------------------------------------------
 
     def attach_sae(self, *, name: str, path: str) -> SaeWeights:
-        """Attach an SAE; on a refusal (too big, incompatible) nothing stays attached and the model serves on."""
+        """Attach an SAE beside those attached (one of the same name is replaced); on a refusal (too big,
+        incompatible) it is not attached, the others stay as they were and the model serves on."""
         with self._lock:
             scheduler = self.require_model()
-            self._check_sae_fits(Path(path))
+            size = self._check_sae_fits(Path(path), replacing=name)
             try:
                 sae = load_sae(path)  # slow I/O off the loop thread; validation happens in attach
             except (MemoryError, torch.OutOfMemoryError) as exc:
                 raise InsufficientMemoryError(f"not enough memory to load the SAE in {Path(path).name!r}") from exc
-            attached = scheduler.call(lambda: self.hook.attach(self.loaded.model, sae)).result()
-            model, probe = self.loaded.model, self.loaded.tokenizer(NORM_PROBE_TEXT)["input_ids"]
-            scheduler.call(lambda: self.layer_hook.attach(model)).result()
-            self.layer_norms = scheduler.call(lambda: residual_norms(model, probe)).result()
-            concept = Path(path) / "concept_directions.safetensors"  # written by the demo build
-            self.concept_directions = (load_file(concept)["concept_directions"].to(attached.device)
-                                       if concept.is_file() else None)
-            self.sae_name, self.active_steering, self.active_label = name, None, "none"
-            self.active_conditions = None
-            monitored = [i for i in self.monitoring.features if i < attached.d_sae]
-            scheduler.call(lambda: self.hook.set_monitored_features(monitored)).result()
-            return attached
+            hook = SaeHook(top_k=self.monitoring.top_k, board=self.saes.board)
+            model = self.loaded.model
+            # Hooked but not yet among `saes.hooks`: it sees no context, so it does nothing until swapped in.
+            on_device = scheduler.call(lambda: hook.attach(model, sae)).result()
+            try:
+                concept = Path(path) / "concept_directions.safetensors"  # written by the demo build
+                directions = (load_file(concept)["concept_directions"].to(on_device.device) if concept.is_file()
+                              else None)
+                if self.layer_norms is None:
+                    probe = self.loaded.tokenizer(NORM_PROBE_TEXT)["input_ids"]
+                    if not self.layer_hook.attached:
+                        scheduler.call(lambda: self.layer_hook.attach(model)).result()
+                    self.layer_norms = scheduler.call(lambda: residual_norms(model, probe)).result()
+            except BaseException:
+                scheduler.call(hook.detach).result()  # nothing half-attached
+                raise
+            replaced = self.attached.get(name)
+            if replaced is not None or not self.attached:
+                # The active steering was compiled against the SAE replaced (or against none).
+                self.active_steering, self.active_conditions, self.active_label = None, None, "none"
+            attached = dict(self.attached)
+            attached.pop(name, None)
+            attached[name] = AttachedSae(name=name, hook=hook, sae=on_device, concept_directions=directions,
+                                         size_bytes=size)
+            scheduler.call(lambda: self._install(attached, removed=replaced)).result()
+            return on_device
 
-    def _check_sae_fits(self, path: Path) -> None:
+    def _install(self, attached: dict[str, AttachedSae], *, removed: AttachedSae | None) -> None:
+        """On the loop thread, between passes: the new set of hooks, the first one the default's."""
+        if removed is not None:
+            removed.hook.detach()
+        for n, entry in enumerate(attached.values()):
+            part = None if n == 0 else entry.name
+            if entry.hook.part != part or n == 0:
+                entry.hook.set_part(part)
+                monitored = [i for i in self.monitoring.features if i < entry.sae.d_sae] if part is None else []
+                entry.hook.set_monitored_features(monitored)
+        self.attached = attached
+        self.saes.hooks = tuple(entry.hook for entry in attached.values())
+
+    def _check_sae_fits(self, path: Path, *, replacing: str | None = None) -> int:
         weights = path / "sae_weights.safetensors"
         needed = weights.stat().st_size if weights.is_file() else 0
         available = self.memory_limit_bytes
-        if available is None:
+        if available is not None:  # a cap for everything attached: the others count against it
+            available -= sum(a.size_bytes for n, a in self.attached.items() if n != replacing)
+        else:
             device = self.loaded.device
             available = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
                          else psutil.virtual_memory().available)
         if needed > available:
+            others = f" beside the {len(self.attached)} attached" if self.attached else ""
             raise InsufficientMemoryError(f"the SAE needs {needed / 2**20:.0f} MiB but only "
-                                          f"{available / 2**20:.0f} MiB are free on {self.loaded.device}")
+                                          f"{max(available, 0) / 2**20:.0f} MiB are free on {self.loaded.device}{others}")
+        return needed
 
-    def detach_sae(self) -> None:
+    def detach_sae(self, name: str | None = None) -> None:
+        """Detach one SAE by name (the others stay; the next becomes the default), or every SAE (None)."""
         with self._lock:
+            names = list(self.attached) if name is None else [name] if name in self.attached else []
+            if not names:
+                return
+            attached = {n: a for n, a in self.attached.items() if n not in names}
+            default_changed = next(iter(attached), None) != self.sae_name
+
+            def install() -> None:
+                for n in names:
+                    self.attached[n].hook.detach()
+                self._install(attached, removed=None)
+
             if self.scheduler is not None:
-                self.scheduler.call(self.hook.detach).result()
-                self.scheduler.call(self.layer_hook.detach).result()
+                self.scheduler.call(install).result()
             else:
-                self.hook.detach()
-                self.layer_hook.detach()
-            self.layer_norms = self.concept_directions = None
-            self.sae_name, self.active_steering, self.active_label = None, None, "none"
-            self.active_conditions = None
+                install()
+            # The layer hook stays: steering vectors need no SAE.
+            if not attached:
+                self.layer_norms = None
+            if default_changed or not attached or self._active_uses(names):
+                self.active_steering, self.active_label = None, "none"
+                self.active_conditions = None
+
+    def _active_uses(self, names: list[str]) -> bool:
+        steering, conditions = self.active_steering, self.active_conditions
+        return any(n in (steering.saes or {}) if steering is not None else False for n in names) or any(
+            n in (conditions.saes or {}) if conditions is not None else False for n in names)
 
     def compile(self, spec: SteeringSpec) -> CompiledSteering | None:
-        if not spec.features:
-            return None
-        if not self.hook.attached:
+        if not spec.features:  # raw vectors (engine/control_vectors.py) need no SAE
+            return add_spec_vectors(None, spec, self.loaded.model) if self.loaded is not None else None
+        if not self.attached:
             raise SaeNotAttachedError("No SAE is attached: attach one before steering its features")
-        return compile_steering(self.hook.sae, spec, layer_norms=self.layer_norms,
-                                concept_directions=self.concept_directions)
+        return add_spec_vectors(self._compile_features(spec), spec, self.loaded.model)
+
+    def _compile_features(self, spec: SteeringSpec) -> CompiledSteering:
+        """The default SAE's features at its layer; each other SAE's as `saes[name]`, applied by its hook."""
+        default = self.sae_name
+        groups: dict[str, list] = {default: []}
+        for feature in spec.features:
+            name = default if feature.sae is None else feature.sae
+            if name not in self.attached:
+                raise SaeNotAttachedError(f"feature {feature.index}: SAE {name!r} is not attached "
+                                          f"(attached: {', '.join(self.attached)})", param="sae")
+            groups.setdefault(name, []).append(feature)
+        if spec.layers and len(groups) > 1:
+            raise InvalidSteeringError("steering layers apply to the default SAE's features only: "
+                                       "leave `layers` out when steering features of several SAEs")
+        own = self.attached[default]
+        if groups[default] or len(groups) == 1:
+            top = compile_steering(own.sae, replace(spec, features=tuple(groups[default])),
+                                   layer_norms=self.layer_norms, concept_directions=own.concept_directions)
+        else:  # only other SAEs' features: nothing at the default SAE's layer but a zero delta
+            top = compile_steering(own.sae, SteeringSpec(features=(), positions=spec.positions))
+        parts = {}
+        for name, features in groups.items():
+            if name != default:
+                sae = self.attached[name]
+                parts[name] = compile_steering(sae.sae, replace(spec, features=tuple(features)),
+                                               concept_directions=sae.concept_directions)
+        return replace(top, saes=parts) if parts else top
 
     def compile_conditions(self, conditions: SteeringConditions | None, mode: str = "additive") -> CompiledConditions | None:
         if not conditions:
             return None
-        if not self.hook.attached:
+        if not self.attached:
             raise SaeNotAttachedError("No SAE is attached: a condition reads an SAE feature, attach one first")
-        return compile_conditions(self.hook.sae, conditions, mode=mode)
+        return compile_conditions_multi({n: a.sae for n, a in self.attached.items()}, self.sae_name, conditions,
+                                        mode=mode)
 
     def set_active_steering(self, spec: SteeringSpec, *, label: str, conditions: SteeringConditions | None = None) -> None:
         compiled_conditions = self.compile_conditions(conditions, spec.mode)  # both checked before either applies
@@ -244,7 +365,8 @@ class EngineRuntime:
 
         hook = self.hook
         frames = (FrameBuilder(prompt_ids, decode, top_k=hook.top_k, features=hook.monitored_features,
-                               steered=hook.capture_after_steering) if monitored else None)
+                               steered=hook.capture_after_steering,
+                               sae=self.sae_name if len(self.attached) > 1 else None) if monitored else None)
         returned = (FrameBuilder(prompt_ids, decode, top_k=features.top_k, features=features.features,
                                  steered=features.after_steering, positions=features.positions, stamp=False)
                     if features is not None else None)
@@ -271,7 +393,9 @@ class EngineRuntime:
         if top_k is not None:
             if not 1 <= top_k <= 100:
                 raise InvalidRequestError(param="top_k", message="top_k must be between 1 and 100")
-            self.monitoring.top_k = self.hook.top_k = top_k
+            self.monitoring.top_k = self._idle_hook.top_k = top_k
+            for attached in self.attached.values():
+                attached.hook.top_k = top_k
         if features is not None:
             if self.hook.attached:
                 self.require_model().call(lambda: self.hook.set_monitored_features(list(features))).result()
@@ -280,8 +404,9 @@ class EngineRuntime:
             self.monitoring.enabled = enabled
         return self.monitoring
 
-    def statistics(self, *, top: int = 20, by: str = "mean") -> dict[str, Any]:
-        stats = self.hook.statistics
+    def statistics(self, *, top: int = 20, by: str = "mean", sae: str | None = None) -> dict[str, Any]:
+        """The running statistics of one attached SAE (None: the default)."""
+        stats = self.attached_hook(sae).statistics if self.attached or sae is not None else None
         if stats is None:
             raise SaeNotAttachedError("No SAE is attached: no feature statistics")
         if by not in METRICS:
@@ -293,13 +418,15 @@ class EngineRuntime:
         def finite(value: float) -> float | None:  # min/max of a never-seen feature are ±inf: not JSON
             return value if math.isfinite(value) else None
 
-        return {"total_tokens": stats.total_tokens, "by": by,
+        return {"total_tokens": stats.total_tokens, "by": by, "sae": sae or self.sae_name,
                 "top": [{"index": index, "value": finite(value), **{name: finite(columns[name][n]) for name in columns}}
                         for n, (index, value) in enumerate(zip(best.indices, best.values, strict=True))]}
 
-    def reset_statistics(self) -> None:
-        if self.hook.statistics is not None:
-            self.hook.statistics.reset()
+    def reset_statistics(self, sae: str | None = None) -> None:
+        """Reset one attached SAE's statistics, or every SAE's (None)."""
+        for name, attached in self.attached.items():
+            if attached.hook.statistics is not None and sae in (None, name):
+                attached.hook.statistics.reset()
 
     def embed(self, *, model: str | None, texts: list[str], timeout_s: float | None = None) -> EmbeddingResult:
         """Blocking: call it from a worker thread. Runs in pieces between decode steps; dropped after timeout_s."""
@@ -309,7 +436,9 @@ class EngineRuntime:
         scheduler = self.scheduler.status() if self.scheduler is not None else None
         return {
             "loaded_model": self.model_name,
-            "attached_sae": self.sae_name,
+            "attached_sae": self.sae_name,  # the default SAE, as when only one could be attached
+            "attached_saes": [{"name": a.name, "layer": a.sae.hook_layer, "d_sae": a.sae.d_sae}
+                              for a in self.attached.values()],
             "steering": self.active_label,
             "queue_depth": scheduler.queued if scheduler else 0,
             "active_requests": scheduler.active if scheduler else 0,

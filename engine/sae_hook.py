@@ -18,6 +18,14 @@ Lists for the caller are built once per pass, in `collect()`, after the forward 
 
 The stacked per-row tensors are cached while the batch's rows (request, steering object, monitor
 flag) stay the same, which is every decode step between a request joining and one leaving.
+
+Several SAEs attached (`SaeHooks`, one ForwardInterceptor for all of them): each SAE has its own hook at
+its own layer. The first attached (the default, `part` None) steers each row's CompiledSteering itself and
+captures monitoring frames and requested features; another SAE's hook (`part` its name) steers the row's
+part for it (`CompiledSteering.saes[name]`, `CompiledConditions.saes[name]`) and feeds its own statistics.
+The hooks share a `ResidualBoard`: each leaves the residual it saw before steering, so a condition at a
+later layer reads an earlier SAE's residual of the same pass, and one at an earlier layer the previous
+token's (engine/steering_conditions.py).
 """
 
 from __future__ import annotations
@@ -44,6 +52,9 @@ from engine.steering import (
     compile_steering,
 )
 from engine.steering_conditions import (
+    EARLIER,
+    LAG,
+    CompiledConditions,
     ConditionBatch,
     PendingAborts,
     SteeringAbort,
@@ -102,6 +113,49 @@ class _PendingCapture:
     generated: torch.Tensor  # (Bm, T) bool
 
 
+class ResidualBoard:
+    """The residuals the SAE hooks saw in this forward pass (before steering), per layer, and each
+    request's last one per layer that a lagged condition reads (keyed by request: a row may sit out passes)."""
+
+    KEEP = 4096  # requests remembered per layer before the ones not in the batch are dropped
+
+    def __init__(self) -> None:
+        self.current: dict[int, torch.Tensor] = {}
+        self.last: dict[int, dict[str, torch.Tensor]] = {}
+        self.lag_layers: set[int] = set()  # layers some row's condition reads one token late
+        self._rows: tuple[str, ...] = ()
+
+    def begin(self, context: ForwardContext | None) -> None:
+        for layer in self.lag_layers & self.current.keys():
+            last, store = self.current[layer][:, -1], self.last.setdefault(layer, {})
+            if len(last) == len(self._rows):
+                for b, request_id in enumerate(self._rows):  # rows of one batch, not features or tokens
+                    store[request_id] = last[b]
+            if len(store) > self.KEEP:
+                keep = {r.request_id for r in context.rows} if context is not None else set()
+                self.last[layer] = {k: v for k, v in store.items() if k in keep}
+        self.current = {}
+        self._rows = tuple(r.request_id for r in context.rows) if context is not None else ()
+
+    def stash(self, layer: int, hidden: torch.Tensor) -> None:
+        self.current.setdefault(layer, hidden)  # the first hook on a layer: before any SAE steers it
+
+    def residual(self, source: tuple, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        kind, layer = source
+        if kind == EARLIER:
+            earlier = self.current.get(layer)
+            return (earlier, None) if earlier is not None and earlier.shape == hidden.shape else None
+        if kind != LAG or hidden.shape[1] != 1:  # a prompt pass: no previous token's value at that layer
+            return None
+        store = self.last.get(layer, {})
+        zero = torch.zeros(hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+        rows = [store.get(request_id) for request_id in self._rows]
+        if len(rows) != hidden.shape[0] or all(r is None for r in rows):
+            return None
+        readable = torch.tensor([[r is not None] for r in rows], device=hidden.device)
+        return torch.stack([zero if r is None else r.to(hidden.dtype) for r in rows]).unsqueeze(1), readable
+
+
 class SaeHook:
     def __init__(
         self,
@@ -110,7 +164,11 @@ class SaeHook:
         capture_after_steering: bool = False,
         collect_statistics: bool = True,
         time_stages: bool = True,
+        board: ResidualBoard | None = None,
     ) -> None:
+        # None: the default SAE's hook; an SAE name: another attached SAE's (steers its part only, see above).
+        self.part: str | None = None
+        self.board = board
         self.top_k = top_k
         self.time_stages = time_stages
         self._timer: StageTimer | None = None  # set while attached (its labels name the hooked layer)
@@ -176,6 +234,20 @@ class SaeHook:
     def compile(self, spec: SteeringSpec) -> CompiledSteering:
         """compile_steering against the attached SAE (on the model's device and dtype)."""
         return compile_steering(self._require_sae(), spec)
+
+    def set_part(self, part: str | None) -> None:
+        """Make this the default SAE's hook (None) or another SAE's (its name)."""
+        self.part = part
+        self._plan = None
+        self._default_batch = None
+
+    def _steering_of(self, steering: CompiledSteering | None) -> CompiledSteering | None:
+        if steering is None or self.part is None:
+            return steering
+        return steering.saes.get(self.part) if steering.saes else None
+
+    def _conditions_of(self, conditions: CompiledConditions | None) -> CompiledConditions | None:
+        return conditions.part(self.part) if conditions is not None else None
 
     def set_default_steering(self, steering: CompiledSteering | None) -> None:
         """Steering for forward passes without a context (a plain `model(...)` or `generate()` call).
@@ -285,10 +357,11 @@ class SaeHook:
         return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
     def _steer_without_context(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self._default_steering is None:
+        default = self._steering_of(self._default_steering)
+        if default is None:
             return hidden
         batch = self._default_batch
-        steerings = (self._default_steering,) * hidden.shape[0]
+        steerings = (default,) * hidden.shape[0]
         if batch is None or not batch.matches(steerings, hidden.device, hidden.dtype):
             batch = self._default_batch = batch_steering(steerings, device=hidden.device, dtype=hidden.dtype)
         start = time.perf_counter_ns()
@@ -305,13 +378,17 @@ class SaeHook:
                 "set_context must be called before every forward pass (None for a plain call)"
             )
         plan = self._plan_for(context, hidden)
+        board = self.board
+        if board is not None:
+            board.stash(self.sae.hook_layer, hidden)
         if plan.capture_before is not None:
             self._capture(hidden, context, plan.capture_before)
         start = time.perf_counter_ns()
         steered = apply_steering(hidden, plan.steering, context.generated_mask, context.valid_mask)
         if plan.conditions is not None:
+            residual_of = (lambda source: board.residual(source, hidden)) if board is not None else None
             steered, aborts = apply_conditions(hidden, steered, plan.conditions, context.generated_mask,
-                                               context.valid_mask)
+                                               context.valid_mask, residual_of)
             self._pending_aborts = (aborts, plan) if aborts is not None else None
         if self._timer is not None and steered is not hidden:  # unsteered batches: nothing ran, nothing to time
             self._timer.steering(time.perf_counter_ns() - start)
@@ -330,16 +407,20 @@ class SaeHook:
             and plan.monitoring == (self.top_k, self.capture_after_steering, self.monitored_features)
         ):
             return plan
+        conditions = batch_conditions([self._conditions_of(getattr(row, "conditions", None)) for row in context.rows],
+                                      device=hidden.device, dtype=hidden.dtype)
+        if conditions is not None and self.board is not None:
+            self.board.lag_layers.update(layer for kind, *rest in conditions.sources if kind == LAG
+                                         for layer in rest)
         plan = self._plan = _BatchPlan(
             rows=context.rows,
             steering=batch_steering(
-                [row.steering for row in context.rows], device=hidden.device, dtype=hidden.dtype
+                [self._steering_of(row.steering) for row in context.rows], device=hidden.device, dtype=hidden.dtype
             ),
             capture_before=self._capture_group(context.rows, hidden.device, steered=False),
             capture_after=self._capture_group(context.rows, hidden.device, steered=True),
             monitoring=(self.top_k, self.capture_after_steering, self.monitored_features),
-            conditions=batch_conditions([getattr(row, "conditions", None) for row in context.rows],
-                                        device=hidden.device, dtype=hidden.dtype),
+            conditions=conditions,
         )
         return plan
 
@@ -348,7 +429,7 @@ class SaeHook:
         monitors = self.capture_after_steering == steered
         chosen, monitored_rows, top_k, features = [], [], 0, list(self.monitored_features) if monitors else []
         for i, row in enumerate(rows):
-            asks = getattr(row, "features", None)
+            asks = getattr(row, "features", None) if self.part is None else None  # frames read the default SAE
             wants = asks is not None and asks.after_steering == steered
             if not (wants or (row.monitor and monitors)):
                 continue
@@ -385,6 +466,10 @@ class SaeHook:
         features = sae.encode(monitored_rows(hidden))  # (Bm, T, d_sae)
         encoded = time.perf_counter_ns()
         valid = monitored_rows(context.valid_mask)
+        if self.part is not None:  # another SAE's hook: statistics only (frames carry the default SAE)
+            if self.collect_statistics and self.statistics is not None and group.statistics_rows is not None:
+                self.statistics.update(features, include=valid & group.statistics_rows)
+            return
         top_values, top_indices = torch.topk(features, k=group.top_k, dim=-1)
         self._pending.append(_PendingCapture(
             group=group,
@@ -408,3 +493,30 @@ class SaeHook:
         if self.sae is None:
             raise SaeNotAttachedError("no SAE is attached")
         return self.sae
+
+
+class SaeHooks:
+    """Every attached SAE's hook as one ForwardInterceptor, in attach order (the first is the default
+    SAE's), with the ResidualBoard they share. The runtime swaps `hooks` on the loop thread."""
+
+    def __init__(self) -> None:
+        self.board = ResidualBoard()
+        self.hooks: tuple[SaeHook, ...] = ()
+
+    def set_context(self, context: ForwardContext | None) -> None:
+        self.board.begin(context)
+        for hook in self.hooks:
+            hook.set_context(context)
+
+    def collect(self) -> dict[str, Any]:
+        hooks = self.hooks
+        if len(hooks) == 1:
+            return hooks[0].collect()
+        captures: dict[str, Any] = {}
+        for hook in hooks:
+            for request_id, entry in hook.collect().items():
+                earlier = captures.get(request_id)
+                entries = entry if isinstance(entry, tuple) else (entry,)
+                captures[request_id] = entry if earlier is None else (
+                    *(earlier if isinstance(earlier, tuple) else (earlier,)), *entries)
+        return captures

@@ -48,6 +48,7 @@ from engine.sae import SaeWeights
 class SteeringFeature:
     index: int
     strength: float  # additive: coefficient of W_dec[index]; clamp: the target activation v_i
+    sae: str | None = None  # the attached SAE the index belongs to; None: the default (first attached) SAE
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,9 @@ class CompiledSteering:
     full_encoder: SaeWeights | None = None
     # spread (spec.layers): the additive steering of each layer other than the SAE's, {layer: steering}
     other_layers: dict[int, CompiledSteering] | None = None
+    # Several SAEs attached: the parts of the spec that address the other SAEs, {SAE name: steering},
+    # each applied by that SAE's own hook at its layer (this object itself is the default SAE's part).
+    saes: dict[str, CompiledSteering] | None = None
 
     @property
     def mode(self) -> SteeringMode:

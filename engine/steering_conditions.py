@@ -11,7 +11,18 @@ the model itself represents there) and f_j(h) the SAE's activation of feature j:
   (the token where it holds has been emitted; the one sampled from it is not). Prompt positions are not
   checked, and the last generated token, never an input, cannot abort.
 
-The condition reads the same SAE at the same layer, so it reads the current token. All rows' conditions
+Several SAEs (a feature addressed as (SAE, index); `sae` None is the default, first attached SAE): a
+conditional feature is steered at its own SAE's layer L_A; its condition reads SAE B at layer L_B:
+- L_B <= L_A: the current token. Same layer: the residual that reaches SAE A's hook (before its steering);
+  an earlier layer: the residual SAE B's hook saw in this same forward pass, before B's steering.
+- L_B > L_A: the previous token (a one-step lag): layer L_B of the current token is computed after L_A,
+  so the condition reads the value L_B had at the input token before. Such a condition holds only on
+  generated input positions (at a prompt position the previous token's value at L_B is not kept); the
+  first generated input reads the prompt's last position.
+Abort conditions are checked by the hook of the SAE they read, at the current token.
+Each steered SAE's part of a row's conditions is compiled separately (`CompiledConditions.saes`).
+
+All rows' conditions
 are stacked once per set of rows (`batch_conditions`, padded: a padded column never holds and has a zero
 vector), so a forward pass costs one (B, T, d_in) x (B, d_in, K) product, a comparison and one bmm: no
 Python loop over features or tokens.
@@ -20,12 +31,12 @@ Python loop over features or tokens.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
-from engine.errors import InvalidFeatureIndexError, InvalidSteeringError
+from engine.errors import InvalidFeatureIndexError, InvalidSteeringError, SaeNotAttachedError
 from engine.rules import MAX_ABS_STRENGTH
 from engine.sae import SaeWeights
 
@@ -37,6 +48,7 @@ class FeatureCondition:
     index: int  # the feature whose activation is read
     above: float | None = None  # holds where f > above
     below: float | None = None  # holds where f < below
+    sae: str | None = None  # the attached SAE the feature belongs to; None: the default SAE
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,7 @@ class ConditionalFeature:
     index: int
     strength: float  # coefficient of W_dec[index] where the condition holds
     when: FeatureCondition
+    sae: str | None = None  # the SAE steered (its layer, its decoder row); None: the default SAE
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class SteeringAbort:
 
     index: int
     value: float
+    sae: str | None = None  # the SAE of the feature (None: the default SAE)
 
 
 def _check_index(index: object, d_sae: int, what: str) -> None:
@@ -114,6 +128,11 @@ class CompiledConditions:
     upper: torch.Tensor  # (K,) `below`, +inf when absent
     vectors: torch.Tensor  # (Kc, d_in) s_c W_dec[i_c] of the conditional features
     full_encoder: SaeWeights | None  # topk: f_j depends on every feature, so the SAE encodes in full
+    # Where each column's residual comes from (see the module docstring): HERE, (EARLIER, layer) or (LAG, layer).
+    sources: tuple[tuple, ...] = ()
+    abort_sae: str | None = None  # the SAE the abort columns read (reported in SteeringAbort)
+    # Several SAEs: the parts steered or aborted at the other SAEs' hooks, {SAE name: conditions}.
+    saes: dict[str, CompiledConditions] | None = None
 
     @property
     def steering_columns(self) -> int:
@@ -123,6 +142,19 @@ class CompiledConditions:
     def abort_columns(self) -> int:
         return len(self.conditions.abort_when)
 
+    @property
+    def is_empty(self) -> bool:  # a part with no columns: it only carries other SAEs' parts
+        return not self.conditions
+
+    def part(self, sae: str | None) -> CompiledConditions | None:
+        """The columns one hook runs: None the default SAE's, a name that SAE's (None when it has none)."""
+        part = self if sae is None else (self.saes or {}).get(sae)
+        return None if part is None or part.is_empty else part
+
+
+HERE = ("here",)
+EARLIER, LAG = "earlier", "lag"
+
 
 def compile_conditions(sae: SaeWeights, conditions: SteeringConditions, *, mode: str = "additive") -> CompiledConditions | None:
     """Validate and precompute (on the SAE's device and dtype); None when there is nothing conditional."""
@@ -130,7 +162,67 @@ def compile_conditions(sae: SaeWeights, conditions: SteeringConditions, *, mode:
     if not conditions:
         return None
     reads = [f.when for f in conditions.features] + list(conditions.abort_when)
+    return _compile_part(sae, conditions, [sae] * len(reads), [HERE] * len(reads))
+
+
+def compile_conditions_multi(saes: dict[str, SaeWeights], default: str, conditions: SteeringConditions, *,
+                             mode: str = "additive") -> CompiledConditions | None:
+    """Conditions over several attached SAEs (`saes` in attach order, `default` the first): the default
+    SAE's part, with the parts the other SAEs' hooks apply in `.saes`. Raises SaeNotAttachedError for a
+    name not attached and InvalidFeatureIndexError for an index outside that SAE."""
+    def sae_of(name: str | None, what: str) -> tuple[str, SaeWeights]:
+        name = default if name is None else name
+        if name not in saes:
+            raise SaeNotAttachedError(f"{what}: SAE {name!r} is not attached (attached: {', '.join(saes) or 'none'})")
+        return name, saes[name]
+
+    if conditions.features and mode != "additive":
+        raise InvalidSteeringError("conditional features (`when`) apply to additive steering only")
+    if len(conditions.features) > MAX_CONDITIONS or len(conditions.abort_when) > MAX_CONDITIONS:
+        raise InvalidSteeringError(f"at most {MAX_CONDITIONS} conditional features and {MAX_CONDITIONS} abort conditions")
+    parts: dict[str, tuple[list[ConditionalFeature], list[SaeWeights], list[tuple], list[FeatureCondition]]] = {}
+    for feature in conditions.features:
+        name, steered = sae_of(feature.sae, f"feature {feature.index}")
+        reader_name, reader = sae_of(feature.when.sae, f"feature {feature.index} when")
+        validate_conditions(SteeringConditions(features=(replace(feature, when=replace(feature.when, index=0)),)),
+                            d_sae=steered.d_sae)
+        _check_condition(feature.when, reader.d_sae, f"feature {feature.index} when (SAE {reader_name})")
+        if reader.d_in != steered.d_in:
+            raise InvalidSteeringError(f"feature {feature.index} when: SAE {reader_name} reads a residual of "
+                                       f"width {reader.d_in}, SAE {name} one of {steered.d_in}")
+        layer, own = reader.hook_layer, steered.hook_layer
+        source = HERE if layer == own else (EARLIER, layer) if layer < own else (LAG, layer)
+        features, readers, sources, _ = parts.setdefault(name, ([], [], [], []))
+        features.append(feature)
+        readers.append(reader)
+        sources.append(source)
+    for condition in conditions.abort_when:
+        name, reader = sae_of(condition.sae, "abort_when")
+        _check_condition(condition, reader.d_sae, f"abort_when (SAE {name})")
+        parts.setdefault(name, ([], [], [], []))[3].append(condition)
+    if not parts:
+        return None
+    compiled: dict[str, CompiledConditions] = {}
+    for name, (features, readers, sources, aborts) in parts.items():
+        part = SteeringConditions(features=tuple(features), abort_when=tuple(aborts), positions=conditions.positions)
+        # The abort report names the SAE only where there is a choice (a single SAE's report stays as it was).
+        compiled[name] = _compile_part(saes[name], part, readers + [saes[name]] * len(aborts),
+                                       sources + [HERE] * len(aborts), abort_sae=name if len(saes) > 1 else None)
+    top = compiled.pop(default, None)
+    if top is None:  # nothing at the default SAE's hook: an empty part that only carries the others
+        top = _compile_part(saes[default], SteeringConditions(positions=conditions.positions), [], [])
+    return replace(top, saes=compiled) if compiled else top
+
+
+def _compile_part(sae: SaeWeights, conditions: SteeringConditions, readers: list[SaeWeights], sources: list[tuple],
+                  *, abort_sae: str | None = None) -> CompiledConditions:
+    """One hook's columns: `readers[c]` is the SAE column c reads (its encoder), `sources[c]` where from;
+    the conditional vectors come from `sae`, the hook's own SAE."""
+    reads = [f.when for f in conditions.features] + list(conditions.abort_when)
     device, dtype = sae.device, sae.dtype
+    topk = [r for r in readers if r.architecture == "topk"]
+    if topk and (any(r is not sae for r in readers) or any(s != HERE for s in sources)):
+        raise InvalidSteeringError("a condition on a top-k SAE must read the steered SAE's own features")
     indices = torch.tensor([c.index for c in reads], dtype=torch.long, device=device)
 
     def bound(values: list[float | None], missing: float) -> torch.Tensor:
@@ -139,14 +231,28 @@ def compile_conditions(sae: SaeWeights, conditions: SteeringConditions, *, mode:
     strengths = torch.tensor([float(f.strength) for f in conditions.features], dtype=torch.float32, device=device)
     steered = torch.tensor([f.index for f in conditions.features], dtype=torch.long, device=device)
     vectors = (strengths.unsqueeze(1) * sae.W_dec.index_select(0, steered).float()).to(dtype)
-    jump = (sae.threshold.index_select(0, indices) if sae.threshold is not None
-            else torch.full((len(reads),), -math.inf, device=device, dtype=dtype))
+
+    def column(reader: SaeWeights, c: FeatureCondition, name: str) -> torch.Tensor:
+        if name == "threshold":
+            value = (reader.threshold[c.index] if reader.threshold is not None
+                     else torch.tensor(-math.inf, device=reader.device, dtype=reader.dtype))
+        elif name == "weight":
+            value = reader.W_enc[:, c.index]
+        else:
+            value = reader.encoder_bias[c.index]
+        return value.to(device=device, dtype=dtype)
+
+    def stacked(name: str, empty: tuple[int, ...]) -> torch.Tensor:
+        if not reads:
+            return torch.zeros(empty, device=device, dtype=dtype)
+        return torch.stack([column(r, c, name) for r, c in zip(readers, reads, strict=True)], dim=-1)
+
     return CompiledConditions(
         conditions=conditions, read_indices=indices,
-        encoder_weight=sae.W_enc.index_select(1, indices), encoder_bias=sae.encoder_bias.index_select(0, indices),
-        jump_threshold=jump, lower=bound([c.above for c in reads], -math.inf),
+        encoder_weight=stacked("weight", (sae.d_in, 0)), encoder_bias=stacked("bias", (0,)),
+        jump_threshold=stacked("threshold", (0,)), lower=bound([c.above for c in reads], -math.inf),
         upper=bound([c.below for c in reads], math.inf), vectors=vectors,
-        full_encoder=sae if sae.architecture == "topk" else None)
+        full_encoder=sae if topk else None, sources=tuple(sources), abort_sae=abort_sae)
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,6 +273,9 @@ class ConditionBatch:
     abort_rows: bool  # some row has abort conditions (the columns after Kc)
     read_indices: torch.Tensor | None  # (B, 1, K) long, topk only: gather from the full encoding
     full_encoder: SaeWeights | None
+    # Where the columns read (HERE first); `source_of` (B, 1, K): each column's index in `sources`.
+    sources: tuple[tuple, ...] = (HERE,)
+    source_of: torch.Tensor | None = None  # None: every column reads HERE
 
     def matches(self, conditions: Sequence[CompiledConditions | None], device: torch.device, dtype: torch.dtype) -> bool:
         return (self.device == device and self.dtype == dtype and len(self.conditions) == len(conditions)
@@ -195,6 +304,8 @@ def batch_conditions(conditions: Sequence[CompiledConditions | None], *, device:
 
         weight = torch.zeros((len(conditions), d_in, kc + ka), dtype=dtype, device=device)
         read = torch.zeros((len(conditions), kc + ka), dtype=torch.long, device=device)
+        sources = [HERE] + sorted({s for c in present for s in c.sources if s != HERE})
+        source_of = torch.zeros((len(conditions), kc + ka), dtype=torch.long, device=device)
         vectors = torch.zeros((len(conditions), kc, d_in), dtype=dtype, device=device) if kc else None
         for b, c in enumerate(conditions):  # once per set of rows, not per step
             if c is None:
@@ -204,6 +315,10 @@ def batch_conditions(conditions: Sequence[CompiledConditions | None], *, device:
             weight[b, :, kc: kc + c.abort_columns] = w[:, c.steering_columns:]
             read[b, : c.steering_columns] = c.read_indices[: c.steering_columns]
             read[b, kc: kc + c.abort_columns] = c.read_indices[c.steering_columns:]
+            if len(sources) > 1:
+                where = torch.tensor([sources.index(s) for s in c.sources], dtype=torch.long, device=device)
+                source_of[b, : c.steering_columns] = where[: c.steering_columns]
+                source_of[b, kc: kc + c.abort_columns] = where[c.steering_columns:]
             if vectors is not None and c.steering_columns:
                 vectors[b, : c.steering_columns] = c.vectors.to(device=device, dtype=dtype)
         stack = lambda name, fill: torch.stack([columns(c, name, fill) for c in conditions]).unsqueeze(1)  # noqa: E731
@@ -215,7 +330,8 @@ def batch_conditions(conditions: Sequence[CompiledConditions | None], *, device:
             generated_only_rows=torch.tensor([c is not None and c.conditions.positions == "generated_only"
                                               for c in conditions], device=device),
             abort_rows=ka > 0, read_indices=read.unsqueeze(1) if full_encoder is not None else None,
-            full_encoder=full_encoder.to(device=device) if full_encoder is not None else None)
+            full_encoder=full_encoder.to(device=device) if full_encoder is not None else None,
+            sources=tuple(sources), source_of=source_of.unsqueeze(1) if len(sources) > 1 else None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -226,16 +342,36 @@ class PendingAborts:
     values: torch.Tensor  # (B, Ka)
 
 
+# A source's residual for this pass and where it can be read: (residual (B, T, d), readable (B, T) bool or
+# None: everywhere), or None when it cannot be read at all (its columns do not hold).
+ResidualSource = Callable[[tuple], "tuple[torch.Tensor, torch.Tensor | None] | None"]
+
+
 def apply_conditions(h: torch.Tensor, steered: torch.Tensor, batch: ConditionBatch,
-                     generated_mask: torch.Tensor, valid_mask: torch.Tensor) -> tuple[torch.Tensor, PendingAborts | None]:
-    """(h' = steered + the conditional deltas, the abort checks) for a (B, T, d) residual h before steering."""
+                     generated_mask: torch.Tensor, valid_mask: torch.Tensor,
+                     residual_of: ResidualSource | None = None) -> tuple[torch.Tensor, PendingAborts | None]:
+    """(h' = steered + the conditional deltas, the abort checks) for a (B, T, d) residual h before steering.
+    `residual_of` gives the residuals of the columns that read elsewhere (another layer, the previous token)."""
     if batch.full_encoder is not None:
         steps = h.shape[1]
         values = batch.full_encoder.encode(h).gather(-1, batch.read_indices.expand(-1, steps, -1)).float()
     else:
-        pre = torch.baddbmm(batch.encoder_bias, h.to(batch.dtype), batch.encoder_weight).float()
-        values = pre.relu() * (pre > batch.jump_threshold)
+        values = _values(h, batch)
     holds = (values > batch.lower) & (values < batch.upper)  # (B, T, K)
+    if batch.source_of is not None:
+        for s, source in enumerate(batch.sources[1:], start=1):  # a few sources at most, not features
+            column = batch.source_of == s  # (B, 1, K)
+            read = residual_of(source) if residual_of is not None else None
+            if read is None:
+                holds = holds & ~column
+                continue
+            residual, readable = read
+            other = _values(residual, batch)
+            ok = (other > batch.lower) & (other < batch.upper)
+            if readable is not None:
+                ok = ok & readable.unsqueeze(-1)
+            values = torch.where(column, other, values)
+            holds = torch.where(column, ok, holds)
     kc = batch.steering_width
     if batch.vectors is not None:
         allowed = valid_mask & (generated_mask | ~batch.generated_only_rows.unsqueeze(1))  # (B, T)
@@ -246,6 +382,11 @@ def apply_conditions(h: torch.Tensor, steered: torch.Tensor, batch: ConditionBat
         last = (valid_mask[:, -1] & generated_mask[:, -1]).unsqueeze(-1)  # (B, 1): a generated input token
         aborts = PendingAborts(holds=holds[:, -1, kc:] & last, values=values[:, -1, kc:])
     return steered, aborts
+
+
+def _values(h: torch.Tensor, batch: ConditionBatch) -> torch.Tensor:
+    pre = torch.baddbmm(batch.encoder_bias, h.to(batch.dtype), batch.encoder_weight).float()
+    return pre.relu() * (pre > batch.jump_threshold)
 
 
 def collect_aborts(pending: PendingAborts, request_ids: Sequence[str],
@@ -259,6 +400,6 @@ def collect_aborts(pending: PendingAborts, request_ids: Sequence[str],
         for column, held in enumerate(holds[row]):
             if held and compiled is not None and column < compiled.abort_columns:
                 aborts[request_id] = SteeringAbort(index=compiled.conditions.abort_when[column].index,
-                                                   value=round(values[row][column], 4))
+                                                   value=round(values[row][column], 4), sae=compiled.abort_sae)
                 break
     return aborts

@@ -43,3 +43,5 @@ class BuiltSAE:
 class DemoAssets:
     model: BuiltModel
     sae: BuiltSAE
+    # More SAEs on the same model (several can be attached at once), registered beside `sae`.
+    extra_saes: tuple[BuiltSAE, ...] = ()

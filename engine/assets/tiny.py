@@ -9,7 +9,9 @@ machine was busy with other work, most of it the training run):
 - a "standard" (ReLU) SAE on the residual stream after block `SAE_LAYER`, in sae-lens' on-disk
   format. Most features are random directions that fire on ~5 % of tokens; the features listed in
   `FEATURE_INDICES` are built on purpose: the encoder detects one word token, the decoder row is that
-  token's unembedding direction as seen from the SAE layer, so adding it makes the word appear.
+  token's unembedding direction as seen from the SAE layer, so adding it makes the word appear;
+- a second SAE of the same recipe after block `SAE2_LAYER` (an earlier layer), so tests attach two SAEs on
+  two layers: same word features at the same indices, its own random ones.
 
 A folder holding a complete build of the same `RECIPE_VERSION` (a digest of this module and
 `tiny_tokenizer`) is reused. Nothing here imports sae-lens (its import alone takes ~10 s): the files
@@ -66,8 +68,13 @@ STATS_TOKENS = 8192  # corpus tokens whose residuals set the SAE's thresholds an
 STATS_CHUNK = 128  # ... run as windows of this many tokens
 CONTEXT_LENGTH = 1024
 
+SAE2_LAYER = 1
+SAE2_REPO_ID = "millm/tiny-llama-sae-early"
+SAE2_ID = f"layer_{SAE2_LAYER}"
+
 MODEL_DIR = "model"
 SAE_DIR = "sae"
+SAE2_DIR = "sae_early"
 MANIFEST = "manifest.json"
 
 
@@ -108,7 +115,7 @@ def load_test_tier(out_dir: Path) -> DemoAssets | None:
     if manifest is None or manifest.get("recipe_version") != RECIPE_VERSION:
         return None
     needed = [out_dir / MODEL_DIR / n for n in ("config.json", "model.safetensors", "tokenizer.json")]
-    needed += [out_dir / SAE_DIR / n for n in ("cfg.json", "sae_weights.safetensors")]
+    needed += [out_dir / d / n for d in (SAE_DIR, SAE2_DIR) for n in ("cfg.json", "sae_weights.safetensors")]
     if not all(p.is_file() for p in needed):
         return None
     return _assets_from_manifest(out_dir, manifest)
@@ -122,7 +129,7 @@ def read_manifest(out_dir: Path) -> dict[str, Any] | None:
 
 
 def _assets_from_manifest(out_dir: Path, manifest: dict[str, Any]) -> DemoAssets:
-    m, s = manifest["model"], manifest["sae"]
+    m = manifest["model"]
     model = BuiltModel(
         repo_id=m["repo_id"],
         local_path=out_dir / MODEL_DIR,
@@ -132,23 +139,18 @@ def _assets_from_manifest(out_dir: Path, manifest: dict[str, Any]) -> DemoAssets
         num_layers=m["num_layers"],
         context_length=m["context_length"],
     )
-    labels = tuple(
-        FeatureLabel(f["index"], f["label"], f["description"], max_activation=f["max_activation"])
-        for f in manifest["features"]
-    )
-    sae = BuiltSAE(
-        repo_id=s["repo_id"],
-        sae_id=s["sae_id"],
-        local_path=out_dir / SAE_DIR,
-        layer=s["layer"],
-        hook_name=s["hook_name"],
-        d_in=s["d_in"],
-        d_sae=s["d_sae"],
-        architecture=s["architecture"],
-        labels=labels,
-        residual_norm=manifest["residual_norm_median"],
-    )
-    return DemoAssets(model=model, sae=sae)
+
+    def built(s: dict[str, Any], folder: str, features: list[dict[str, Any]], norm: float) -> BuiltSAE:
+        labels = tuple(FeatureLabel(f["index"], f["label"], f["description"], max_activation=f["max_activation"])
+                       for f in features)
+        return BuiltSAE(repo_id=s["repo_id"], sae_id=s["sae_id"], local_path=out_dir / folder, layer=s["layer"],
+                        hook_name=s["hook_name"], d_in=s["d_in"], d_sae=s["d_sae"], architecture=s["architecture"],
+                        labels=labels, residual_norm=norm)
+
+    sae = built(manifest["sae"], SAE_DIR, manifest["features"], manifest["residual_norm_median"])
+    early = manifest["sae_early"]
+    extra = (built(early, SAE2_DIR, early["features"], early["residual_norm_median"]),)
+    return DemoAssets(model=model, sae=sae, extra_saes=extra)
 
 
 def _build_into(root: Path) -> None:
@@ -165,9 +167,12 @@ def _build_into(root: Path) -> None:
     with _build_settings():
         model = _train_model(_new_model(hf_tokenizer), ids)
         model.save_pretrained(str(root / MODEL_DIR))
-        residuals, token_ids = _residuals(model, ids[:STATS_TOKENS])
-        sae_tensors, features, norm_median = _make_sae(model, hf_tokenizer, residuals, token_ids)
-    _save_sae(root / SAE_DIR, sae_tensors, d_in=model.config.hidden_size)
+        residuals, token_ids = _residuals(model, ids[:STATS_TOKENS], SAE_LAYER)
+        sae_tensors, features, norm_median = _make_sae(model, hf_tokenizer, residuals, token_ids, SAE_LAYER)
+        residuals2, token_ids2 = _residuals(model, ids[:STATS_TOKENS], SAE2_LAYER)
+        sae2_tensors, features2, norm2 = _make_sae(model, hf_tokenizer, residuals2, token_ids2, SAE2_LAYER)
+    _save_sae(root / SAE_DIR, sae_tensors, d_in=model.config.hidden_size, layer=SAE_LAYER)
+    _save_sae(root / SAE2_DIR, sae2_tensors, d_in=model.config.hidden_size, layer=SAE2_LAYER)
 
     manifest = {
         "recipe_version": RECIPE_VERSION,
@@ -195,6 +200,17 @@ def _build_into(root: Path) -> None:
         "residual_norm_median": norm_median,
         "steering_strength_hint": round(STEERING_NORMS * norm_median, 2),
         "features": features,
+        "sae_early": {
+            "repo_id": SAE2_REPO_ID,
+            "sae_id": SAE2_ID,
+            "layer": SAE2_LAYER,
+            "hook_name": f"blocks.{SAE2_LAYER}.hook_resid_post",
+            "d_in": model.config.hidden_size,
+            "d_sae": D_SAE,
+            "architecture": "standard",
+            "residual_norm_median": norm2,
+            "features": features2,
+        },
         "build_seconds": round(time.perf_counter() - started, 2),
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -284,8 +300,8 @@ def _train_model(model: LlamaForCausalLM, ids: torch.Tensor) -> LlamaForCausalLM
     return model
 
 
-def _residuals(model: LlamaForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual after block SAE_LAYER for every corpus token (the first of each chunk dropped:
+def _residuals(model: LlamaForCausalLM, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual after block `layer` for every corpus token (the first of each chunk dropped:
     position 0 is an outlier in most models and would skew the statistics)."""
     import torch
 
@@ -294,7 +310,7 @@ def _residuals(model: LlamaForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor
     def keep(_module: Any, _args: Any, output: Any) -> None:
         captured.append((output[0] if isinstance(output, tuple) else output).detach())
 
-    handle = model.model.layers[SAE_LAYER].register_forward_hook(keep)
+    handle = model.model.layers[layer].register_forward_hook(keep)
     usable = (len(ids) // STATS_CHUNK) * STATS_CHUNK
     windows = ids[:usable].view(-1, STATS_CHUNK)
     try:
@@ -312,6 +328,7 @@ def _make_sae(
     tokenizer: PreTrainedTokenizerFast,
     residuals: torch.Tensor,
     token_ids: torch.Tensor,
+    layer: int,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], float]:
     import torch
 
@@ -343,7 +360,7 @@ def _make_sae(
         proj = centered @ direction
         on_min, off_max = float(proj[on].min()), float(proj[~on].max())
         if not on_min > off_max:  # the recipe guarantees a wide margin; fail loudly if it breaks
-            raise RuntimeError(f"test tier: {token!r} is not linearly separable at layer {SAE_LAYER}")
+            raise RuntimeError(f"test tier: {token!r} is not linearly separable at layer {layer}")
         threshold = (on_min + off_max) / 2
         scale = norm_median / float((proj[on] - threshold).mean())
         w_enc[:, index] = direction * scale
@@ -367,7 +384,7 @@ def _make_sae(
     return tensors, features, round(norm_median, 4)
 
 
-def _save_sae(path: Path, tensors: dict[str, torch.Tensor], *, d_in: int) -> None:
+def _save_sae(path: Path, tensors: dict[str, torch.Tensor], *, d_in: int, layer: int) -> None:
     """Write sae-lens' on-disk format: what `StandardSAE(cfg).save_model(path)` writes."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -393,7 +410,7 @@ def _save_sae(path: Path, tensors: dict[str, torch.Tensor], *, d_in: int) -> Non
             "sae_lens_version": sae_lens_version,
             "sae_lens_training_version": sae_lens_version,
             "model_name": MODEL_REPO_ID,
-            "hook_name": HOOK_NAME,
+            "hook_name": f"blocks.{layer}.hook_resid_post",
             "hook_head_index": None,
             "prepend_bos": False,
             "context_size": STATS_CHUNK,
