@@ -6,13 +6,15 @@ always included. Per strength, over the prompts (greedy, `max_tokens`):
 - concept score: the listed features' mean activation when the steered output is re-encoded by the
   unsteered model + SAE (mean over the output's tokens, then over features and prompts);
 - token hits: the share of outputs in which one of the features' top logit-lens tokens (engine/feature_lens.py)
-  appears as a word;
+  or a token quoted in its label appears as a word;
 - fluency: the mean log-probability of the steered output under the unsteered model (mean over tokens,
   then prompts; engine/token_diff.py);
 - degenerate: outputs whose distinct-token ratio is < 0.5 or that repeat one token more than 8 times in a row.
 The recommended point is the strength with the highest concept score whose fluency is within FLUENCY_MARGIN
-nats of the unsteered outputs' (None when no steered strength keeps it while raising the concept score above
-the unsteered outputs').
+nats of the unsteered outputs' and none of whose outputs is degenerate (None when no steered strength keeps both
+while raising the concept score above the unsteered outputs'). Degenerate answers are excluded outright because
+the unsteered model finds repetition easy to predict: on the demo tier "My French friends France France …"
+scored -1.56 against the unsteered answers' -0.92.
 
 `strengths: "auto"` is a geometric grid AUTO_FACTORS × a centre: the SAE's recommended strength when its units
 are the request's, else AUTO_CENTER[units].
@@ -166,13 +168,16 @@ def _mean(values: list[float]) -> float | None:
 
 def sweep_recommend(points: list[dict[str, Any]], *, margin: float = FLUENCY_MARGIN) -> float | None:
     """The strength with the highest concept score whose fluency is within `margin` of the baseline's
-    (the point at strength 0); None when no steered strength both keeps it and raises the concept score."""
+    (the point at strength 0) and none of whose answers is degenerate; None when no steered strength keeps
+    both and raises the concept score."""
     baseline = next((p for p in points if p["strength"] == 0), None)
     if baseline is None or baseline["fluency"] is None:
         return None
     floor = baseline["concept_score"] or 0.0
+    # Repetition is predictable in context, so "France France …" can score fluent: degenerate answers never count.
     fluent = [p for p in points if p["strength"] != 0 and p["fluency"] is not None and p["concept_score"] is not None
-              and p["fluency"] >= baseline["fluency"] - margin and p["concept_score"] > floor]
+              and p["fluency"] >= baseline["fluency"] - margin and p["concept_score"] > floor
+              and not p.get("degenerate")]
     if not fluent:
         return None
     return max(fluent, key=lambda p: (p["concept_score"], -abs(p["strength"])))["strength"]
@@ -188,7 +193,11 @@ async def sweep_execute(plan: SweepPlan, *, on_progress: ProgressSink | None = N
     client = inference_client()
     lenses = await asyncio.gather(*(client.feature_logit_lens(model=plan.model, sae=plan.sae, index=f["index"],
                                                               count=TOP_TOKENS) for f in plan.features))
-    words = set().union(*(top_token_words([t.text for t in lens.promoted]) for lens in lenses))
+    labels = await sync_to_async(feature_labels)(sae=sae, indices=[f["index"] for f in plan.features])
+    # The quoted tokens of a label ("' French', ' Paris'") count too: with direction "concept" the steered
+    # direction is not the decoder row the logit lens reads.
+    words = set().union(*(top_token_words([t.text for t in lens.promoted]) for lens in lenses),
+                        *(top_token_words(re.findall(r"'([^']+)'", label)) for label in labels.values()))
     steerings = {}
     for strength in plan.strengths:
         scaled = [{**f, "strength": f["strength"] * strength} for f in plan.features]
@@ -232,7 +241,6 @@ async def sweep_execute(plan: SweepPlan, *, on_progress: ProgressSink | None = N
                          "concept": _mean(s.feature_means) if i else None, "degenerate": degenerate(i),
                          "finish_reason": r.finish_reason} for p, r, i, s in rows],
         })
-    labels = await sync_to_async(feature_labels)(sae=sae, indices=[f["index"] for f in plan.features])
     if on_progress is not None:
         await on_progress(1.0)
     return {"sae": plan.sae, "features": [{**f, "label": labels.get(f["index"])} for f in plan.features],
@@ -262,10 +270,16 @@ async def sweep_start(**request: Any) -> dict[str, Any]:
 
 async def sweep_finish(run: SweepRun, plan: SweepPlan) -> dict[str, Any]:
     """Run the sweep and save its outcome (the inline path and the Celery job)."""
+    ordered, reported = asyncio.Lock(), [0.0]
+
     async def progress(fraction: float) -> None:
-        await sync_to_async(SweepRun.objects.filter(pk=run.pk).update)(progress=round(fraction, 4))
-        await event_publish("progress", "sweep_progress", {"id": str(run.id), "progress": round(fraction, 4),
-                                                           "status": SweepStatus.RUNNING})
+        async with ordered:  # generations finish concurrently: the saved and announced progress never goes back
+            if fraction < reported[0]:
+                return
+            reported[0] = fraction
+            await sync_to_async(SweepRun.objects.filter(pk=run.pk).update)(progress=round(fraction, 4))
+            await event_publish("progress", "sweep_progress", {"id": str(run.id), "progress": round(fraction, 4),
+                                                               "status": SweepStatus.RUNNING})
 
     try:
         result = await sweep_execute(plan, on_progress=progress)

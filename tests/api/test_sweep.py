@@ -39,6 +39,9 @@ def test_the_recommended_point_is_the_most_conceptual_strength_that_stays_fluent
     assert sweep_recommend(points, margin=2.0) == 2.0
     assert sweep_recommend([point(0, 0.0, -2.0), point(4.0, 9.0, -8.0)], margin=1.0) is None
     assert sweep_recommend([point(1.0, 2.0, -1.0)]) is None  # no baseline to compare with
+    # Degenerate answers never count, however predictable the repetition makes them.
+    assert sweep_recommend([point(0, 0.0, -0.9), point(0.05, 0.6, -1.1),
+                            {**point(0.4, 8.6, -1.6), "degenerate": 1 / 3}]) == 0.05
     # A strength that keeps the fluency but does not raise the concept score is no recommendation.
     assert sweep_recommend([point(0, 0.5, -2.0), point(0.25, 0.5, -2.0), point(4.0, 9.0, -8.0)]) is None
 
