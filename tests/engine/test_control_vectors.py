@@ -25,6 +25,7 @@ from engine.generation import TokenEvent
 from engine.runtime import EngineRuntime
 from engine.sae import decoder_layers
 from engine.steering import SteeringFeature, SteeringSpec
+from engine.steering_conditions import ConditionalFeature, FeatureCondition, SteeringConditions
 
 PROMPT = "The cat sat on the mat and the dog"
 
@@ -172,7 +173,7 @@ def generate(runtime, spec) -> list[int]:
     return [e.token_id for e in handle if isinstance(e, TokenEvent)]
 
 
-def test_a_batch_mixing_rows_with_and_without_vectors_gives_each_row_its_alone_text(runtime, test_tier_assets):
+def test_a_batch_mixing_rows_with_and_without_vectors_and_conditions_gives_each_row_its_alone_text(runtime, test_tier_assets):
     runtime.attach_sae(name="sae", path=str(test_tier_assets.sae.local_path))
     try:
         d = width(runtime)
@@ -180,24 +181,28 @@ def test_a_batch_mixing_rows_with_and_without_vectors_gives_each_row_its_alone_t
         push = LayerVector({1: 6.0 * torch.randn(d, generator=generator)}, strength=1.0)
         other = LayerVector({0: 4.0 * torch.randn(d, generator=generator),
                              2: 4.0 * torch.randn(d, generator=generator)}, strength=-1.0)
-        rows = [
-            None,
-            VectorSteeringSpec(features=(), vectors=(push,)),
-            SteeringSpec(features=(SteeringFeature(7, 40.0),)),
-            VectorSteeringSpec(features=(SteeringFeature(7, 40.0),), vectors=(push, other)),
-            VectorSteeringSpec(features=(), vectors=(other,), positions="generated_only"),
+        gated = SteeringConditions(features=(ConditionalFeature(3, 25.0, FeatureCondition(7, below=1e6)),))
+        rows = [  # (steering, conditions)
+            (None, None),
+            (VectorSteeringSpec(features=(), vectors=(push,)), None),
+            (SteeringSpec(features=(SteeringFeature(7, 40.0),)), None),
+            (VectorSteeringSpec(features=(SteeringFeature(7, 40.0),), vectors=(push, other)), None),
+            (VectorSteeringSpec(features=(), vectors=(other,), positions="generated_only"), None),
+            (VectorSteeringSpec(features=(), vectors=(push,)), gated),  # a vector and a conditional feature
         ]
 
-        def submit(n: int, spec):
-            return runtime.submit(request_id=f"vmix{n}-{id(spec)}", model=None, prompt=PROMPT, messages=None,
-                                  params={"max_tokens": 8, "temperature": 0.0}, steering=spec).handle
+        def submit(n: int, row):
+            spec, conditions = row
+            return runtime.submit(request_id=f"vmix{n}-{id(row)}", model=None, prompt=PROMPT, messages=None,
+                                  params={"max_tokens": 8, "temperature": 0.0}, steering=spec,
+                                  conditions=conditions).handle
 
         def tokens(handle):
             return [e.token_id for e in handle if isinstance(e, TokenEvent)]
 
-        alone = [tokens(submit(n, spec)) for n, spec in enumerate(rows)]
-        assert len({tuple(t) for t in alone}) >= 4  # the vectors do change the text
-        handles = runtime.scheduler.call(lambda: [submit(n, spec) for n, spec in enumerate(rows)]).result()
+        alone = [tokens(submit(n, row)) for n, row in enumerate(rows)]
+        assert len({tuple(t) for t in alone}) >= 5  # the vectors and the condition do change the text
+        handles = runtime.scheduler.call(lambda: [submit(n, row) for n, row in enumerate(rows)]).result()
         assert [tokens(handle) for handle in handles] == alone
     finally:
         runtime.detach_sae()
