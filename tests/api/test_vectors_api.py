@@ -200,3 +200,15 @@ def test_the_history_keeps_a_vectors_summary_not_its_numbers(client, serving):
     assert (summary["layer"], summary["strength"], summary["name"]) == (1, 2.0, "")
     assert summary["norm"] == pytest.approx(float(np.linalg.norm(values)), rel=1e-5)
     assert "values" not in json.dumps(record.steering)
+
+
+def test_exporting_a_steering_that_has_no_additive_vector_is_refused(client, serving):
+    model, sae = serving
+    nothing = send(client, "post", "/api/vectors/from-steering", {"name": "empty"})
+    assert nothing.status_code == 422 and "no active steering" in nothing.json()["error"]["message"]
+    assert client.post(f"/api/saes/{sae.name}/attach").status_code == 200
+    assert send(client, "put", "/api/steering", {"features": [{"index": CAT, "strength": 5.0}],
+                                                 "mode": "clamp"}).status_code == 200
+    clamp = send(client, "post", "/api/vectors/from-steering", {"name": "clamped"})
+    assert clamp.status_code == 422 and "additive" in clamp.json()["error"]["message"], clamp.content
+    assert not SteeringVector.objects.exists()
