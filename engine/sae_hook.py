@@ -122,20 +122,27 @@ class ResidualBoard:
     def __init__(self) -> None:
         self.current: dict[int, torch.Tensor] = {}
         self.last: dict[int, dict[str, torch.Tensor]] = {}
+        # Steady decoding (the same rows as the pass before): each lag layer's last position, (B, 1, d) as is.
+        self.aligned: dict[int, torch.Tensor] = {}
         self.lag_layers: set[int] = set()  # layers some row's condition reads one token late
         self._rows: tuple[str, ...] = ()
 
     def begin(self, context: ForwardContext | None) -> None:
+        rows = tuple(r.request_id for r in context.rows) if context is not None else ()
+        self.aligned = {}
         for layer in self.lag_layers & self.current.keys():
-            last, store = self.current[layer][:, -1], self.last.setdefault(layer, {})
-            if len(last) == len(self._rows):
-                for b, request_id in enumerate(self._rows):  # rows of one batch, not features or tokens
-                    store[request_id] = last[b]
+            last = self.current[layer][:, -1:]
+            if rows == self._rows:  # no Python work per row while the batch stays the same
+                self.aligned[layer] = last
+                continue
+            store = self.last.setdefault(layer, {})
+            # The rows change: remember each one's latest value (a row sitting out a pass keeps its own).
+            for b, request_id in enumerate(self._rows):  # rows of one batch, not features or tokens
+                store[request_id] = last[b, 0]
             if len(store) > self.KEEP:
-                keep = {r.request_id for r in context.rows} if context is not None else set()
-                self.last[layer] = {k: v for k, v in store.items() if k in keep}
+                self.last[layer] = {k: v for k, v in store.items() if k in set(rows)}
         self.current = {}
-        self._rows = tuple(r.request_id for r in context.rows) if context is not None else ()
+        self._rows = rows
 
     def stash(self, layer: int, hidden: torch.Tensor) -> None:
         self.current.setdefault(layer, hidden)  # the first hook on a layer: before any SAE steers it
@@ -147,6 +154,9 @@ class ResidualBoard:
             return (earlier, None) if earlier is not None and earlier.shape == hidden.shape else None
         if kind != LAG or hidden.shape[1] != 1:  # a prompt pass: no previous token's value at that layer
             return None
+        aligned = self.aligned.get(layer)
+        if aligned is not None and aligned.shape == hidden.shape:
+            return aligned, None
         store = self.last.get(layer, {})
         zero = torch.zeros(hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
         rows = [store.get(request_id) for request_id in self._rows]

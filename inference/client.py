@@ -239,8 +239,8 @@ class InferenceClient:
         return await self.broadcast(m.ConfigureMonitoring(enabled=enabled, top_k=top_k, features=features),
                                     m.MonitoringSettings)
 
-    async def statistics(self, *, top: int = 20, by: str = "mean") -> m.Statistics:
-        return await self.call(m.GetStatistics(top=top, by=by), m.Statistics)
+    async def statistics(self, *, top: int = 20, by: str = "mean", sae: str | None = None) -> m.Statistics:
+        return await self.call(m.GetStatistics(top=top, by=by, sae=sae), m.Statistics)
 
     async def reset_statistics(self) -> Fanout[m.StatisticsReset]:
         return await self.broadcast(m.ResetStatistics(), m.StatisticsReset)

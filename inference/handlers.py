@@ -73,9 +73,14 @@ def error_reply(exc: BaseException) -> m.Error:
                    message=f"inference error ({exc.__class__.__name__}); see the inference log")
 
 
-def feature_request(features: m.ReturnFeatures | None, attached: str | None) -> FeatureRequest | None:
+def feature_request(features: m.ReturnFeatures | None, attached: str | None,
+                    others: tuple[str, ...] = ()) -> FeatureRequest | None:
+    """`attached`: the default SAE (the one whose features are returned); `others`: the other attached SAEs."""
     if features is None:
         return None
+    if features.sae is not None and features.sae in others:
+        raise InvalidRequestError(param="return_features.sae", message=f"return_features.sae: features are returned "
+                                  f"for the default SAE {attached} only (SAE {features.sae} is attached beside it)")
     if features.sae is not None and features.sae != attached:
         raise SaeNotAttachedError(f"return_features.sae: SAE {features.sae} is not attached "
                                   f"(attached: {attached or 'none'})", param="return_features.sae")
@@ -89,17 +94,17 @@ def engine_conditions(steering: m.Steering | None) -> SteeringConditions | None:
         return None
 
     def condition(c: m.Condition) -> FeatureCondition:
-        return FeatureCondition(c.index, c.above, c.below)
+        return FeatureCondition(c.index, c.above, c.below, sae=c.sae)
 
     conditions = SteeringConditions(
-        features=tuple(ConditionalFeature(f.index, f.strength, condition(f.when)) for f in steering.features
-                       if f.when is not None),
+        features=tuple(ConditionalFeature(f.index, f.strength, condition(f.when), sae=f.sae)
+                       for f in steering.features if f.when is not None),
         abort_when=tuple(condition(c) for c in steering.abort_when), positions=steering.positions)
     return conditions or None
 
 
 def engine_spec(steering: m.Steering) -> SteeringSpec:
-    return with_vectors(steering, SteeringSpec(features=tuple(SteeringFeature(f.index, f.strength) for f in steering.features
+    return with_vectors(steering, SteeringSpec(features=tuple(SteeringFeature(f.index, f.strength, sae=f.sae) for f in steering.features
                                        if f.when is None),
                         mode=steering.mode, positions=steering.positions, layers=tuple(steering.layers),
                         direction=steering.direction))
@@ -233,26 +238,29 @@ class WorkerCalls:
                            message=f"SAE {sae.name} reads model {sae.model.name}, which is not loaded "
                            f"(loaded: {self.runtime.model_name or 'none'})")
         try:
+            # Beside the SAEs already attached; a refusal leaves them (and the model) as they were.
             await in_thread(self.runtime.attach_sae, name=sae.name, path=sae.local_path)
         except Exception as exc:
             reply = error_reply(exc)
-            await in_thread(self.runtime.detach_sae)  # nothing half-attached; the base model keeps serving
             await db(sae_set_status)(name=sae.name, status=SaeStatus.ERROR, message=reply.message, attached=False)
             return reply
         await db(sae_set_status)(name=sae.name, status=SaeStatus.ATTACHED, attached=True)
         return m.Attached(sae=sae.name)
 
     async def call_detach_sae(self, call: m.DetachSae) -> m.Detached | m.Skipped:
-        name = self.runtime.sae_name
-        if self.worker.pinned_model and call.sae and name != call.sae:
+        """Detach the named SAE (the others stay attached), or every SAE when the call names none."""
+        if self.worker.pinned_model and call.sae and call.sae not in self.runtime.attached:
             return m.Skipped(reason=f"SAE {call.sae} is not attached in this process")
-        await in_thread(self.runtime.detach_sae)
-        if name is not None:
+        names = [call.sae] if call.sae else list(self.runtime.attached)
+        await in_thread(self.runtime.detach_sae, call.sae)
+        for name in names:
             await db(sae_set_status)(name=name, status=SaeStatus.READY, attached=False)
-        return m.Detached(sae=name)
+        if call.sae and self.runtime.sae_name is not None:  # the next one is the default now: restored after a restart
+            await db(sae_set_status)(name=self.runtime.sae_name, status=SaeStatus.ATTACHED, attached=True)
+        return m.Detached(sae=call.sae or (names[0] if names else None))
 
     async def call_set_steering(self, call: m.SetSteering) -> m.SteeringSet | m.Error | m.Skipped:
-        if self.worker.pinned_model and call.sae and self.runtime.sae_name != call.sae:
+        if self.worker.pinned_model and call.sae and call.sae not in self.runtime.attached:
             return m.Skipped(reason=f"SAE {call.sae} is not attached in this process")
         try:
             self.runtime.set_active_steering(engine_spec(call.steering), label=call.steering.label,
@@ -274,16 +282,14 @@ class WorkerCalls:
                                     active=self.runtime.hook.attached)
 
     async def call_statistics(self, call: m.GetStatistics) -> m.Statistics:
-        return m.Statistics(**self.runtime.statistics(top=call.top, by=call.by))
+        return m.Statistics(**self.runtime.statistics(top=call.top, by=call.by, sae=call.sae))
 
     async def call_reset_statistics(self, call: m.ResetStatistics) -> m.StatisticsReset:
         self.runtime.reset_statistics()
         return m.StatisticsReset()
 
     async def call_feature_logit_lens(self, call: m.FeatureLogitLens) -> m.FeatureLogits:
-        sae = self.runtime.hook.sae
-        if sae is None or self.runtime.sae_name != call.sae:
-            raise SaeNotAttachedError(f"SAE {call.sae} is not attached (attached: {self.runtime.sae_name or 'none'})")
+        sae = self.runtime.attached_hook(call.sae).sae  # any attached SAE, by name
         if not call.index < sae.d_sae:
             raise InvalidFeatureIndexError(f"index: {call.index} is outside 0..{sae.d_sae - 1} for SAE {call.sae}")
         loaded = self.runtime.loaded
@@ -393,7 +399,8 @@ class WorkerCalls:
             request_id=call.request_id, model=call.model, prompt=call.prompt, messages=call.messages,
             params=call.params, steering=engine_spec(steering) if steering is not None else None,
             steering_label=steering.label if steering is not None else "inline", monitor=call.monitor,
-            features=feature_request(call.features, self.runtime.sae_name), conditions=engine_conditions(steering))
+            features=feature_request(call.features, self.runtime.sae_name, tuple(self.runtime.attached)[1:]),
+            conditions=engine_conditions(steering))
         sae_name = self.runtime.sae_name
         handle = submitted.handle
         self.handles[handle.request_id] = handle

@@ -32,11 +32,13 @@ class Condition(Message):
     index: int
     above: float | None = None
     below: float | None = None
+    sae: str | None = None  # the attached SAE the feature belongs to; None: the default (first attached)
 
 
 class SteeringFeature(Message):
     index: int
     strength: float  # raw units (the web tier converts max_activation / residual_norm first)
+    sae: str | None = None  # the attached SAE the index belongs to; None: the default (first attached)
     when: Condition | None = None  # conditional: steered only on tokens where it holds
 
 
@@ -128,6 +130,7 @@ class GetStatistics(Call):
     type: Literal["statistics"] = "statistics"
     top: int = Field(20, ge=1, le=100_000)
     by: str = "mean"
+    sae: str | None = None  # None: the default (first attached) SAE
 
 
 class ResetStatistics(Call):
@@ -239,7 +242,8 @@ class Pong(Message):
     pinned_model: str | None = None  # MILLM_INFERENCE_MODEL of this process
     uptime_s: float
     loaded_model: str | None = None
-    attached_sae: str | None = None
+    attached_sae: str | None = None  # the default (first attached) SAE
+    attached_saes: list[dict[str, Any]] = Field(default_factory=list)  # every attached SAE: name, layer, d_sae
     steering: str = "none"
     queue_depth: int = 0
     active_requests: int = 0
@@ -297,6 +301,7 @@ class Statistics(Message):
     total_tokens: int
     by: str
     top: list[FeatureStatistic]
+    sae: str | None = None  # the SAE these statistics are of
 
 
 class StatisticsReset(Message):

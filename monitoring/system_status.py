@@ -76,7 +76,7 @@ def system_status_build(*, host: dict[str, Any], pong: dict[str, Any] | None, re
                            memory_percent=memory_percent, inference_up=pong is not None, thresholds=thresholds)
     inference = {"up": pong is not None}
     if pong is not None:
-        inference.update({key: pong.get(key) for key in ("pid", "loaded_model", "attached_sae", "queue_depth",
+        inference.update({key: pong.get(key) for key in ("pid", "loaded_model", "attached_sae", "attached_saes", "queue_depth",
                                                          "active_requests", "memory_bytes")})
     return {
         "timestamp": (now or datetime.now(UTC)).isoformat(),

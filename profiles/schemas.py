@@ -33,6 +33,7 @@ class VectorRefFile(BaseModel):
 
 class ProfileFeatureFile(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    sae: str | None = Field(default=None, max_length=120)  # another SAE of the model (several attached); None: the profile's
     index: int = Field(ge=0, le=MAX_FEATURE_INDEX)
     strength: float = Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)
     label: str = Field(default="", max_length=300)

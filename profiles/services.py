@@ -16,6 +16,7 @@ from profiles.schemas import ProfileFile
 from profiles.vector_services import stored_vector_refs, vector_parts
 from steering.conditions import conditions_normalise
 from steering.models import SparseAutoencoder
+from steering.selectors import sae_get
 from steering.steering_options import steering_options_resolve
 from steering.steering_services import attached_sae, steering_apply
 
@@ -28,15 +29,22 @@ def profile_get(*, name: str) -> Profile:
 
 
 def _check_features(features: list[dict[str, Any]], sae: SparseAutoencoder | None) -> None:
-    seen: set[int] = set()
+    """Indices against each feature's SAE: its `sae` (another SAE of the catalog, steered beside the profile's
+    while several are attached; the profile's own name means the profile's) or the profile's SAE."""
+    seen: set[tuple[str, int]] = set()
     for position, feature in enumerate(features):
-        index = feature["index"]
-        if index in seen:
+        index, target = feature["index"], sae
+        if feature.get("sae") is not None and (sae is None or feature["sae"] != sae.name):
+            target = sae_get(name=feature["sae"])  # SAE_NOT_FOUND for a name the catalog lacks
+        elif "sae" in feature:
+            feature.pop("sae")  # the profile's own SAE: the default, stored as such
+        key = (target.name if target is not None else "", index)
+        if key in seen:
             raise ValidationFailed(f"features[{position}].index: feature {index} is listed twice",
                                    details={"field": f"features[{position}].index"})
-        seen.add(index)
-        if sae is not None and (problem := feature_index_problem(index, sae.d_sae)) is not None:
-            raise InvalidFeatureIndex(f"features[{position}].index: {problem} for SAE {sae.name}",
+        seen.add(key)
+        if target is not None and (problem := feature_index_problem(index, target.d_sae)) is not None:
+            raise InvalidFeatureIndex(f"features[{position}].index: {problem} for SAE {target.name}",
                                       details={"field": f"features[{position}].index"})
 
 
@@ -70,7 +78,7 @@ def profile_save(*, name: str, description: str = "", model: LanguageModel | Non
     profile.features.all().delete()
     ProfileFeature.objects.bulk_create([
         ProfileFeature(profile=profile, index=f["index"], strength=f["strength"], label=f.get("label", ""),
-                       when=f.get("when"))
+                       when=f.get("when"), sae=f.get("sae") or "")
         for f in features
     ])
     return profile
@@ -130,8 +138,8 @@ def profile_export(*, profile: Profile) -> dict[str, Any]:
                   if profile.model else None),
         "sae": ({"repo_id": profile.sae.repo_id, "layer": profile.sae.layer, "sae_id": profile.sae.sae_id,
                  "name": profile.sae.name} if profile.sae else None),
-        "features": [{"index": f.index, "strength": f.strength, "label": f.label, **({"when": f.when} if f.when else {})}
-                     for f in profile.features.all()],
+        "features": [{**({"sae": f.sae} if f.sae else {}), "index": f.index, "strength": f.strength, "label": f.label,
+                      **({"when": f.when} if f.when else {})} for f in profile.features.all()],
         "abort_when": list(profile.abort_when or []),
         "vectors": list(profile.vectors or []),
         "mode": profile.mode,
@@ -184,8 +192,8 @@ async def profile_activate_and_apply(*, name: str) -> Profile:
     sae = await sync_to_async(attached_sae)()
     if profile.sae_id is not None and (sae is None or sae.pk != profile.sae_id):
         raise SaeNotAttached(f"Profile {name} steers SAE {profile.sae.name}, which is not attached")
-    features = [{"index": f.index, "strength": f.strength, **({"when": f.when} if f.when else {})}
-                for f in profile.features.all()]
+    features = [{**({"sae": f.sae} if f.sae else {}), "index": f.index, "strength": f.strength,
+                 **({"when": f.when} if f.when else {})} for f in profile.features.all()]
     await steering_apply(features=features, mode=profile.mode, positions=profile.positions,
                          layers=list(profile.layers or ()), direction=profile.direction, source_profile=name,
                          abort_when=list(profile.abort_when or []), vectors=list(profile.vectors or []))

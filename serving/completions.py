@@ -32,9 +32,9 @@ from serving.protocol import (
     now,
     usage_body,
 )
+from steering.sae_addressing import attached_saes_in_order, strengths_to_raw_by_sae
 from steering.steering_options import SteeringOptions, steering_options_resolve
 from steering.steering_services import attached_sae, steering_message
-from steering.units import strengths_to_raw
 
 # OpenAI's codes where they differ from ours in more than case.
 _OPENAI_CODES: dict[str, str | None] = {"INFERENCE_UNAVAILABLE": "service_unavailable", "INTERNAL_ERROR": None}
@@ -82,7 +82,8 @@ def _steering_payload(target: Target, inline: Any) -> Steering | None:
             if options.units != "raw" and features:
                 if sae is None:
                     raise OpenAIRequestError("steering: no SAE is attached", param="steering", code="sae_not_attached")
-                features = strengths_to_raw(sae=sae, features=features, units=options.units)
+                features = strengths_to_raw_by_sae(sae=sae, features=features, units=options.units,
+                                                   attached=attached_saes_in_order())
             # Raw vectors or stored ones by name, checked against the requested model's width and layers.
             vectors = vector_parts([v.model_dump(exclude_none=True) for v in inline.vectors], model=target.model)
         except MillmError as exc:
@@ -97,7 +98,8 @@ def _steering_payload(target: Target, inline: Any) -> Steering | None:
             vectors = vector_parts(list(profile.vectors or []), model=target.model)
         except MillmError as exc:
             raise OpenAIRequestError(f"profile {profile.name}: {exc.message}", param="model") from None
-        features = [{"index": f.index, "strength": f.strength, **({"when": f.when} if f.when else {})}
+        features = [{"index": f.index, "strength": f.strength, **({"sae": f.sae} if f.sae else {}),
+                     **({"when": f.when} if f.when else {})}
                     for f in profile.features.all()]
         return steering_message(features, options, label=f"profile:{profile.name}",
                                 abort_when=list(profile.abort_when or []), vectors=vectors)

@@ -55,6 +55,7 @@ class ConditionIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     index: StrictInt = Field(ge=0, le=MAX_FEATURE_INDEX)
+    sae: str | None = Field(default=None, min_length=1, max_length=120)  # an attached SAE; None: the default
     above: float | None = Field(default=None, allow_inf_nan=False)
     below: float | None = Field(default=None, allow_inf_nan=False)
 
@@ -69,6 +70,7 @@ class SteeringFeatureIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     index: StrictInt = Field(ge=0, le=MAX_TOKEN_ID)
     strength: float = Field(allow_inf_nan=False)
+    sae: str | None = Field(default=None, min_length=1, max_length=120)  # an attached SAE; None: the default
     when: ConditionIn | None = None  # steer only on tokens where this holds (additive mode)
 
 

@@ -111,6 +111,7 @@ class VectorRefIn(Schema):
 
 
 class SteeringFeatureIn(Schema):
+    sae: str | None = Field(None, description="the attached SAE the index belongs to (default: the first attached)")
     index: int
     strength: float | None = Field(None, description="in `units`; omitted: the feature's calibrated recommended "
                                    "strength (refused when it has none)")

@@ -137,15 +137,26 @@ def feature_labels_import(
 
 
 def sae_set_status(*, name: str, status: str, message: str = "", attached: bool | None = None) -> SparseAutoencoder:
-    """Record an SAE's status (and, with `attached`, the desired state) and tell the live pages."""
+    """Record an SAE's status (and, with `attached`, the desired state) and tell the live pages.
+
+    Several SAEs of the loaded model may be attached at once; attaching one marks another model's SAEs
+    detached. `desired_attached` (unique) marks the default SAE, the first attached: the one a restarted
+    inference process attaches again."""
     with transaction.atomic():
-        if attached:
-            SparseAutoencoder.objects.exclude(name=name).filter(desired_attached=True).update(desired_attached=False)
-            SparseAutoencoder.objects.exclude(name=name).filter(status=SaeStatus.ATTACHED).update(status=SaeStatus.READY)
         sae = SparseAutoencoder.objects.get(name=name)
+        desired = attached
+        if attached:
+            others = SparseAutoencoder.objects.exclude(name=name)
+            others.exclude(model_id=sae.model_id).filter(status=SaeStatus.ATTACHED).update(status=SaeStatus.READY)
+            others.exclude(model_id=sae.model_id).filter(desired_attached=True).update(desired_attached=False)
+            # Beside an attached default of the same model, this one is an extra: the default keeps the mark.
+            desired = sae.desired_attached or not others.filter(model_id=sae.model_id, status=SaeStatus.ATTACHED,
+                                                                desired_attached=True).exists()
+            if desired:
+                others.filter(desired_attached=True).update(desired_attached=False)
         sae.status, sae.status_message = status, message[:2000]
-        if attached is not None:
-            sae.desired_attached = attached
+        if desired is not None:
+            sae.desired_attached = desired
         sae.save()
     event_publish_sync("progress", "sae_status", {"name": sae.name, "status": sae.status,
                                                   "status_message": sae.status_message, "layer": sae.layer})

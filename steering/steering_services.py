@@ -34,47 +34,54 @@ from profiles.vector_services import active_vector_refs, active_vectors_set, sto
 from steering.calibration_services import features_fill_recommended
 from steering.conditions import condition_message, condition_normalise, conditions_normalise
 from steering.models import SaeStatus, SparseAutoencoder, SteeringState
+from steering.sae_addressing import attached_saes_in_order, feature_sae, strengths_to_raw_by_sae
 from steering.steering_options import SteeringOptions, steering_options_resolve
 from steering.token_diff_services import compare_token_diff
-from steering.units import strengths_to_raw
 
 MODES, POSITIONS, UNITS = STEERING_MODES, STEERING_POSITIONS, STRENGTH_UNITS
 
 
 def attached_sae() -> SparseAutoencoder | None:
-    return SparseAutoencoder.objects.select_related("model").filter(status=SaeStatus.ATTACHED).first()
+    """The default SAE (the first attached, which `desired_attached` marks) when several are attached."""
+    return (SparseAutoencoder.objects.select_related("model").filter(status=SaeStatus.ATTACHED)
+            .order_by("-desired_attached", "name").first())
 
 
 def steering_validate(*, sae: SparseAutoencoder | None, features: list[dict[str, Any]], mode: str = "additive",
-                      positions: str = "all", units: str = "raw") -> list[dict[str, Any]]:
-    """Check a steering request against the attached SAE; returns the normalised feature list."""
+                      positions: str = "all", units: str = "raw",
+                      attached: dict[str, SparseAutoencoder] | None = None) -> list[dict[str, Any]]:
+    """Check a steering request against the attached SAE; returns the normalised feature list.
+
+    A feature may name another attached SAE (`sae`, from `attached`; steering/sae_addressing.py)."""
     steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units)
     if features and sae is None:
         raise SaeNotAttached("No SAE is attached: attach one before steering its features")
-    seen: set[int] = set()
+    seen: set[tuple[str, int]] = set()
     normalised = []
     for position, feature in enumerate(features):
         index, strength = feature.get("index"), feature.get("strength")
         field = f"features[{position}]"
+        target = feature_sae(feature, field=field, default=sae, attached=attached)  # (SAE, index)
         if isinstance(index, bool) or not isinstance(index, int):
             raise ValidationFailed(f"{field}.index: must be an integer", details={"field": f"{field}.index"})
-        if (problem := feature_index_problem(index, sae.d_sae)) is not None:
-            raise InvalidFeatureIndex(f"{field}.index: {problem} for SAE {sae.name}",
-                                      details={"field": f"{field}.index", "d_sae": sae.d_sae})
+        if (problem := feature_index_problem(index, target.d_sae)) is not None:
+            raise InvalidFeatureIndex(f"{field}.index: {problem} for SAE {target.name}",
+                                      details={"field": f"{field}.index", "d_sae": target.d_sae})
         if isinstance(strength, bool) or not isinstance(strength, int | float) or not math.isfinite(strength):
             raise ValidationFailed(f"{field}.strength: must be a finite number", details={"field": f"{field}.strength"})
         if abs(strength) > MAX_ABS_STRENGTH:
             raise ValidationFailed(f"{field}.strength: {strength} exceeds ±{MAX_ABS_STRENGTH:g}",
                                    details={"field": f"{field}.strength"})
-        if index in seen:
+        if (target.name, index) in seen:
             raise ValidationFailed(f"{field}.index: feature {index} is listed twice", details={"field": f"{field}.index"})
-        seen.add(index)
-        kept = {}
+        seen.add((target.name, index))
+        kept = {"sae": target.name} if target is not sae else {}
         if feature.get("when") is not None:  # a condition on another feature at the same token (steering/conditions.py)
             if mode != "additive":
                 raise ValidationFailed(f"{field}.when: conditions apply to additive steering only",
                                        details={"field": f"{field}.when"})
-            kept["when"] = condition_normalise(feature["when"], field=f"{field}.when", default_sae=sae)
+            kept["when"] = condition_normalise(feature["when"], field=f"{field}.when", default_sae=sae,
+                                               attached=attached)
         normalised.append({"index": index, "strength": float(strength), **kept})
     return normalised
 
@@ -93,15 +100,18 @@ async def steering_apply(*, features: list[dict[str, Any]], mode: str = "additiv
                          abort_when: list[dict[str, Any]] | None = None,
                          vectors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     sae = await sync_to_async(attached_sae)()
+    attached = await sync_to_async(attached_saes_in_order)()  # a feature may name any of them (`sae`)
     options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, layers=layers,
                                        direction=direction, preset=preset)
     # A feature without a strength gets its calibrated one (steering/calibration_services.py).
     features = await sync_to_async(features_fill_recommended)(sae=sae, features=features, units=options.units)
     normalised = steering_validate(sae=sae, features=features, mode=options.mode, positions=options.positions,
-                                   units=options.units)
+                                   units=options.units, attached=attached)
     # Conditions are checked here too, before the inference process hears of anything.
-    normalised, aborts = conditions_normalise(features=normalised, abort_when=abort_when, mode=options.mode, sae=sae)
-    raw = await sync_to_async(strengths_to_raw)(sae=sae, features=normalised, units=options.units) if sae else []
+    normalised, aborts = conditions_normalise(features=normalised, abort_when=abort_when, mode=options.mode, sae=sae,
+                                              attached=attached)
+    raw = (await sync_to_async(strengths_to_raw_by_sae)(sae=sae, features=normalised, units=options.units,
+                                                        attached=attached) if sae else [])
     label = f"profile:{source_profile}" if source_profile else "active"
     vector_refs = stored_vector_refs(vectors or [])  # the active steering names stored vectors
     parts = await sync_to_async(vector_parts)(vector_refs, model=sae.model if sae else None)
@@ -140,7 +150,8 @@ def steering_state_message(state: SteeringState) -> Steering | None:
         return None
     if state.sae is None and not vectors:
         return None
-    raw = strengths_to_raw(sae=state.sae, features=state.features, units=state.units) if state.sae else []
+    raw = (strengths_to_raw_by_sae(sae=state.sae, features=state.features, units=state.units,
+                                   attached=attached_saes_in_order()) if state.sae else [])
     label = f"profile:{state.source_profile}" if state.source_profile else "active"
     options = SteeringOptions(mode=state.mode, positions=state.positions, units=state.units,
                               layers=tuple(state.layers or ()), direction=state.direction or "decoder")
@@ -170,9 +181,11 @@ async def steering_compare(*, prompt: str, features: list[dict[str, Any]], chat:
                                        direction=direction, preset=preset)
     # A feature without a strength gets its calibrated one (steering/calibration_services.py).
     features = await sync_to_async(features_fill_recommended)(sae=sae, features=features, units=options.units)
+    attached = await sync_to_async(attached_saes_in_order)()
     normalised = steering_validate(sae=sae, features=features, mode=options.mode, positions=options.positions,
-                                   units=options.units)
-    raw = await sync_to_async(strengths_to_raw)(sae=sae, features=normalised, units=options.units)
+                                   units=options.units, attached=attached)
+    raw = await sync_to_async(strengths_to_raw_by_sae)(sae=sae, features=normalised, units=options.units,
+                                                       attached=attached)
     messages = [{"role": "user", "content": prompt}] if chat else None
     runs: dict[str, Any] = {}
     ids: dict[str, list[int]] = {}

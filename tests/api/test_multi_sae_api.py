@@ -1,0 +1,120 @@
+"""Several SAEs attached at once through the API, with a real inference process (in a thread) serving the
+test tier's two SAEs: attach both, status and /api/saes say so, features of both are steered at once (active
+steering, compare, /v1 inline), detaching one keeps the other, and bad addresses are refused with a 4xx and
+nothing applied."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from steering.models import SaeStatus, SparseAutoencoder
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CAT = 7  # ' cat' in both test-tier SAEs
+CHAT = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 12, "temperature": 0}
+
+
+def send(client, method, path, body):
+    return getattr(client, method)(path, json.dumps(body), content_type="application/json")
+
+
+def chat(client, model, **extra) -> str:
+    response = send(client, "post", "/v1/chat/completions", {**CHAT, "model": model, **extra})
+    assert response.status_code == 200, response.content
+    return response.json()["choices"][0]["message"]["content"]
+
+
+@pytest.fixture
+def serving(client, tiny_catalog, inference_worker):
+    model, late = tiny_catalog
+    early = SparseAutoencoder.objects.get(model=model, layer=1)
+    assert client.post(f"/api/models/{model.name}/load").status_code == 200
+    for sae in (late, early):
+        response = client.post(f"/api/saes/{sae.name}/attach")
+        assert response.status_code == 200, response.content
+    return model, late, early
+
+
+def test_both_saes_attach_and_the_status_names_them_the_first_as_default(client, serving):
+    model, late, early = serving
+    inference = client.get("/api/health").json()["data"]["inference"]
+    assert inference["attached_sae"] == late.name
+    assert [(s["name"], s["layer"]) for s in inference["attached_saes"]] == [(late.name, 2), (early.name, 1)]
+    saes = {s["name"]: s for s in client.get("/api/saes").json()["data"]}
+    assert saes[late.name]["status"] == saes[early.name]["status"] == SaeStatus.ATTACHED
+    assert saes[late.name]["desired_attached"] and not saes[early.name]["desired_attached"]
+    statistics = client.get(f"/api/monitoring/statistics?sae={early.name}")
+    assert statistics.status_code == 200 and statistics.json()["data"]["sae"] == early.name
+
+
+def test_features_of_both_saes_steer_at_once_and_detaching_one_keeps_the_other(client, serving):
+    model, late, early = serving
+    plain = chat(client, model.name)
+    features = [{"index": CAT, "strength": 40.0}, {"sae": early.name, "index": 42, "strength": 20.0}]
+    response = send(client, "put", "/api/steering", {"features": features})
+    assert response.status_code == 200, response.content
+    assert response.json()["data"]["features"] == [{"index": CAT, "strength": 40.0},
+                                                   {"index": 42, "strength": 20.0, "sae": early.name}]
+    steered = chat(client, model.name)
+    assert steered != plain
+    # The same steering inline (/v1 extra_body) on a clean slate gives the same text.
+    assert client.delete("/api/steering").status_code == 200
+    assert chat(client, model.name, steering={"features": features}) == steered
+    assert chat(client, model.name, steering={"features": features[1:]}) != plain  # the early SAE's alone steers
+    late_only = chat(client, model.name, steering={"features": features[:1]})
+    # Detach the early SAE: the late one stays attached and steers alone.
+    assert client.post(f"/api/saes/{early.name}/detach").status_code == 200
+    inference = client.get("/api/health").json()["data"]["inference"]
+    assert [s["name"] for s in inference["attached_saes"]] == [late.name]
+    assert SparseAutoencoder.objects.get(name=late.name).status == SaeStatus.ATTACHED
+    assert chat(client, model.name, steering={"features": features[:1]}) == late_only
+    refused = send(client, "post", "/v1/chat/completions", {**CHAT, "model": model.name,
+                                                             "steering": {"features": features}})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "sae_not_attached"
+
+
+BAD = [
+    ({"features": [{"sae": "no-such-sae", "index": CAT, "strength": 1.0}]}, 400, "SAE_NOT_ATTACHED"),
+    ({"features": [{"sae": "{early}", "index": 256, "strength": 1.0}]}, 400, "INVALID_FEATURE_INDEX"),
+    ({"features": [{"index": CAT, "strength": 1.0,
+                    "when": {"sae": "{early}", "index": 300, "above": 1.0}}]}, 400, "INVALID_FEATURE_INDEX"),
+    ({"features": [], "abort_when": [{"sae": "gone", "index": 3, "above": 1.0}]}, 400, "SAE_NOT_ATTACHED"),
+]
+
+
+@pytest.mark.parametrize("body, status, code", BAD)
+def test_bad_addresses_are_refused_and_nothing_changes(client, serving, body, status, code):
+    model, late, early = serving
+    assert send(client, "put", "/api/steering", {"features": [{"index": CAT, "strength": 4.0}]}).status_code == 200
+    before = client.get("/api/steering").json()["data"]
+    body = json.loads(json.dumps(body).replace("{early}", early.name))
+    response = send(client, "put", "/api/steering", body)
+    assert response.status_code == status, response.content
+    assert response.json()["error"]["code"] == code
+    assert client.get("/api/steering").json()["data"] == before
+    inline = send(client, "post", "/v1/chat/completions", {**CHAT, "model": model.name, "steering": body})
+    assert inline.status_code == 400, inline.content
+    assert inline.json()["error"]["code"] == code.lower()
+
+
+def test_a_profile_holds_features_of_both_saes_and_round_trips_through_the_mistudio_file(client, serving):
+    model, late, early = serving
+    features = [{"index": CAT, "strength": 40.0}, {"sae": early.name, "index": 42, "strength": 20.0}]
+    body = {"name": "two-saes", "model": model.name, "sae": late.name, "features": features}
+    response = send(client, "post", "/api/profiles", body)
+    assert response.status_code in (200, 201), response.content
+    exported = client.get("/api/profiles/two-saes/export").json()
+    exported = exported.get("data", exported)
+    assert [(f.get("sae"), f["index"]) for f in exported["features"]] == [(None, CAT), (early.name, 42)]
+    # Today's single-SAE file (no `sae` per feature) and this one import alike.
+    imported = send(client, "post", "/api/profiles/import", {**exported, "name": "two-saes-copy"})
+    assert imported.status_code in (200, 201), imported.content
+    steered = chat(client, model.name, steering={"features": features})
+    assert client.post("/api/profiles/two-saes-copy/activate").status_code == 200
+    assert chat(client, model.name) == steered
+    bad = send(client, "post", "/api/profiles", {**body, "name": "bad",
+                                                  "features": [{"sae": early.name, "index": 256, "strength": 1.0}]})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "INVALID_FEATURE_INDEX"
