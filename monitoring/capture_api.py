@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from ninja import Body, Router, Schema
+from ninja import Body, Query, Router, Schema
 from pydantic import Field
 
 from engine.rules import FeatureMetric
@@ -58,8 +58,9 @@ async def enable(request, payload: EnableIn = Body(...)):  # noqa: B008
 
 
 @monitoring_router.get("/statistics", summary="Running per-feature statistics (top 20 by mean)")
-async def statistics(request):
-    return envelope(_strip(await inference_client().statistics(top=20, by="mean")))
+async def statistics(request, sae: str | None = Query(None, min_length=1, max_length=120)):  # noqa: B008
+    """`?sae=` one of the attached SAEs (default: the first attached)."""
+    return envelope(_strip(await inference_client().statistics(top=20, by="mean", sae=sae)))
 
 
 @monitoring_router.delete("/statistics", summary="Reset the running statistics")
@@ -71,11 +72,12 @@ async def reset_statistics(request):
 class TopIn(Schema):
     n: int = Field(20, ge=1, le=1000)
     by: METRIC = "mean"
+    sae: str | None = Field(None, min_length=1, max_length=120)  # an attached SAE; None: the first attached
 
 
 @monitoring_router.post("/statistics/top", summary="Top-N features by any statistic")
 async def statistics_top(request, payload: TopIn = Body(...)):  # noqa: B008
-    return envelope(_strip(await inference_client().statistics(top=payload.n, by=payload.by)))
+    return envelope(_strip(await inference_client().statistics(top=payload.n, by=payload.by, sae=payload.sae)))
 
 
 def _strip(reply) -> dict:
