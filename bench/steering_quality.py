@@ -1,6 +1,8 @@
 """Does steering a labelled feature make the model talk about it? Concept hit rate and fluency on the demo tier.
 
-    .venv/bin/python bench/steering_quality.py                       # 40 features x 5 prompts, recommended strengths
+    .venv/bin/python bench/steering_quality.py                       # 40 features x 5 prompts, each at its own
+                                                                        # recommended strength (calibration.json)
+    .venv/bin/python bench/steering_quality.py --uniform                # the SAE's one strength for every feature
     .venv/bin/python bench/steering_quality.py --today                  # as before calibration, for comparison
     .venv/bin/python bench/steering_quality.py --features 20 --strength 0.1 --layers hook   # explore
 
@@ -28,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine.assets import steering_quality as quality  # noqa: E402
+from engine.calibration_file import read_calibration  # noqa: E402
 from engine.chat import build_chat_prompt  # noqa: E402
 from engine.generation import FinishEvent, GenerationRequest  # noqa: E402
 from engine.loading import load_model  # noqa: E402
@@ -110,6 +113,10 @@ def main() -> None:
     parser.add_argument("--direction", choices=["decoder", "concept"], default=None)
     parser.add_argument("--layers", default=None,
                         help="'hook' (the SAE's layer only) or a comma list of layers to spread the strength over")
+    parser.add_argument("--uniform", action="store_true",
+                        help="every feature at the SAE's one recommended strength (steering.json), not its own")
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="another calibration file than the SAE's calibration.json (an experiment's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantization", choices=["q4", "q8"], default=None, help="the served variant (default fp32)")
     parser.add_argument("--batch", type=int, default=50)
@@ -145,8 +152,20 @@ def main() -> None:
         recipe["layers"] = [int(x) for x in recipe["layers"].split(",")]
     print("steering:", {k: v for k, v in recipe.items() if k != "version"})
 
+    # Per-feature recommended strengths (the SAE's calibration.json), unless a uniform strength is asked for.
+    calibration = None
+    if not args.today and args.strength is None and not args.uniform:
+        calibration = (json.loads(args.calibration.read_text()) if args.calibration
+                       else read_calibration(assets.sae.local_path))
+    if calibration is not None:
+        sources = [calibration["source"][index] for index, _ in picked]
+        print(f"per-feature strengths from calibration ({sources.count('sweep')} swept, {sources.count('kl')} by KL): "
+              + ", ".join(f"#{index} {calibration['recommended'][index] / residual_norm:.3f}" for index, _ in picked))
+
     def spec_for(index: int) -> SteeringSpec:
         strength = recipe["recommended_strength"] * residual_norm  # residual_norm units -> raw
+        if calibration is not None and calibration["recommended"][index] is not None:
+            strength = calibration["recommended"][index]  # already raw
         return SteeringSpec(features=(SteeringFeature(index, float(strength)),), mode=recipe["mode"],
                             positions=recipe["positions"], layers=tuple(recipe["layers"]),
                             direction=recipe["direction"])

@@ -268,6 +268,7 @@ def build_demo_tier(out_dir: Path, *, force: bool = False, progress: bool = True
             with _transformers_progress(progress):
                 manifest = _build(out_dir, force=force, progress=progress)
         ensure_steering_assets(out_dir)
+        ensure_calibration(out_dir, progress=progress)
         return _assets_from_manifest(out_dir, manifest)
 
 
@@ -310,6 +311,61 @@ def ensure_steering_assets(out_dir: Path) -> None:
     save_file({"concept_directions": directions.contiguous(), "token_ids": token_ids},
               sae_dir / "concept_directions.safetensors")
     recipe.write_text(json.dumps({"version": STEERING_RECIPE_VERSION, **RECOMMENDED_STEERING}, indent=1))
+
+
+CALIBRATION_RECIPE_VERSION = 1
+CALIBRATION_SWEEP_FEATURES = 48  # the most coherent concept features (the bench steers 40 of them)
+
+
+def ensure_calibration(out_dir: Path, *, progress: bool = True) -> None:
+    """sae/calibration.json: every feature's recommended strength and useful range for the recommended steering
+    (engine/calibration.py: the KL method for all, a generation sweep for the concept features)."""
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    from engine.calibration import CalibrationRecipe, read_calibration, write_calibration
+    from engine.calibration_sweep import calibrate_sae, embedding_coherence
+    from engine.loading import load_model
+    from engine.sae import load_sae
+
+    from . import steering_quality as quality
+
+    sae_dir = out_dir / "sae"
+    existing = read_calibration(sae_dir)
+    if existing is not None and existing.get("method", {}).get("demo_recipe") == CALIBRATION_RECIPE_VERSION:
+        return
+    manifest = read_manifest(out_dir) or {}
+    loaded = load_model(str(out_dir / "model"))
+    try:
+        sae = load_sae(sae_dir)
+        labels = json.loads((sae_dir / "feature_labels.json").read_text())
+        features = quality.concept_features(
+            ((row["index"], row["label"]) for row in labels), count=CALIBRATION_SWEEP_FEATURES,
+            coherence=lambda words: embedding_coherence(loaded.model, loaded.tokenizer, words))
+        recipe = CalibrationRecipe(direction=RECOMMENDED_STEERING["direction"],
+                                   layers=tuple(RECOMMENDED_STEERING["layers"]),
+                                   positions=RECOMMENDED_STEERING["positions"], mode=RECOMMENDED_STEERING["mode"])
+        bars: dict[str, Any] = {}
+
+        def on_progress(phase: str, done: int, total: int) -> None:
+            bar = bars.get(phase)
+            if bar is None:
+                bar = bars[phase] = tqdm(total=total, desc=f"calibrate ({phase})", disable=not progress)
+            bar.update(done - bar.n)
+
+        started = time.monotonic()
+        result = calibrate_sae(loaded=loaded, sae=sae, recipe=recipe, residual_norm=manifest.get("residual_median_norm"),
+                               concept_directions=load_file(sae_dir / "concept_directions.safetensors")[
+                                   "concept_directions"], sweep_features=features, kl_grid=(0.04, 0.16),
+                               progress=on_progress)
+        for bar in bars.values():
+            bar.close()
+        method = {**result["method"], "demo_recipe": CALIBRATION_RECIPE_VERSION,
+                  "seconds": round(time.monotonic() - started, 1)}
+        write_calibration(sae_dir, recipe=recipe, residual_norm=result["residual_norm"],
+                          strengths=result["strengths"], method=method)
+    finally:
+        loaded.unload()
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from engine.assets import steering_quality as quality
+from engine.calibration_file import read_calibration
 from engine.chat import build_chat_prompt
 from engine.generation import FinishEvent, GenerationRequest
 from engine.loading import load_model
@@ -48,8 +49,8 @@ def engine():
     concept = load_file(Path(assets.sae.local_path) / "concept_directions.safetensors")["concept_directions"]
     recipe = json.loads((Path(assets.sae.local_path) / "steering.json").read_text())
     yield {"assets": assets, "loaded": loaded, "scheduler": scheduler, "sae": sae, "norms": norms,
-           "concept": concept, "recipe": recipe, "residual_norm": read_manifest(ASSET_CACHE / "demo")[
-               "residual_median_norm"]}
+           "concept": concept, "recipe": recipe, "calibration": read_calibration(Path(assets.sae.local_path)),
+           "residual_norm": read_manifest(ASSET_CACHE / "demo")["residual_median_norm"]}
     scheduler.stop()
 
 
@@ -81,12 +82,37 @@ def strongest_concept_feature(engine, unsteered: str) -> tuple[int, list[str]]:
     return quality.concept_features(labels, count=1, exclude_words=[unsteered], coherence=coherence)[0]
 
 
+def strongest_calibrated_feature(engine, unsteered: str) -> tuple[int, list[str]]:
+    """The concept feature the build's calibration sweep found strongest: every calibration answer mentioned its
+    concept at its recommended strength, all fluent (most coherent first), absent from the plain answer."""
+    calibration = engine["calibration"]
+    labels = dict((fl.index, fl.label) for fl in engine["assets"].sae.labels)
+    strongest = []
+    for key, points in calibration["method"]["sweep"]["points"].items():
+        index = int(key)
+        chosen = calibration["recommended"][index] / engine["residual_norm"]
+        best = [p for p in points if abs(p[0] - chosen) < 1e-3]
+        if best and best[0][1] == best[0][3] == best[0][2]:  # hits == answers == fluent
+            strongest.append((index, labels[index]))
+    assert strongest, "the calibration sweep found no feature that writes its concept on every calibration prompt"
+    table = engine["loaded"].model.get_input_embeddings().weight.detach()
+
+    def coherence(words: list[str]) -> float:
+        ids = [engine["loaded"].tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in words]
+        vectors = torch.nn.functional.normalize(table[ids], dim=-1)
+        return float(((vectors @ vectors.T).sum() - len(ids)) / (len(ids) * (len(ids) - 1)))
+
+    return quality.concept_features(strongest, count=1, exclude_words=[unsteered], coherence=coherence)[0]
+
+
 def test_recommended_steering_writes_the_concept_and_clearing_restores_the_text(engine):
+    """At the feature's own recommended strength (the build's calibration.json), with the SAE's recommended
+    steering (steering.json): the concept word appears in the greedy answer to a prompt that does not name it."""
     unsteered = answer(engine)
-    index, words = strongest_concept_feature(engine, unsteered)
+    index, words = strongest_calibrated_feature(engine, unsteered)
     recipe = engine["recipe"]
     spec = SteeringSpec(
-        features=(SteeringFeature(index, recipe["recommended_strength"] * engine["residual_norm"]),),
+        features=(SteeringFeature(index, engine["calibration"]["recommended"][index]),),  # raw
         mode=recipe["mode"], positions=recipe["positions"], layers=tuple(recipe["layers"]),
         direction=recipe["direction"])
     compiled = compile_steering(engine["sae"], spec, layer_norms=engine["norms"],
