@@ -205,10 +205,10 @@ class EngineRuntime:
             if replaced is not None or not self.attached:
                 # The active steering was compiled against the SAE replaced (or against none).
                 self.active_steering, self.active_conditions, self.active_label = None, None, "none"
-            attached = dict(self.attached)
-            attached.pop(name, None)
-            attached[name] = AttachedSae(name=name, hook=hook, sae=on_device, concept_directions=directions,
-                                         size_bytes=size)
+            entry = AttachedSae(name=name, hook=hook, sae=on_device, concept_directions=directions, size_bytes=size)
+            # A replaced SAE keeps its place (the default stays the default); a new one goes last.
+            attached = {n: entry if n == name else a for n, a in self.attached.items()}
+            attached.setdefault(name, entry)
             scheduler.call(lambda: self._install(attached, removed=replaced)).result()
             return on_device
 

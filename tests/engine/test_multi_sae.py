@@ -185,6 +185,9 @@ def test_detaching_one_keeps_the_other_and_the_next_becomes_the_default(test_tie
         runtime.detach_sae(EARLY)
         assert list(runtime.attached) == [LATE] and runtime.active_label == "active"  # did not use "early"
         runtime.attach_sae(name=EARLY, path=str(test_tier_assets.extra_saes[0].local_path))
+        runtime.attach_sae(name=LATE, path=str(test_tier_assets.sae.local_path))  # replaced in place: still the default
+        assert list(runtime.attached) == [LATE, EARLY] and runtime.hook is runtime.attached[LATE].hook
+        assert runtime.attached[EARLY].hook.part == EARLY and runtime.hook.part is None
         runtime.detach_sae(LATE)
         assert list(runtime.attached) == [EARLY] and runtime.sae_name == EARLY
         assert runtime.active_steering is None and runtime.active_label == "none"  # it was compiled for "late"
@@ -214,6 +217,7 @@ def test_an_sae_that_does_not_fit_beside_the_others_is_refused_and_they_stay(tes
         # Replacing the attached one counts only the new one.
         runtime.attach_sae(name=LATE, path=str(test_tier_assets.sae.local_path))
         assert list(runtime.attached) == [LATE]
+        assert [h.sae.hook_layer for h in runtime.saes.hooks] == [2]  # the old hook is gone
     finally:
         runtime.unload()
 
