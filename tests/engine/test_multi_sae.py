@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.control_vectors import LayerVector, VectorSteeringSpec
 from engine.errors import (
     InsufficientMemoryError,
     InvalidFeatureIndexError,
@@ -151,11 +152,14 @@ def test_a_condition_on_a_later_layer_sae_gates_the_next_token(runtime, prompt, 
     torch.testing.assert_close(steered[1][1], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_batch_mixing_rows_that_steer_different_saes_gives_each_row_its_own_text(runtime):
+def test_a_batch_mixing_rows_that_steer_different_saes_conditions_and_vectors_gives_each_row_its_own_text(runtime):
     specs = {
         "late": SteeringSpec(features=(SteeringFeature(CAT, 40.0),)),
         "early": SteeringSpec(features=(SteeringFeature(CAT, 60.0, sae=EARLY),)),
         "both": SteeringSpec(features=(SteeringFeature(42, 20.0, sae=EARLY), SteeringFeature(77, 30.0, sae=LATE))),
+        # The early SAE's feature plus a raw vector at layer 3 (CompiledSteering.other_layers).
+        "vector": VectorSteeringSpec(features=(SteeringFeature(128, 25.0, sae=EARLY),), vectors=(
+            LayerVector({3: sae(runtime, LATE).W_dec[190].detach().clone()}, strength=30.0),)),
         "none": None,
     }
     conditions = {"early": SteeringConditions(features=(
