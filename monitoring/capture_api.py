@@ -12,17 +12,10 @@ from ninja import Body, Query, Router, Schema
 from pydantic import Field
 
 from engine.rules import FeatureMetric
-from inference import generation_stream
 from inference.client import inference_client
-from inference.messages import Steering
 from millm_site.envelope import envelope
-from millm_site.errors import (
-    ModelNotLoaded,
-    SaeNotAttached,
-)
 from monitoring.capture_services import capture_configure
-from monitoring.live import activation_publisher
-from monitoring.request_tracking import RequestTracker
+from monitoring.inspect_services import text_inspect
 
 monitoring_router = Router(tags=["monitoring"])
 inspect_router = Router(tags=["monitoring"])
@@ -91,15 +84,4 @@ class InspectIn(Schema):
 
 @inspect_router.post("/inspect", summary="Per-token top features of a text, without generating")
 async def inspect(request, payload: InspectIn):
-    pong = await inference_client().ping()
-    model = payload.model or pong.loaded_model
-    if model is None:
-        raise ModelNotLoaded("No model is loaded")
-    if not pong.attached_sae:
-        raise SaeNotAttached("No SAE is attached: attach one to see its features")
-    result = await generation_stream.collect(generation_stream.generate(
-        model=model, prompt=payload.text, messages=None, params={"max_tokens": 1, "temperature": 0.0},
-        steering=Steering(), monitor=True, observer=RequestTracker(endpoint="inspect", model=model),
-        on_frames=activation_publisher().offer))
-    tokens = [f for f in result.frames if f["type"] == "prompt"]
-    return envelope({"model": model, "sae": pong.attached_sae, "tokens": tokens})
+    return envelope(await text_inspect(text=payload.text, model=payload.model))

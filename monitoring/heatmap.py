@@ -65,9 +65,12 @@ def heatmap(token_features: list[dict[str, Any]], *, labels: dict[int, str], inc
         features = {int(k): float(v) for k, v in (frame.get("features") or {}).items()}  # JSON keys are strings
         frames.append((int(frame.get("position", i)), token, str(frame.get("type", "")), is_special(token), features))
     counted = [f for f in frames if include_special or not f[3]]
+    # Whitespace tokens (the chat template's newlines) fire as hard as special ones: they keep their row
+    # but do not choose the columns or set the scale.
+    scored = [f for f in counted if include_special or f[1].strip()]
     peaks: dict[int, float] = {}
     generated_peaks: dict[int, float] = {}
-    for _, _, kind, _, features in counted:
+    for _, _, kind, _, features in scored:
         for index, value in features.items():
             peaks[index] = max(peaks.get(index, value), value)
             if kind == "generated":
@@ -78,7 +81,8 @@ def heatmap(token_features: list[dict[str, Any]], *, labels: dict[int, str], inc
             break
         if index not in chosen:
             chosen.append(index)
-    chosen.sort(key=lambda j: (-peaks[j], j))
+    # The answer's features first (the page is read left to right), then the prompt's.
+    chosen.sort(key=lambda j: (j not in generated_peaks, -generated_peaks.get(j, peaks[j]), j))
     overall = max((peaks[j] for j in chosen), default=0.0) or 1.0
     columns = [Column(index=j, label=labels.get(j, ""), peak=peaks[j]) for j in chosen]
     rows = []

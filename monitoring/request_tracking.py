@@ -53,6 +53,13 @@ class RequestTracker:
             self.prompt_tokens = message["usage"]["prompt_tokens"]
             self.completion_tokens = message["usage"]["completion_tokens"]
 
+    @property
+    def profile_name(self) -> str:
+        """The profile chosen by the request's model name, else the active profile that steered it."""
+        if self.profile or not self.steering_label.startswith("profile:"):
+            return self.profile
+        return self.steering_label.removeprefix("profile:")
+
     async def finish(self, status: str, error: str = "") -> None:
         if self.finished:
             return
@@ -63,7 +70,7 @@ class RequestTracker:
                         completion_tokens=self.completion_tokens)
         try:
             await sync_to_async(request_record_create)(
-                request_id=self.request_id, endpoint=self.endpoint, model_name=self.model, profile_name=self.profile,
+                request_id=self.request_id, endpoint=self.endpoint, model_name=self.model, profile_name=self.profile_name,
                 status=status, prompt=self.prompt, output="".join(self.pieces), parameters=self.params,
                 steering={**self.steering, "applied": self.steering_label}, prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion_tokens, latency_ms=latency_s * 1000,

@@ -60,7 +60,8 @@ def feature_search_page(*, sae: SparseAutoencoder, query: str = "", page: int = 
                         page_size: int = 50) -> FeaturePage:
     """One page of an SAE's labels for a query, ranked; an empty query lists them by index."""
     query = query.strip()
-    labels = sae.labels.only("index", "label", "description", "max_activation", "source")
+    # "sae" too: the related manager sets each row's SAE, which would re-read a deferred sae_id row by row.
+    labels = sae.labels.only("sae", "index", "label", "description", "max_activation", "source")
     if not query:
         total = labels.count()
         pages = max(1, -(-total // page_size))

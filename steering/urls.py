@@ -14,6 +14,7 @@ urlpatterns = [
     path("steering/compare", views.steering_compare_action, name="compare"),
     path("steering/sweep", sweep_views.sweep_action, name="sweep"),
     path("steering/sweeps/<uuid:sweep_id>", sweep_views.sweep_fragment, name="sweep-status"),
+    path("steering/text-features", views.text_features_action, name="text-features"),
     path("steering/save-profile", views.steering_save_profile_action, name="save-profile"),
     path("saes/<slug:name>/features/<int:index>/", views.feature_page, name="feature"),
     path("saes/<slug:name>/features/<int:index>/label", views.feature_label_action, name="feature-label"),

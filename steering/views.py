@@ -18,15 +18,16 @@ from downloads.tasks import download_enqueue
 from inference.client import inference_client
 from millm_site.errors import MillmError, ModelNotLoaded, SaeNotAttached, ValidationFailed
 from millm_site.htmx import error_fragment
+from monitoring.inspect_services import text_inspect
 from profiles.from_steering import profile_save_from_steering
 from steering import steering_services
-from steering.feature_contexts import contexts_request, contexts_status, feature_corpus_facts
 from steering.calibration_services import (
     feature_calibration,
     feature_recommended_strength,
     slider_calibration,
 )
 from steering.conditions import condition_text
+from steering.feature_contexts import contexts_request, contexts_status, feature_corpus_facts
 from steering.feature_facts import feature_file_stats, similar_features
 from steering.feature_services import feature_label_edit
 from steering.models import SaeStatus, SteeringState
@@ -35,6 +36,7 @@ from steering.sae_quality import sae_quality
 from steering.selectors import feature_search_page, sae_get, sae_list
 from steering.steering_options import sae_steering_recommendation
 from steering.text_diff import same_share, word_diff
+from steering.text_features import MAX_TEXT, SINK_PREFIX, text_top_features
 from steering.token_diff_services import token_diff_view
 
 FEATURE_PAGE_SIZE = 25
@@ -173,13 +175,13 @@ def _add_requested_row(request, rows: list[dict], sae) -> bool:
     return True
 
 
-def steering_slider(request, index: int):
-    """One slider row for the panel; a feature already in the panel is refused, not added twice."""
 def _panel_units(sae) -> str:
     recommendation = sae_steering_recommendation(sae) if sae is not None else None
     return recommendation["units"] if recommendation else SteeringState.current().units
 
 
+def steering_slider(request, index: int):
+    """One slider row for the panel; a feature already in the panel is refused, not added twice."""
     sae = steering_services.attached_sae()
     try:
         if sae is None:
@@ -272,6 +274,26 @@ async def steering_save_profile_action(request):
         return error_fragment(request, exc)
     return await sync_to_async(render)(request, "steering/_profile_saved.html",
                   {"profile": profile, "profiles_url": reverse("profiles:profiles")})
+
+
+@require_POST
+async def text_features_action(request):
+    """"Top features for this text": inspect it with the attached SAE and rank the features it fired."""
+    text = request.POST.get("text", "").strip()
+    try:
+        if not text:
+            raise ValidationFailed("text: type a text to find the features most active on it")
+        if len(text) > MAX_TEXT:
+            raise ValidationFailed(f"text: at most {MAX_TEXT} characters")
+        inspected = await text_inspect(text=SINK_PREFIX + text)
+        sae = await sync_to_async(sae_get)(name=inspected["sae"])
+    except MillmError as exc:
+        return error_fragment(request, exc)
+    labels = await sync_to_async(lambda: {i: (label, top) for i, label, top in
+                                          sae.labels.values_list("index", "label", "max_activation")})()
+    found = text_top_features(inspected["tokens"], labels=labels)
+    return await sync_to_async(render)(request, "steering/_text_features.html",
+                                       {"found": found, "sae": sae, "text": text})
 
 
 def feature_page(request, name: str, index: int):

@@ -11,12 +11,12 @@ FRAMES = [
 
 def test_special_tokens_are_left_out_of_columns_and_scale_unless_asked():
     table = heatmap(FRAMES, labels={7: "' cat'"}, max_columns=2)
-    assert [c.index for c in table.columns] == [3, 7]  # the generated token's feature keeps a column
+    assert [c.index for c in table.columns] == [7, 3]  # the generated token's feature keeps a column, first
     assert [row.token for row in table.rows] == ["Hello", " cat"] and table.special_rows == 1
-    assert table.columns[1].label == "' cat'"
-    assert table.rows[0].cells[0] == (8.0, 1.0)  # the scale is the text's peak, not the BOS token's 4000
+    assert table.columns[0].label == "' cat'"
+    assert table.rows[0].cells[1] == (8.0, 1.0)  # the scale is the text's peak, not the BOS token's 4000
     shown = heatmap(FRAMES, labels={}, include_special=True, max_columns=2)
-    assert shown.rows[0].token == "<|im_start|>" and shown.columns[0].index == 1
+    assert shown.rows[0].token == "<|im_start|>" and shown.columns[1].index == 1
 
 
 def test_per_column_scaling():
