@@ -87,6 +87,8 @@ def test_demo_loop_search_steer_compare_save_activate_chat_monitor_history(demo_
     page.click(f"#feature-{PARIS} td:first-child a")
     page.wait_for_url(f"**/saes/{stack.sae}/features/{PARIS}/")
     page.wait_for_selector("#lens-promoted", timeout=30_000)
+    page.wait_for_selector("#feature-live-stats", timeout=30_000)
+    assert "No tokens seen" in page.inner_text("#feature-live-stats")  # a fresh stack: no empty table of zeros
     assert "Paris" in page.inner_text("#feature-headline")
     # Its recommended strength: calibrated for this feature where the SAE has a calibration, else the SAE's preset.
     shown = re.search(r"([\d.]+) × residual norm", page.inner_text("#feature-recommended"))
@@ -118,6 +120,7 @@ def test_demo_loop_search_steer_compare_save_activate_chat_monitor_history(demo_
         # The token-level diff: the steered answer token by token, where it parts marked, what changed most.
         assert page.locator("#token-diff .token-strip .tok").count() >= 10
         assert page.locator("#token-diff .token-strip .tok.diverges").count() == 1
+        assert page.evaluate("(s => s.scrollWidth <= s.clientWidth)(document.querySelector('#token-diff .token-strip'))")
         changed = page.locator("#token-diff table.top-changed tbody td:first-child").all_text_contents()
         assert str(PARIS) in changed, changed
         page.locator("#token-diff").scroll_into_view_if_needed()  # the sticky panel scrolls on its own
