@@ -28,10 +28,12 @@ def _captures(items: Iterable[Any]) -> Iterable[FeatureCapture]:
 class FrameBuilder:
     def __init__(self, prompt_ids: Sequence[int], decode_token: Callable[[int], str], *, top_k: int | None = None,
                  features: Sequence[int] | None = None, steered: bool | None = None,
-                 positions: str = "all", stamp: bool = True, sae: str | None = None) -> None:
+                 positions: str = "all", stamp: bool = True, sae: str | None = None,
+                 reads: str | None = None) -> None:
         """`top_k`/`features` None: all the capture holds; `steered` None: captures of either residual;
         `positions` "prompt"/"generated" keeps only those frames; `stamp` adds `produced_at`; `sae` (set
-        while several SAEs are attached) names the SAE the features belong to in each frame."""
+        while several SAEs are attached) names the SAE the features belong to in each frame; `reads` None takes
+        the default SAE's captures, an SAE name that SAE's (a request's `return_features.sae`)."""
         self.prompt_ids = list(prompt_ids)
         self.decode_token = decode_token
         self.generated_ids: list[int] = []
@@ -41,13 +43,14 @@ class FrameBuilder:
         self.positions = positions
         self.stamp = stamp
         self.sae = sae
+        self.reads = reads
 
     def frames(self, token_id: int, captures: Sequence[Any]) -> list[dict[str, Any]]:
         """Frames for the captures of the pass that produced `token_id` (then remember the token)."""
         frames = []
         produced_at = time.time()  # for the token -> WebSocket lag benchmark
         for capture in _captures(captures):
-            if self.steered is not None and capture.steered != self.steered:
+            if (self.steered is not None and capture.steered != self.steered) or capture.sae != self.reads:
                 continue
             for n, generated in enumerate(capture.generated):
                 if generated:

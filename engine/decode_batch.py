@@ -279,7 +279,8 @@ def _shifted(entry: Any, offset: int) -> Any:
         return FeatureCapture(input_positions=[p + offset for p in entry.input_positions],
                               generated=list(entry.generated), topk_indices=list(entry.topk_indices),
                               topk_values=list(entry.topk_values),
-                              monitored={k: list(v) for k, v in entry.monitored.items()}, steered=entry.steered)
+                              monitored={k: list(v) for k, v in entry.monitored.items()}, steered=entry.steered,
+                              sae=entry.sae)
     return entry
 
 
@@ -287,7 +288,7 @@ def _join_entry(a: Any, b: Any, offset: int) -> Any:
     if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
         return tuple(_join_entry(x, y, offset) for x, y in zip(a, b, strict=True))
     if isinstance(a, FeatureCapture) and isinstance(b, FeatureCapture) and a.steered == b.steered \
-            and a.monitored.keys() == b.monitored.keys():
+            and a.sae == b.sae and a.monitored.keys() == b.monitored.keys():
         a.input_positions.extend(p + offset for p in b.input_positions)
         a.generated.extend(b.generated)
         a.topk_indices.extend(b.topk_indices)

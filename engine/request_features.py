@@ -24,6 +24,7 @@ class FeatureRequest:
     positions: FeaturePositions = "all"  # which tokens: "prompt", "generated" or "all"
     features: tuple[int, ...] = ()  # always reported at every token, whatever their rank
     after_steering: bool = False  # read the steered residual instead of what the model itself computed
+    sae: str | None = None  # another attached SAE's features (its own hook captures them); None: the default SAE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(self.features))

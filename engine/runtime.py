@@ -344,7 +344,12 @@ class EngineRuntime:
         if features is not None:
             if not self.hook.attached:
                 raise SaeNotAttachedError("return_features: no SAE is attached, so there are no features to return")
-            validate_feature_request(features, d_sae=self.hook.sae.d_sae)
+            if features.sae == self.sae_name:
+                features = replace(features, sae=None)  # the default SAE, by name: its own hook reads it
+            if features.sae is not None and features.sae not in self.attached:
+                raise SaeNotAttachedError(f"return_features.sae: SAE {features.sae} is not attached "
+                                          f"(attached: {', '.join(self.attached)})", param="return_features.sae")
+            validate_feature_request(features, d_sae=self.attached_hook(features.sae).sae.d_sae)
         compiled, label, compiled_conditions = self.resolve_steering(steering, steering_label, conditions)
         sampling = SamplingParams(**{k: v for k, v in params.items() if v is not None})
         tokenizer = self.loaded.tokenizer
@@ -368,7 +373,8 @@ class EngineRuntime:
                                steered=hook.capture_after_steering,
                                sae=self.sae_name if len(self.attached) > 1 else None) if monitored else None)
         returned = (FrameBuilder(prompt_ids, decode, top_k=features.top_k, features=features.features,
-                                 steered=features.after_steering, positions=features.positions, stamp=False)
+                                 steered=features.after_steering, positions=features.positions, stamp=False,
+                                 reads=features.sae)
                     if features is not None else None)
         return Submitted(handle=scheduler.submit(request), steering_label=label, prompt_text=prompt_text,
                          frames=frames, features=returned)

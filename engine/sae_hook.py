@@ -76,6 +76,7 @@ class FeatureCapture:
     topk_values: list[list[float]]
     monitored: dict[int, list[float]]  # monitored or requested feature -> its value at each captured token
     steered: bool = False  # read after steering (the steered residual) rather than before
+    sae: str | None = None  # the SAE read when it is not the default one (a request's `return_features.sae`)
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,6 +91,8 @@ class _CaptureGroup:
     feature_index: torch.Tensor | None  # (F,) long
     statistics_rows: torch.Tensor | None  # (Bc, 1) bool: the monitored rows; None: none (no statistics)
     steered: bool
+    sae: str | None = None  # the hook's `part`: captures of another SAE are tagged with its name
+    reports: bool = True  # False: another SAE's monitored rows only, which feed its statistics and no frames
 
 
 @dataclass(frozen=True, eq=False)
@@ -349,6 +352,7 @@ class SaeHook:
                 topk_values=[values[row][t] for t in positions],
                 monitored=monitored_by_feature,
                 steered=pending.group.steered,
+                sae=pending.group.sae,
             )
         return captures
 
@@ -438,16 +442,19 @@ class SaeHook:
         """The rows that read the residual before (or after) steering, and the k and features they need."""
         monitors = self.capture_after_steering == steered
         chosen, monitored_rows, top_k, features = [], [], 0, list(self.monitored_features) if monitors else []
+        asked = False
         for i, row in enumerate(rows):
-            asks = getattr(row, "features", None) if self.part is None else None  # frames read the default SAE
-            wants = asks is not None and asks.after_steering == steered
+            asks = getattr(row, "features", None)
+            # The default hook captures requests for the default SAE; another SAE's hook those naming it.
+            wants = asks is not None and asks.after_steering == steered and getattr(asks, "sae", None) == self.part
             if not (wants or (row.monitor and monitors)):
                 continue
             chosen.append(i)
             monitored_rows.append(row.monitor and monitors)
-            if row.monitor and monitors:
+            if row.monitor and monitors and self.part is None:
                 top_k = max(top_k, self.top_k)
             if wants:
+                asked = True
                 top_k = max(top_k, asks.top_k)
                 features.extend(f for f in asks.features if f not in features)
         if not chosen:
@@ -463,6 +470,8 @@ class SaeHook:
             statistics_rows=torch.tensor(monitored_rows, dtype=torch.bool, device=device).unsqueeze(1)
             if any(monitored_rows) else None,
             steered=steered,
+            sae=self.part,
+            reports=self.part is None or asked,
         )
 
     def _capture(self, hidden: torch.Tensor, context: ForwardContext, group: _CaptureGroup) -> None:
@@ -476,7 +485,8 @@ class SaeHook:
         features = sae.encode(monitored_rows(hidden))  # (Bm, T, d_sae)
         encoded = time.perf_counter_ns()
         valid = monitored_rows(context.valid_mask)
-        if self.part is not None:  # another SAE's hook: statistics only (frames carry the default SAE)
+        if not group.reports:
+            # Another SAE's hook with only monitored rows: its statistics (monitoring frames read the default SAE).
             if self.collect_statistics and self.statistics is not None and group.statistics_rows is not None:
                 self.statistics.update(features, include=valid & group.statistics_rows)
             return

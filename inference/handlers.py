@@ -75,17 +75,16 @@ def error_reply(exc: BaseException) -> m.Error:
 
 def feature_request(features: m.ReturnFeatures | None, attached: str | None,
                     others: tuple[str, ...] = ()) -> FeatureRequest | None:
-    """`attached`: the default SAE (the one whose features are returned); `others`: the other attached SAEs."""
+    """`attached`: the default SAE; `others`: the other attached SAEs, whose features a request may ask for."""
     if features is None:
         return None
-    if features.sae is not None and features.sae in others:
-        raise InvalidRequestError(param="return_features.sae", message=f"return_features.sae: features are returned "
-                                  f"for the default SAE {attached} only (SAE {features.sae} is attached beside it)")
-    if features.sae is not None and features.sae != attached:
+    if features.sae is not None and features.sae != attached and features.sae not in others:
         raise SaeNotAttachedError(f"return_features.sae: SAE {features.sae} is not attached "
-                                  f"(attached: {attached or 'none'})", param="return_features.sae")
+                                  f"(attached: {', '.join((attached, *others)) if attached else 'none'})",
+                                  param="return_features.sae")
     return FeatureRequest(top_k=features.top_k, positions=features.positions, features=tuple(features.features),
-                          after_steering=features.after_steering)
+                          after_steering=features.after_steering,
+                          sae=features.sae if features.sae != attached else None)
 
 
 def engine_conditions(steering: m.Steering | None) -> SteeringConditions | None:
@@ -401,7 +400,7 @@ class WorkerCalls:
             steering_label=steering.label if steering is not None else "inline", monitor=call.monitor,
             features=feature_request(call.features, self.runtime.sae_name, tuple(self.runtime.attached)[1:]),
             conditions=engine_conditions(steering))
-        sae_name = self.runtime.sae_name
+        sae_name = (call.features.sae if call.features is not None and call.features.sae else None) or self.runtime.sae_name
         handle = submitted.handle
         self.handles[handle.request_id] = handle
         finished = False

@@ -73,7 +73,7 @@ class ReturnFeatures(Message):
     top_k: int = 5
     positions: FeaturePositions = "all"
     features: list[int] = Field(default_factory=list)
-    sae: str | None = None  # None: the attached SAE; another name is refused
+    sae: str | None = None  # None: the default (first attached) SAE; any attached SAE by name
     after_steering: bool = False
 
 

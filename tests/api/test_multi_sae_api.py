@@ -48,6 +48,14 @@ def test_both_saes_attach_and_the_status_names_them_the_first_as_default(client,
     assert saes[late.name]["desired_attached"] and not saes[early.name]["desired_attached"]
     statistics = client.get(f"/api/monitoring/statistics?sae={early.name}")
     assert statistics.status_code == 200 and statistics.json()["data"]["sae"] == early.name
+    # A request's own features of the SAE it names.
+    body = {**CHAT, "model": model.name, "return_features": {"sae": early.name, "top_k": 3, "positions": "prompt"}}
+    response = send(client, "post", "/v1/chat/completions", body)
+    assert response.status_code == 200, response.content
+    returned = response.json()["millm_features"]
+    assert returned["sae"] == early.name and returned["tokens"]
+    gone = send(client, "post", "/v1/chat/completions", {**body, "return_features": {"sae": "gone", "top_k": 3}})
+    assert gone.status_code == 400 and gone.json()["error"]["code"] == "sae_not_attached"
 
 
 def test_features_of_both_saes_steer_at_once_and_detaching_one_keeps_the_other(client, serving):

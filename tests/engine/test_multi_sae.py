@@ -247,3 +247,53 @@ def test_bad_addresses_are_refused_and_nothing_applies(runtime):
             runtime.set_active_steering(spec, label="inline", conditions=conditions)
         assert runtime.active_steering is before and runtime.active_label == "active"
     runtime.set_active_steering(SteeringSpec(features=()), label="none")
+
+
+def test_a_request_gets_the_features_of_the_sae_it_names_and_monitoring_frames_name_the_default(runtime):
+    from engine.request_features import FeatureRequest
+
+    prompt_ids = list(runtime.loaded.tokenizer(PROMPT)["input_ids"])
+    encoded = {}
+    for name in (LATE, EARLY):
+        weights, kept = sae(runtime, name), []
+        layer = decoder_layers(runtime.loaded.model)[weights.hook_layer]
+
+        def work(layer=layer, weights=weights, kept=kept):
+            handle = layer.register_forward_hook(lambda _m, _a, out: kept.append(out[0] if isinstance(out, tuple)
+                                                                                 else out))
+            try:
+                runtime.loaded.model(torch.tensor([prompt_ids]))
+            finally:
+                handle.remove()
+            return weights.encode(kept[0][0])
+
+        encoded[name] = runtime.scheduler.call(work).result()
+    submitted = runtime.submit(request_id="features-early", model=None, prompt=PROMPT, messages=None,
+                               params={"max_tokens": 2, "temperature": 0.0}, steering=None, monitor=True,
+                               features=FeatureRequest(top_k=3, positions="prompt", sae=EARLY))
+    returned, monitored = [], []
+    for event in submitted.handle:
+        if isinstance(event, TokenEvent):
+            returned += submitted.features.frames(event.token_id, event.captures)
+            monitored += submitted.frames.frames(event.token_id, event.captures)
+    assert [f["position"] for f in returned] == list(range(len(prompt_ids)))
+    for frame in returned:  # the early SAE's top 3 at each prompt token
+        values, indices = torch.topk(encoded[EARLY][frame["position"]], 3)
+        expected = {str(i): round(v, 4) for i, v in zip(indices.tolist(), values.tolist(), strict=True) if v > 0}
+        assert frame["features"].keys() == expected.keys()
+        for index, value in expected.items():
+            assert frame["features"][index] == pytest.approx(value, abs=1e-3)
+    prompt_frames = [f for f in monitored if f["type"] == "prompt"]
+    assert prompt_frames and all(f["sae"] == LATE for f in monitored)
+    for frame in prompt_frames:  # monitoring reads the default ("late") SAE
+        best = encoded[LATE][frame["position"]]
+        if frame["features"]:
+            assert int(max(frame["features"], key=frame["features"].get)) == int(best.argmax())
+        else:
+            assert float(best.max()) <= 0  # nothing fired there
+    with pytest.raises(SaeNotAttachedError):
+        runtime.submit(request_id="features-gone", model=None, prompt=PROMPT, messages=None, params={"max_tokens": 1},
+                       steering=None, features=FeatureRequest(top_k=3, sae="gone"))
+    with pytest.raises(InvalidFeatureIndexError):
+        runtime.submit(request_id="features-bad", model=None, prompt=PROMPT, messages=None, params={"max_tokens": 1},
+                       steering=None, features=FeatureRequest(top_k=3, features=(256,), sae=EARLY))
