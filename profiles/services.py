@@ -61,8 +61,10 @@ def profile_save(*, name: str, description: str = "", model: LanguageModel | Non
                                details={"field": "sae"})
     options = steering_options_resolve(sae=sae, mode=mode, positions=positions, layers=layers, direction=direction)
     _check_features(features, sae)
+    # A condition may read any SAE of the profile's model (attached or not yet: activation checks again).
+    saes = {s.name: s for s in SparseAutoencoder.objects.filter(model_id=sae.model_id)} if sae is not None else None
     features, abort_when = conditions_normalise(features=features, abort_when=abort_when, mode=options.mode, sae=sae,
-                                                shape_only=sae is None)
+                                                attached=saes, shape_only=sae is None)
     profile = Profile.objects.filter(name=name).first()
     if profile is not None and not replace:
         raise Conflict(f"A profile named {name!r} already exists", details={"field": "name"})

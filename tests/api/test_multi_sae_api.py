@@ -110,13 +110,16 @@ def test_bad_addresses_are_refused_and_nothing_changes(client, serving, body, st
 
 def test_a_profile_holds_features_of_both_saes_and_round_trips_through_the_mistudio_file(client, serving):
     model, late, early = serving
-    features = [{"index": CAT, "strength": 40.0}, {"sae": early.name, "index": 42, "strength": 20.0}]
+    features = [{"index": CAT, "strength": 40.0},
+                {"sae": early.name, "index": 42, "strength": 20.0,
+                 "when": {"sae": late.name, "index": CAT, "below": 1e6}}]  # a lagged condition that always holds
     body = {"name": "two-saes", "model": model.name, "sae": late.name, "features": features}
     response = send(client, "post", "/api/profiles", body)
     assert response.status_code in (200, 201), response.content
     exported = client.get("/api/profiles/two-saes/export").json()
     exported = exported.get("data", exported)
     assert [(f.get("sae"), f["index"]) for f in exported["features"]] == [(None, CAT), (early.name, 42)]
+    assert exported["features"][1]["when"] == {"sae": late.name, "index": CAT, "below": 1e6}
     # Today's single-SAE file (no `sae` per feature) and this one import alike.
     imported = send(client, "post", "/api/profiles/import", {**exported, "name": "two-saes-copy"})
     assert imported.status_code in (200, 201), imported.content
