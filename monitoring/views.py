@@ -42,6 +42,8 @@ def monitor_page(request):
     recent = list(RequestRecord.objects.defer("token_features")[:20])
     for record in recent:
         record.user_prompt = user_prompt(record.prompt)
+    if request.htmx and request.htmx.target == "recent-requests":  # the table's own poll: its rows alone
+        return render(request, "monitoring/_recent_rows.html", {"recent": recent})
     return render(request, "monitoring/monitor.html", {"recent": recent, "nav": "monitor",
                                                        "capture": CaptureSettings.current()})
 

@@ -168,6 +168,10 @@ def test_demo_loop_search_steer_compare_save_activate_chat_monitor_history(demo_
     assert answer == steered[0], (answer, steered[0])  # the profile steers as the compare did
     request_id = raw.headers["x-request-id"]
     page.wait_for_selector(f".frame[data-request='{request_id}']", timeout=5_000)
+    # "Recent requests" updates live: the steered chat appears, with its profile, linked to its detail.
+    row = page.locator(f"#recent-requests tr:has(a[href='/history/{request_id}/'])")
+    row.wait_for(timeout=10_000)
+    assert "paris-demo" in row.inner_text()
     shot(page, "6-monitor")
 
     # History detail: generated tokens as rows, every column labelled (label under the index, and on hover).

@@ -21,7 +21,9 @@ def watched_page(browser, problems: list[str]):  # noqa: F811
     page = browser.new_page(viewport={"width": 1440, "height": 900})
     page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
     page.on("pageerror", lambda exc: problems.append(f"pageerror: {exc}"))
-    page.on("requestfailed", lambda req: problems.append(f"failed: {req.url} {req.failure}"))
+    # A poll cut short by leaving the page (net::ERR_ABORTED) is not a failure; errors answered are caught below.
+    page.on("requestfailed", lambda req: problems.append(f"failed: {req.url} {req.failure}")
+            if req.failure != "net::ERR_ABORTED" else None)
     page.on("response", lambda r: problems.append(f"{r.status}: {r.url}") if r.status >= 400 else None)
     return page
 
