@@ -263,3 +263,16 @@ def test_demo_recommended_steering_checkbox(demo_stack, browser, recipe):  # noq
     shot(page, "9-preset")
     page.close()
     assert problems == []
+
+
+def test_demo_every_page_free_of_console_errors(demo_stack, browser):  # noqa: F811
+    problems: list[str] = []
+    page = watched_page(browser, problems)
+    for path in ("/", "/models/", "/saes/", "/steering/", "/profiles/", "/monitor/", "/history/", "/system/",
+                 f"/saes/{demo_stack.sae}/features/{PARIS}/"):
+        page.goto(f"{demo_stack.url}{path}")
+        page.wait_for_selector("#system-status.status-live", timeout=10_000)
+        page.wait_for_timeout(2300)  # past one system_status tick and one Recent requests poll
+        shot(page, "page" + path.replace("/", "_"))
+    page.close()
+    assert problems == []
