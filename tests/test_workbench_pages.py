@@ -123,8 +123,11 @@ def test_every_page_has_the_system_live_target_favicon_and_offline_docs(client, 
     for path in ("/", "/steering/", "/profiles/", "/monitor/", "/history/", "/models/", "/saes/"):
         html = client.get(path).content.decode()
         assert html.count('id="system-live"') == 1, path
+        # An alert event swaps into #alert-log out of band on every page; without a target htmx logs an error.
+        assert html.count('id="alert-log"') == 1, path
         assert "favicon.svg" in html
-    assert client.get("/system/").content.decode().count('id="system-live"') == 1
+    system = client.get("/system/").content.decode()
+    assert system.count('id="system-live"') == 1 and system.count('id="alert-log"') == 1
     assert client.get("/favicon.ico")["Location"].endswith("favicon.svg")
     docs = client.get("/api/docs").content.decode()
     assert "/static/ninja/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
