@@ -99,8 +99,8 @@ def demo_assets_ensure(*, tier: str, force: bool = False) -> tuple[LanguageModel
 def demo_assets_mark_desired(*, model: LanguageModel, sae: SparseAutoencoder) -> None:
     """Make the demo model and SAE what the inference process loads and attaches when it starts."""
     model_set_desired_loaded(model=model)
-    SparseAutoencoder.objects.filter(desired_attached=True).update(desired_attached=False)
-    SparseAutoencoder.objects.filter(pk=sae.pk).update(desired_attached=True)
+    SparseAutoencoder.objects.filter(desired_attached=True).update(desired_attached=False, attached_order=None)
+    SparseAutoencoder.objects.filter(pk=sae.pk).update(desired_attached=True, attached_order=0)
 
 
 def catalog_is_empty() -> bool:

@@ -37,6 +37,7 @@ from inference import messages as m
 from inference.client import EMBED_TIMEOUT_S
 from monitoring.models import CaptureSettings
 from steering.models import SaeStatus, SparseAutoencoder, SteeringState
+from steering.sae_addressing import ATTACH_ORDER
 from steering.sae_services import sae_detach_all_marks, sae_set_status
 from steering.steering_services import steering_state_message
 
@@ -150,22 +151,30 @@ class WorkerCalls:
         if isinstance(reply, m.Error):
             log.warning("restore_load_failed", model=model.name, reason=reply.message)
             return
-        sae = await db(lambda: SparseAutoencoder.objects.filter(desired_attached=True, model=model).first())()
-        if sae is not None:
+        # Every SAE that was attached, in the order it was attached: the first is the default again.
+        desired = await db(lambda: list(SparseAutoencoder.objects.filter(desired_attached=True, model=model)
+                                        .order_by(*ATTACH_ORDER)))()
+        attached = []
+        for sae in desired:
             reply = await self.call_attach_sae(m.AttachSae(sae=sae.name))
             if isinstance(reply, m.Error):
                 log.warning("restore_attach_failed", sae=sae.name, reason=reply.message)
-                return
-            state = await db(lambda: SteeringState.objects.select_related("sae").get_or_create(pk=1)[0])()
-            steering = await db(steering_state_message)(state) if state.sae_id == sae.pk else None
-            if steering is not None:
-                await self.call_set_steering(m.SetSteering(steering=steering, sae=sae.name))
-        else:  # no SAE: the active steering may still add stored vectors (they need none)
-            state = await db(lambda: SteeringState.objects.select_related("sae").get_or_create(pk=1)[0])()
-            steering = await db(steering_state_message)(state) if state.sae_id is None else None
-            if steering is not None:
-                await self.call_set_steering(m.SetSteering(steering=steering))
-        log.info("desired_state_restored", model=model.name, sae=sae.name if sae else None)
+                continue
+            attached.append(sae)
+        sae = attached[0] if attached else None
+        state = await db(lambda: SteeringState.objects.select_related("sae").get_or_create(pk=1)[0])()
+        # With an SAE: the active steering of its features (of every attached SAE); with none: stored vectors only.
+        if state.sae_id == (sae.pk if sae is not None else None):
+            try:
+                steering = await db(steering_state_message)(state)
+                if steering is not None:
+                    reply = await self.call_set_steering(m.SetSteering(steering=steering,
+                                                                       sae=sae.name if sae is not None else None))
+                    if isinstance(reply, m.Error):
+                        log.warning("restore_steering_failed", reason=reply.message)
+            except Exception as exc:  # a feature of an SAE that failed to attach: serve unsteered, say why
+                log.warning("restore_steering_failed", reason=str(exc))
+        log.info("desired_state_restored", model=model.name, saes=[s.name for s in attached])
 
     async def shutdown(self) -> None:
         for handle in list(self.handles.values()):
@@ -301,12 +310,13 @@ class WorkerCalls:
                                suppressed=[m.TokenLogit(**vars(t)) for t in suppressed])
 
     def _scoring_parts(self, sae_name: str) -> tuple[Any, Any, Any]:
-        """The scheduler, loaded model and SAE a scoring call runs on (the named SAE must be attached)."""
+        """The scheduler, loaded model and SAE a scoring call runs on (the named SAE, any attached one, reads
+        the features; SAE_NOT_ATTACHED otherwise)."""
         scheduler = self.runtime.require_model()
-        sae = self.runtime.hook.sae
-        if sae is None or self.runtime.sae_name != sae_name:
-            raise SaeNotAttachedError(f"SAE {sae_name} is not attached (attached: {self.runtime.sae_name or 'none'})")
-        return scheduler, self.runtime.loaded, sae
+        if sae_name not in self.runtime.attached:
+            raise SaeNotAttachedError(f"SAE {sae_name} is not attached "
+                                      f"(attached: {', '.join(self.runtime.attached) or 'none'})")
+        return scheduler, self.runtime.loaded, self.runtime.attached_hook(sae_name).sae
 
     def _check_ids(self, ids: list[int], param: str) -> None:
         vocab = self.runtime.loaded.vocab_size

@@ -27,6 +27,7 @@ from monitoring.metrics import CONTENT_TYPE, registry
 from monitoring.models import CaptureSettings, RequestRecord
 from monitoring.system_status import inference_ping, system_publisher
 from steering.models import SparseAutoencoder
+from steering.sae_addressing import ATTACH_ORDER
 from steering.selectors import sae_list
 
 HISTORY_PAGE_SIZE = 50
@@ -103,7 +104,7 @@ def history_detail_page(request, request_id: str):
 
 def _labels_for(model_name: str, frames: list[dict]) -> dict[int, str]:
     """Labels from the model's SAE (the attached one first) for the features these frames name."""
-    sae = (SparseAutoencoder.objects.filter(model__name=model_name).order_by("-desired_attached", "name").first())
+    sae = (SparseAutoencoder.objects.filter(model__name=model_name).order_by("-desired_attached", *ATTACH_ORDER).first())
     if sae is None:
         return {}
     indices = {int(k) for frame in frames or [] for k in (frame.get("features") or {})}

@@ -176,6 +176,7 @@ async def compare(request, payload: CompareIn):
 
 
 class SweepFeatureIn(Schema):
+    sae: str | None = Field(None, description="the feature's SAE, any attached one (default: the first attached)")
     index: int
     strength: float | None = Field(None, description="this feature's strength at sweep strength 1 (default 1)")
 

@@ -39,7 +39,10 @@ class SparseAutoencoder(models.Model):
                                       help_text="Median L2 norm of the hooked residual: the unit of relative strengths")
     status = models.CharField(max_length=16, choices=SaeStatus.choices, default=SaeStatus.READY)
     status_message = models.TextField(blank=True)
+    # Attached again after a restart (every SAE marked, several at once), in `attached_order`: the first
+    # is the default SAE, the one a feature without `sae` addresses.
     desired_attached = models.BooleanField(default=False)
+    attached_order = models.PositiveIntegerField(null=True, blank=True)
     is_demo = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -50,8 +53,6 @@ class SparseAutoencoder(models.Model):
         constraints = [
             models.CheckConstraint(condition=Q(d_in__gt=0) & Q(d_sae__gt=0), name="sae_dims_positive"),
             models.CheckConstraint(condition=Q(status__in=SaeStatus.values), name="sae_status_valid"),
-            models.UniqueConstraint(fields=["desired_attached"], condition=Q(desired_attached=True),
-                                    name="sae_single_desired_attached"),
         ]
 
     def __str__(self) -> str:

@@ -1,7 +1,7 @@
 """A feature addressed as (SAE, index) while several SAEs are attached: which SAE a feature's `sae` names,
 checked against the attached ones, and strengths converted with each feature's own SAE.
 
-The default SAE (a feature without `sae`) is the first attached: the one `desired_attached` marks
+The default SAE (a feature without `sae`) is the first attached: the lowest `attached_order`
 (steering/sae_services.py `sae_set_status`), so today's single-SAE requests keep working unchanged.
 """
 
@@ -9,15 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db.models import F
+
 from millm_site.errors import SaeNotAttached, ValidationFailed
+from steering.calibration_services import features_fill_recommended
 from steering.models import SaeStatus, SparseAutoencoder
 from steering.units import strengths_to_raw
 
+# The attach order (the default SAE first), as the inference process holds them; then by name.
+ATTACH_ORDER = (F("attached_order").asc(nulls_last=True), "name")
+
 
 def attached_saes_in_order() -> dict[str, SparseAutoencoder]:
-    """The attached SAEs, the default first (then by name)."""
+    """The attached SAEs, the default first (then in attach order)."""
     rows = (SparseAutoencoder.objects.select_related("model").filter(status=SaeStatus.ATTACHED)
-            .order_by("-desired_attached", "name"))
+            .order_by(*ATTACH_ORDER))
     return {sae.name: sae for sae in rows}
 
 
@@ -55,3 +61,17 @@ def strengths_to_raw_by_sae(*, sae: SparseAutoencoder, features: list[dict[str, 
         for position, feature in zip(positions, converted, strict=True):
             raw[position] = feature
     return raw
+
+
+def features_fill_recommended_by_sae(*, sae: SparseAutoencoder | None, features: list[dict[str, Any]], units: str,
+                                     attached: dict[str, SparseAutoencoder] | None) -> list[dict[str, Any]]:
+    """A feature without a strength gets the calibrated strength of ITS SAE (calibration.json per SAE), not the
+    default SAE's; the order is kept. An SAE that is not attached is refused (SAE_NOT_ATTACHED)."""
+    if all(f.get("strength") is not None for f in features):
+        return features
+    filled = list(features)
+    for position, feature in enumerate(features):
+        if feature.get("strength") is None:
+            target = feature_sae(feature, field=f"features[{position}]", default=sae, attached=attached)
+            filled[position] = features_fill_recommended(sae=target, features=[feature], units=units)[0]
+    return filled

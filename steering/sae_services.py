@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from django.db import transaction
+from django.db.models import Max
 
 from catalog.models import LanguageModel
 from engine.rules import feature_index_problem
@@ -140,23 +141,22 @@ def sae_set_status(*, name: str, status: str, message: str = "", attached: bool 
     """Record an SAE's status (and, with `attached`, the desired state) and tell the live pages.
 
     Several SAEs of the loaded model may be attached at once; attaching one marks another model's SAEs
-    detached. `desired_attached` (unique) marks the default SAE, the first attached: the one a restarted
-    inference process attaches again."""
+    detached. Every attached SAE is `desired_attached`, in `attached_order` (the first is the default SAE):
+    a restarted inference process attaches them all again in that order. Re-attaching one keeps its place."""
     with transaction.atomic():
-        sae = SparseAutoencoder.objects.get(name=name)
-        desired = attached
+        sae = SparseAutoencoder.objects.select_for_update().get(name=name)
         if attached:
-            others = SparseAutoencoder.objects.exclude(name=name)
-            others.exclude(model_id=sae.model_id).filter(status=SaeStatus.ATTACHED).update(status=SaeStatus.READY)
-            others.exclude(model_id=sae.model_id).filter(desired_attached=True).update(desired_attached=False)
-            # Beside an attached default of the same model, this one is an extra: the default keeps the mark.
-            desired = sae.desired_attached or not others.filter(model_id=sae.model_id, status=SaeStatus.ATTACHED,
-                                                                desired_attached=True).exists()
-            if desired:
-                others.filter(desired_attached=True).update(desired_attached=False)
+            others = SparseAutoencoder.objects.exclude(model_id=sae.model_id)
+            others.filter(status=SaeStatus.ATTACHED).update(status=SaeStatus.READY)
+            others.filter(desired_attached=True).update(desired_attached=False, attached_order=None)
+            if not sae.desired_attached or sae.attached_order is None:
+                last = (SparseAutoencoder.objects.filter(model_id=sae.model_id, desired_attached=True)
+                        .exclude(pk=sae.pk).aggregate(last=Max("attached_order"))["last"])
+                sae.attached_order = 0 if last is None else last + 1
+            sae.desired_attached = True
+        elif attached is not None:
+            sae.desired_attached, sae.attached_order = False, None
         sae.status, sae.status_message = status, message[:2000]
-        if desired is not None:
-            sae.desired_attached = desired
         sae.save()
     event_publish_sync("progress", "sae_status", {"name": sae.name, "status": sae.status,
                                                   "status_message": sae.status_message, "layer": sae.layer})

@@ -31,10 +31,15 @@ from monitoring.live import activation_publisher
 from monitoring.request_tracking import RequestTracker
 from profiles.models import Profile
 from profiles.vector_services import active_vector_refs, active_vectors_set, stored_vector_refs, vector_parts
-from steering.calibration_services import features_fill_recommended
 from steering.conditions import condition_message, condition_normalise, conditions_normalise
 from steering.models import SaeStatus, SparseAutoencoder, SteeringState
-from steering.sae_addressing import attached_saes_in_order, feature_sae, strengths_to_raw_by_sae
+from steering.sae_addressing import (
+    ATTACH_ORDER,
+    attached_saes_in_order,
+    feature_sae,
+    features_fill_recommended_by_sae,
+    strengths_to_raw_by_sae,
+)
 from steering.steering_options import SteeringOptions, steering_options_resolve
 from steering.token_diff_services import compare_token_diff
 
@@ -42,9 +47,9 @@ MODES, POSITIONS, UNITS = STEERING_MODES, STEERING_POSITIONS, STRENGTH_UNITS
 
 
 def attached_sae() -> SparseAutoencoder | None:
-    """The default SAE (the first attached, which `desired_attached` marks) when several are attached."""
+    """The default SAE (the first attached, the lowest `attached_order`) when several are attached."""
     return (SparseAutoencoder.objects.select_related("model").filter(status=SaeStatus.ATTACHED)
-            .order_by("-desired_attached", "name").first())
+            .order_by(*ATTACH_ORDER).first())
 
 
 def steering_validate(*, sae: SparseAutoencoder | None, features: list[dict[str, Any]], mode: str = "additive",
@@ -104,7 +109,8 @@ async def steering_apply(*, features: list[dict[str, Any]], mode: str = "additiv
     options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, layers=layers,
                                        direction=direction, preset=preset)
     # A feature without a strength gets its calibrated one (steering/calibration_services.py).
-    features = await sync_to_async(features_fill_recommended)(sae=sae, features=features, units=options.units)
+    features = await sync_to_async(features_fill_recommended_by_sae)(sae=sae, features=features, units=options.units,
+                                                                    attached=attached)
     normalised = steering_validate(sae=sae, features=features, mode=options.mode, positions=options.positions,
                                    units=options.units, attached=attached)
     # Conditions are checked here too, before the inference process hears of anything.
@@ -180,8 +186,9 @@ async def steering_compare(*, prompt: str, features: list[dict[str, Any]], chat:
     options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, layers=layers,
                                        direction=direction, preset=preset)
     # A feature without a strength gets its calibrated one (steering/calibration_services.py).
-    features = await sync_to_async(features_fill_recommended)(sae=sae, features=features, units=options.units)
     attached = await sync_to_async(attached_saes_in_order)()
+    features = await sync_to_async(features_fill_recommended_by_sae)(sae=sae, features=features, units=options.units,
+                                                                    attached=attached)
     normalised = steering_validate(sae=sae, features=features, mode=options.mode, positions=options.positions,
                                    units=options.units, attached=attached)
     raw = await sync_to_async(strengths_to_raw_by_sae)(sae=sae, features=normalised, units=options.units,

@@ -16,8 +16,12 @@ while raising the concept score above the unsteered outputs'). Degenerate answer
 the unsteered model finds repetition easy to predict: on the demo tier "My French friends France France …"
 scored -1.56 against the unsteered answers' -0.92.
 
-`strengths: "auto"` is a geometric grid AUTO_FACTORS × a centre: the SAE's recommended strength when its units
-are the request's, else AUTO_CENTER[units].
+`strengths: "auto"` is a geometric grid AUTO_FACTORS × a centre: the swept features' own calibrated recommended
+strength (calibration.json of each feature's SAE; the mean when several have one), else the SAE's recommended
+strength when its units are the request's, else AUTO_CENTER[units].
+
+A feature may name any attached SAE (`sae`, as everywhere; steering/sae_addressing.py): it is steered, its
+logit lens read and its concept score measured with its own SAE, and the result names each feature's SAE.
 
 All strengths × prompts are submitted at once (the scheduler batches them), then scored in one call. Up to
 SWEEP_INLINE_RUNS generations the answer is inline; above, a Celery job runs it (`steering.tasks.sweep_run`),
@@ -50,11 +54,12 @@ from millm_site.celery import app as celery_app
 from millm_site.errors import NotFound, SaeNotAttached, ValidationFailed
 from millm_site.events import event_publish
 from monitoring.request_tracking import RequestTracker
+from steering.calibration_services import feature_recommended_strength
 from steering.models import SparseAutoencoder, SweepRun, SweepStatus
+from steering.sae_addressing import attached_saes_in_order, strengths_to_raw_by_sae
 from steering.steering_options import SteeringOptions, sae_steering_recommendation, steering_options_resolve
 from steering.steering_services import attached_sae, steering_message, steering_validate
 from steering.token_diff_services import feature_labels
-from steering.units import strengths_to_raw
 
 DEFAULT_PROMPTS = ("Tell me about your weekend.", "What do you like to do in the evening?",
                    "Describe the place where you live.")
@@ -88,19 +93,24 @@ class SweepPlan:
 def sweep_plan(*, sae: SparseAutoencoder | None, features: list[dict[str, Any]], strengths: list[float] | str,
                prompts: list[str] | None, max_tokens: int = 40, chat: bool = True, mode: str = "additive",
                positions: str = "all", units: str = "raw", layers: list[int] | None = None,
-               direction: str = "decoder", preset: str | None = None) -> SweepPlan:
-    """Check a sweep request whole (nothing starts on a refusal) and resolve `auto` and the defaults."""
+               direction: str = "decoder", preset: str | None = None,
+               attached: dict[str, SparseAutoencoder] | None = None) -> SweepPlan:
+    """Check a sweep request whole (nothing starts on a refusal) and resolve `auto` and the defaults.
+    `attached`: the attached SAEs a feature's `sae` may name."""
     if not features:
         raise ValidationFailed("features: list at least one feature to sweep", details={"field": "features"})
     if sae is None:
         raise SaeNotAttached("No SAE is attached: attach one before sweeping its features")
     options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, layers=layers,
                                        direction=direction, preset=preset)
-    base = [{"index": f.get("index"), "strength": 1.0 if f.get("strength") is None else f.get("strength")}
-            for f in features]
+    base = [{"index": f.get("index"), "strength": 1.0 if f.get("strength") is None else f.get("strength"),
+             **({"sae": f["sae"]} if isinstance(f, dict) and f.get("sae") is not None else {})} for f in features]
     normalised = steering_validate(sae=sae, features=base, mode=options.mode, positions=options.positions,
-                                   units=options.units)
-    grid = _strength_grid(sae, strengths, options.units)
+                                   units=options.units, attached=attached)
+    # The auto grid centres on the features' own calibrated strengths (those swept at their listed values).
+    own = [feature_recommended_strength((attached or {}).get(f.get("sae"), sae), f["index"], options.units)
+           for f, given in zip(normalised, features, strict=True) if given.get("strength") is None]
+    grid = _strength_grid(sae, strengths, options.units, own=[v for v in own if v])
     prompt_list = list(DEFAULT_PROMPTS) if not prompts else list(prompts)
     if len(prompt_list) > MAX_SWEEP_PROMPTS or not all(isinstance(p, str) and p.strip() for p in prompt_list):
         raise ValidationFailed(f"prompts: 1..{MAX_SWEEP_PROMPTS} non-empty prompts", details={"field": "prompts"})
@@ -113,15 +123,17 @@ def sweep_plan(*, sae: SparseAutoencoder | None, features: list[dict[str, Any]],
                                details={"field": "strengths", "runs": runs, "max_runs": MAX_SWEEP_RUNS})
     # Every strength must stay within the steering bound once multiplied onto the features.
     steering_validate(sae=sae, features=[{**f, "strength": f["strength"] * max(grid, key=abs)} for f in normalised],
-                      mode=options.mode, positions=options.positions, units=options.units)
+                      mode=options.mode, positions=options.positions, units=options.units, attached=attached)
     return SweepPlan(sae=sae.name, model=sae.model.name, features=normalised, strengths=grid, prompts=prompt_list,
                      max_tokens=max_tokens, chat=chat, options=options.as_dict())
 
 
-def _strength_grid(sae: SparseAutoencoder, strengths: list[float] | str, units: str) -> list[float]:
+def _strength_grid(sae: SparseAutoencoder, strengths: list[float] | str, units: str,
+                   own: list[float] | None = None) -> list[float]:
     if strengths == "auto":
         recommendation = sae_steering_recommendation(sae) or {}
-        centre = (recommendation.get("recommended_strength") if recommendation.get("units") == units else None)
+        centre = (sum(own) / len(own) if own else
+                  recommendation.get("recommended_strength") if recommendation.get("units") == units else None)
         if not isinstance(centre, int | float) or not centre:
             centre = AUTO_CENTER[units]
         values = [round(centre * factor, 6) for factor in AUTO_FACTORS]
@@ -189,11 +201,20 @@ def sweep_recommend(points: list[dict[str, Any]], *, margin: float = FLUENCY_MAR
 async def sweep_execute(plan: SweepPlan, *, on_progress: ProgressSink | None = None) -> dict[str, Any]:
     """Generate every strength × prompt at once, score them in one call, and put the points together."""
     sae = await sync_to_async(SparseAutoencoder.objects.select_related("model").get)(name=plan.sae)
+    attached = await sync_to_async(attached_saes_in_order)()
     options = SteeringOptions(**{**plan.options, "layers": tuple(plan.options["layers"])})
     client = inference_client()
-    lenses = await asyncio.gather(*(client.feature_logit_lens(model=plan.model, sae=plan.sae, index=f["index"],
-                                                              count=TOP_TOKENS) for f in plan.features))
-    labels = await sync_to_async(feature_labels)(sae=sae, indices=[f["index"] for f in plan.features])
+    owners = [f.get("sae") or plan.sae for f in plan.features]  # each feature's own SAE
+    lenses = await asyncio.gather(*(client.feature_logit_lens(model=plan.model, sae=owner, index=f["index"],
+                                                              count=TOP_TOKENS)
+                                    for f, owner in zip(plan.features, owners, strict=True)))
+    labels = {}
+    for name in dict.fromkeys(owners):
+        owner = attached.get(name) or sae
+        found = await sync_to_async(feature_labels)(sae=owner, indices=[f["index"] for f, o in
+                                                                        zip(plan.features, owners, strict=True)
+                                                                        if o == name])
+        labels.update({(name, index): label for index, label in found.items()})
     # The quoted tokens of a label ("' French', ' Paris'") count too: with direction "concept" the steered
     # direction is not the decoder row the logit lens reads.
     words = set().union(*(top_token_words([t.text for t in lens.promoted]) for lens in lenses),
@@ -201,7 +222,8 @@ async def sweep_execute(plan: SweepPlan, *, on_progress: ProgressSink | None = N
     steerings = {}
     for strength in plan.strengths:
         scaled = [{**f, "strength": f["strength"] * strength} for f in plan.features]
-        raw = await sync_to_async(strengths_to_raw)(sae=sae, features=scaled, units=options.units)
+        raw = await sync_to_async(strengths_to_raw_by_sae)(sae=sae, features=scaled, units=options.units,
+                                                           attached=attached)
         steerings[strength] = m.Steering() if strength == 0 else steering_message(raw, options)
     cells = [(strength, prompt) for strength in plan.strengths for prompt in plan.prompts]
     done = 0
@@ -220,11 +242,15 @@ async def sweep_execute(plan: SweepPlan, *, on_progress: ProgressSink | None = N
 
     results = await asyncio.gather(*(one(s, p) for s, p in cells))  # one batch: the scheduler runs them together
     ids = [[t.id for t in r.tokens] for r in results]
-    scores = await client.score_texts(model=plan.model, call=m.ScoreTexts(
-        sae=plan.sae, features=[f["index"] for f in plan.features],
-        texts=[m.TextToScore(prompt=None if plan.chat else p,
-                             messages=[{"role": "user", "content": p}] if plan.chat else None, generated_ids=i)
-               for (_, p), i in zip(cells, ids, strict=True)]))
+    texts = [m.TextToScore(prompt=None if plan.chat else p,
+                           messages=[{"role": "user", "content": p}] if plan.chat else None, generated_ids=i)
+             for (_, p), i in zip(cells, ids, strict=True)]
+    # One scoring call per SAE the features belong to: each feature's concept is read by its own SAE.
+    by_sae = {name: [position for position, o in enumerate(owners) if o == name] for name in dict.fromkeys(owners)}
+    scored = {name: await client.score_texts(model=plan.model, call=m.ScoreTexts(
+        sae=name, features=[plan.features[p]["index"] for p in positions], texts=texts))
+              for name, positions in by_sae.items()}
+    scores = _merged_scores(scored, by_sae, len(plan.features))
     points = []
     for strength in plan.strengths:
         rows = [(p, r, i, s) for (st, p), r, i, s in zip(cells, results, ids, scores.scores, strict=True)
@@ -243,10 +269,27 @@ async def sweep_execute(plan: SweepPlan, *, on_progress: ProgressSink | None = N
         })
     if on_progress is not None:
         await on_progress(1.0)
-    return {"sae": plan.sae, "features": [{**f, "label": labels.get(f["index"])} for f in plan.features],
+    return {"sae": plan.sae, "features": [{**f, "sae": owner, "label": labels.get((owner, f["index"]))}
+                                          for f, owner in zip(plan.features, owners, strict=True)],
             "strengths": plan.strengths, "prompts": plan.prompts, "max_tokens": plan.max_tokens, **plan.options,
             "top_tokens": sorted(words), "fluency_margin": FLUENCY_MARGIN, "points": points,
             "recommended_strength": sweep_recommend(points)}
+
+
+def _merged_scores(scored: dict[str, m.TextScores], by_sae: dict[str, list[int]], count: int) -> m.TextScores:
+    """Per text, the feature means of every SAE's call put back in the features' order (the log-probability
+    does not depend on the SAE read: the first call's)."""
+    first = next(iter(scored.values()))
+    if len(scored) == 1:
+        return first
+    merged = []
+    for row, text in enumerate(first.scores):
+        means = [0.0] * count
+        for name, positions in by_sae.items():
+            for position, value in zip(positions, scored[name].scores[row].feature_means, strict=True):
+                means[position] = value
+        merged.append(text.model_copy(update={"feature_means": means}))
+    return m.TextScores(scores=merged)
 
 
 def sweep_data(run: SweepRun) -> dict[str, Any]:
@@ -257,7 +300,8 @@ def sweep_data(run: SweepRun) -> dict[str, Any]:
 async def sweep_start(**request: Any) -> dict[str, Any]:
     """Validate, then answer inline (small) or queue the Celery job (large); saved either way."""
     sae = await sync_to_async(attached_sae)()
-    plan = await sync_to_async(sweep_plan)(sae=sae, **request)
+    attached = await sync_to_async(attached_saes_in_order)()
+    plan = await sync_to_async(sweep_plan)(sae=sae, attached=attached, **request)
     run = await sync_to_async(SweepRun.objects.create)(sae=sae, request=asdict(plan), status=SweepStatus.RUNNING)
     if plan.runs > SWEEP_INLINE_RUNS:
         await sync_to_async(SweepRun.objects.filter(pk=run.pk).update)(status=SweepStatus.QUEUED)

@@ -29,7 +29,8 @@ async def compare_token_diff(*, sae: SparseAutoencoder, prompt: str | None, mess
                         "steered_logprob": t.steered_logprob, "unsteered_logprob": t.unsteered_logprob, "kl": t.kl}
                        for t in diff.tokens],
             "first_divergence": diff.first_divergence,
-            "top_changed_features": [{"index": f.index, "label": labels.get(f.index), "before": f.before,
+            # Read by the default SAE (the steered features may be any attached SAE's): each names it.
+            "top_changed_features": [{"sae": sae.name, "index": f.index, "label": labels.get(f.index), "before": f.before,
                                       "after": f.after, "delta": f.delta} for f in diff.top_changed_features]}
 
 
