@@ -1,21 +1,28 @@
-"""Weight-only Q4/Q8 on CPU with torch's own kernels (bitsandbytes stays for CUDA).
+"""Q4/Q8 on CPU with torch's own kernels (bitsandbytes stays for CUDA).
 
 Every `nn.Linear` (and GPT-2-style `Conv1D`, a Linear with its weight stored transposed) whose
-input width is a multiple of the group size (attention projections, MLP, and the LM head) is replaced by a module that keeps only the quantized weight; activations are cast
-to bfloat16 for the matmul and back, so the residual stream (what the SAE reads and steering
-writes) keeps the model's dtype.
+input width is a multiple of the group size (attention projections, MLP, and the LM head) is
+replaced by a module that keeps only the quantized weight; its output is in the model's dtype, so
+the residual stream (what the SAE reads and steering writes) stays as it was.
 
-Q4 (`aten._weight_int4pack_mm_for_cpu`, the layout torchao's int4 CPU path uses): per output row
+Q4 (`aten._weight_int4pack_mm_for_cpu`, the layout torchao's int4 CPU path uses; activations cast
+to bfloat16 for the matmul and back): per output row
 and group of G = 32 input columns, asymmetric min/max over the group,
     scale = (max - min) / 15,  q = round((w - min) / scale) ∈ [0, 15],  zero = min + 8 · scale,
     ŵ = (q - 8) · scale + zero,
 stored as the kernel's packed uint8 [N', K/2] plus bfloat16 (scale, zero) [K/G, N', 2], where the
 kernel wants N' a multiple of 16: extra rows are zeros, and their outputs are cut off.
 
-Q8 (`aten._weight_int8pack_mm`): symmetric per output row, scale = max|w| / 127,
-q = round(w / scale) ∈ [-127, 127], ŵ = q · scale; int8 [N, K] plus bfloat16 scales [N].
-With float32 activations this kernel is ~10× slower than a float32 matmul on an AVX2 CPU; with
-bfloat16 activations it is on par or faster (bench figures in docs/benchmarks.md), hence the cast.
+Q8 is W8A8 (`torch._int_mm`, int8 × int8 → int32): weights symmetric per output row,
+scale = max|w| / 127, q = round(w / scale) ∈ [-127, 127], ŵ = q · scale (int8 [N, K] plus
+bfloat16 scales [N]); activations quantized the same way per row (per token) on every call,
+x̂ = round(x · 127 / max|x|) · max|x| / 127, and y = (x̂_int · q) · (max|x| / 127) · scale with the
+integer products summed exactly. Every row's scale comes from that row alone, so a token's output
+does not depend on the other rows of its batch (a per-tensor activation scale, as in fbgemm's
+dynamic Linear, would make one request's text depend on concurrent traffic). Unlike the int4 kernel,
+whose cost roughly doubles from 4 to 8 rows, the integer matmul costs about 1.5–2× at 8 rows what
+it costs at one, which is what lets batching pay (docs/benchmarks.md). `aten._weight_int8pack_mm`,
+the weight-only int8 kernel used before, was 10× slower than float32 with float32 activations.
 
 Siblings that read the same input (q/k/v projections; gate/up of a gated MLP) are fused into one
 quantized matrix [N_q + N_k + N_v, K]: the first sibling called runs one matmul (one cast in, one
@@ -33,7 +40,7 @@ _Q4_ROWS = 16  # the int4 packing needs a multiple of 16 output rows
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # HF Llama/Mistral/Qwen/Gemma names
 KERNELS = {
     "q4": "torch int4 CPU kernel, group 32, bf16 activations",
-    "q8": "torch int8 CPU kernel, per-row scales, bf16 activations",
+    "q8": "W8A8 torch int8 matmul, per-row weight scales, per-token activation scales",
 }
 
 
@@ -61,18 +68,31 @@ class QuantizedLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """ŵ as float32 [N, K]: what the kernel multiplies by."""
+        if self.quantization == "q8":
+            return self.int8_weight.float() * self.scales.float().unsqueeze(1)
         identity = torch.eye(self.in_features, dtype=torch.bfloat16)
-        return self._matmul(identity).float().T.contiguous()
+        return self._int4_matmul(identity).float().T.contiguous()
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantization == "q4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed_weight, GROUP_SIZE, self.scales_and_zeros)
-            return y if y.shape[-1] == self.out_features else y[:, : self.out_features]
-        return torch.ops.aten._weight_int8pack_mm(x, self.int8_weight, self.scales)
+    def _int4_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed_weight, GROUP_SIZE, self.scales_and_zeros)
+        return y if y.shape[-1] == self.out_features else y[:, : self.out_features]
+
+    def _int8_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """W8A8 with one activation scale per row, from that row alone (see the module docstring)."""
+        x = x.float()
+        # 127 / max|x| of each row; x · that is within [-127, 127] up to a rounding, which round() absorbs
+        inverse = 127 / x.abs().amax(-1, keepdim=True).clamp_(min=1e-30)
+        q = (x * inverse).round_().to(torch.int8)
+        # [N, K] weight passed transposed: faster than a [K, N] copy at one row, on par at eight
+        return torch._int_mm(q, self.int8_weight.t()).div(inverse).mul_(self.scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = self._matmul(flat).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        flat = x.reshape(-1, self.in_features)
+        if self.quantization == "q4":
+            y = self._int4_matmul(flat.to(torch.bfloat16))
+        else:
+            y = self._int8_matmul(flat)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

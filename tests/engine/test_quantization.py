@@ -40,6 +40,29 @@ def test_quantized_linear_is_the_dequantized_matmul_and_close_to_dense(quantizat
     assert not any(p.dtype == torch.float32 and p.dim() == 2 for p in layer.parameters())
 
 
+def test_q8_gives_a_row_the_same_bits_alone_or_in_a_batch_of_eight():
+    # Activations are quantized per row (per token): a request's numbers must not depend on what else is batched
+    # with it. Rows of very different magnitudes would move a per-tensor scale, so they would show it.
+    torch.manual_seed(0)
+    layer = QuantizedLinear(torch.nn.Linear(4 * GROUP_SIZE, 96, bias=True), "q8")
+    rows = torch.randn(8, layer.in_features) * torch.logspace(-3, 3, 8).unsqueeze(1)
+    with torch.inference_mode():
+        batch = layer(rows)
+        alone = torch.cat([layer(rows[i : i + 1]) for i in range(8)])
+    assert torch.equal(batch, alone)
+    assert batch.abs().amin(dim=1).gt(0).all()  # no row squashed to zero by another row's scale
+
+
+def test_q8_model_gives_each_prompt_the_same_logits_alone_or_batched(model_dir):
+    loaded = load_model(model_dir, quantization="q8")
+    torch.manual_seed(0)
+    ids = torch.randint(3, loaded.model.config.vocab_size, (8, 9))
+    with torch.inference_mode():
+        batch = loaded.model(ids).logits
+        alone = torch.cat([loaded.model(ids[i : i + 1]).logits for i in range(8)])
+    assert torch.equal(batch, alone)
+
+
 @pytest.fixture(scope="module")
 def model_dir(test_tier_assets):
     return test_tier_assets.model.local_path
