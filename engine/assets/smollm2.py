@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .manifest import BuiltModel, BuiltSAE, DemoAssets, FeatureLabel
 from .sae_training import SAETrainConfig
+from .smollm2_second_sae import MainBuild, ensure_second_sae
 
 RECIPE_VERSION = 1  # bump when anything below changes what gets built
 CONVERSION_VERSION = 1
@@ -269,7 +270,12 @@ def build_demo_tier(out_dir: Path, *, force: bool = False, progress: bool = True
                 manifest = _build(out_dir, force=force, progress=progress)
         ensure_steering_assets(out_dir)
         ensure_calibration(out_dir, progress=progress)
-        return _assets_from_manifest(out_dir, manifest)
+        second = ensure_second_sae(out_dir, MainBuild(
+            residuals=lambda model, tokenizer, layer: collect_residuals(
+                model, training_sequences(tokenizer), layer, pad_id=tokenizer.pad_token_id, progress=progress),
+            model_repo_id=MODEL_REPO_ID, context_size=MAX_SEQ_LEN, sink_norm_factor=SINK_NORM_FACTOR,
+            held_out_every=HELD_OUT_EVERY), progress=progress)
+        return replace(_assets_from_manifest(out_dir, manifest), extra_saes=(second,))
 
 
 def label_token_ids(label: str, encode: Any) -> list[int]:

@@ -199,3 +199,23 @@ def test_a_second_build_reuses_the_cache(demo_assets):
     again = build_demo_tier(ASSET_CACHE / "demo", progress=False)
     assert time.monotonic() - started < 5
     assert again == demo_assets
+
+
+@pytest.mark.slow
+def test_second_sae_on_an_earlier_layer_reconstructs_new_text(demo_assets, model_and_tokenizer):
+    """The demo's second SAE (several attach at once): another layer, labelled, and it reconstructs text."""
+    from sae_lens import SAE
+
+    (second,) = demo_assets.extra_saes
+    assert second.layer != demo_assets.sae.layer and second.hook_name == f"blocks.{second.layer}.hook_resid_post"
+    assert len(second.labels) == second.d_sae and sum(fl.label == "dead" for fl in second.labels) < 0.05 * second.d_sae
+    facts = json.loads((second.local_path / "build.json").read_text())
+    assert facts["metrics"]["fvu_held_out"] < 0.25 and facts["metrics"]["dead_fraction"] < 0.05
+    sae = SAE.load_from_disk(str(second.local_path), device="cpu")
+    model, tokenizer, _ = model_and_tokenizer
+    acts = _residuals(model, tokenizer, second.layer)
+    acts = acts[acts.norm(dim=-1) < 10 * second.residual_norm]
+    with torch.no_grad():
+        recon = sae.decode(sae.encode(acts))
+    fvu = float((recon - acts).pow(2).sum() / (acts - acts.mean(0)).pow(2).sum())
+    assert fvu < 0.3, f"FVU {fvu:.3f}"
