@@ -5,6 +5,8 @@
     .venv/bin/python bench/steering_quality.py --uniform                # the SAE's one strength for every feature
     .venv/bin/python bench/steering_quality.py --today                  # as before calibration, for comparison
     .venv/bin/python bench/steering_quality.py --features 20 --strength 0.1 --layers hook   # explore
+    .venv/bin/python bench/steering_quality.py --uniform --until-concept on --max-steered-tokens 15
+                                                                        # until the concept is written, <= 15 tokens
 
 For the `--features` most interpretable labelled features (labels naming ≥ 2 concept words that the
 unsteered answers do not contain; engine/assets/steering_quality.py), each feature is steered on the
@@ -56,7 +58,9 @@ class Engine:
                                              interceptors=[self.hook, self.layer_hook]).start()
         sae = load_sae(sae_path)
         concept = Path(sae_path) / "concept_directions.safetensors"
-        self.concept_directions = load_file(concept)["concept_directions"] if concept.is_file() else None
+        concept_file = load_file(concept) if concept.is_file() else {}
+        self.concept_directions = concept_file.get("concept_directions")
+        self.concept_tokens = concept_file.get("token_ids")  # until_concept's stop tokens
         model = self.loaded.model
         self.sae = self.scheduler.call(lambda: self.hook.attach(model, sae)).result()
         self.scheduler.call(lambda: self.layer_hook.attach(model)).result()
@@ -73,7 +77,7 @@ class Engine:
 
     def compile(self, spec: SteeringSpec):
         return compile_steering(self.sae, spec, layer_norms=self.layer_norms,
-                                concept_directions=self.concept_directions)
+                                concept_directions=self.concept_directions, concept_tokens=self.concept_tokens)
 
     def run(self, rows: list[tuple[str, SteeringSpec | None]], tokens: int) -> list[tuple[str, list[int]]]:
         """Greedy answers to every (prompt, steering) row, submitted at once (the scheduler batches them)."""
@@ -113,6 +117,10 @@ def main() -> None:
     parser.add_argument("--direction", choices=["decoder", "concept"], default=None)
     parser.add_argument("--layers", default=None,
                         help="'hook' (the SAE's layer only) or a comma list of layers to spread the strength over")
+    parser.add_argument("--max-steered-tokens", type=int, default=None,
+                        help="steer only the first N generated tokens (SteeringSpec.max_steered_tokens); 0: the whole answer")
+    parser.add_argument("--until-concept", choices=["on", "off"], default=None,
+                        help="stop a row's steering once it writes one of the feature's concept tokens")
     parser.add_argument("--uniform", action="store_true",
                         help="every feature at the SAE's one recommended strength (steering.json), not its own")
     parser.add_argument("--calibration", type=Path, default=None,
@@ -146,6 +154,10 @@ def main() -> None:
         value = getattr(args, key)
         if value is not None:
             recipe["recommended_strength" if key == "strength" else key] = value
+    if args.max_steered_tokens is not None:
+        recipe["max_steered_tokens"] = args.max_steered_tokens or None
+    if args.until_concept is not None:
+        recipe["until_concept"] = args.until_concept == "on"
     if recipe["layers"] == "hook":
         recipe["layers"] = []
     elif isinstance(recipe["layers"], str):
@@ -168,7 +180,8 @@ def main() -> None:
             strength = calibration["recommended"][index]  # already raw
         return SteeringSpec(features=(SteeringFeature(index, float(strength)),), mode=recipe["mode"],
                             positions=recipe["positions"], layers=tuple(recipe["layers"]),
-                            direction=recipe["direction"])
+                            direction=recipe["direction"], max_steered_tokens=recipe.get("max_steered_tokens"),
+                            until_concept=bool(recipe.get("until_concept", False)))
 
     rows = [(p, spec_for(index)) for index, _ in picked for p in prompts]
     gen_started = time.monotonic()

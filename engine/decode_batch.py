@@ -181,9 +181,14 @@ class DecodeBatch:
         self._last_ids = sampled.token_ids
         self._steps += 1
         count = len(self.rows)
+        infos = self._context.rows
         finished = self._deliver(self.rows, sampled, captures)
         if finished:
             self.remove(sorted(finished))
+        elif any(r.info is not info for r, info in zip(self.rows, infos, strict=True)):
+            # A row's steering ended (max_steered_tokens / until_concept): the next pass reads its new RowInfo.
+            self._context = ForwardContext(rows=tuple(r.info for r in self.rows), generated_mask=self._context.generated_mask,
+                                           valid_mask=self._context.valid_mask)
         return count
 
     def remove(self, indices: list[int], reason: FinishReason | None = None) -> None:

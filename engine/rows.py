@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from engine.generation import (
@@ -37,6 +38,10 @@ class Row:
         self.seed = effective_seed(request.params)
         self.info = RowInfo(request_id=request.request_id, steering=request.steering, monitor=request.monitor,
                             features=request.features, conditions=request.conditions)
+        # SteeringSpec.max_steered_tokens / until_concept: the row drops its steering after that many tokens, or
+        # once it writes a stop token (read off the compiled steering, opaque otherwise).
+        self._steer_limit: int | None = getattr(request.steering, "max_steered_tokens", None)
+        self._stop_tokens: frozenset[int] = getattr(request.steering, "stop_token_ids", frozenset())
         self.max_tokens = max_tokens
         self.generated = 0
         self.done = False
@@ -81,6 +86,10 @@ class Row:
             elif self.generated >= self.max_tokens:
                 text, reason = text + self._tail(), "length"
         self.handle._push(TokenEvent(text, token_id, logprob, top, captures))
+        if reason is None and self.info.steering is not None and (
+                (self._steer_limit is not None and self.generated >= self._steer_limit) or token_id in self._stop_tokens):
+            # Every later pass runs unsteered; the batch sees a new RowInfo and rebuilds its per-row tensors.
+            self.info = replace(self.info, steering=None)
         if reason is not None:
             self.finish(reason)
         else:

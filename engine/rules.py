@@ -24,6 +24,8 @@ StrengthUnit = Literal["raw", "max_activation", "residual_norm"]
 # unembedding of the tokens it is about (engine/steering.py), which makes a model write the concept.
 SteeringDirection = Literal["decoder", "concept"]
 MAX_STEERING_LAYERS = 64
+# SteeringSpec.max_steered_tokens: steer only the first N generated tokens (1..this); past any context a model has.
+MAX_STEERED_TOKENS = 1 << 16
 STEERING_MODES: tuple[str, ...] = get_args(SteeringMode)
 STEERING_POSITIONS: tuple[str, ...] = get_args(SteeringPositions)
 STRENGTH_UNITS: tuple[str, ...] = get_args(StrengthUnit)

@@ -64,6 +64,8 @@ class AttachedSae:
     sae: SaeWeights  # the copy the hook runs, on the layer's device and dtype
     concept_directions: torch.Tensor | None
     size_bytes: int  # its weights file: counted against MILLM_MEMORY_LIMIT_BYTES with the others
+    # (d_sae, k) the tokens each concept direction is built from (-1: none): until_concept's stop tokens.
+    concept_tokens: torch.Tensor | None = None
 
 
 @dataclass
@@ -191,8 +193,9 @@ class EngineRuntime:
             on_device = scheduler.call(lambda: hook.attach(model, sae)).result()
             try:
                 concept = Path(path) / "concept_directions.safetensors"  # written by the demo build
-                directions = (load_file(concept)["concept_directions"].to(on_device.device) if concept.is_file()
-                              else None)
+                concept_file = load_file(concept) if concept.is_file() else {}
+                directions = (concept_file["concept_directions"].to(on_device.device) if concept_file else None)
+                concept_tokens = concept_file.get("token_ids")  # until_concept's stop tokens (CPU)
                 if self.layer_norms is None:
                     probe = self.loaded.tokenizer(NORM_PROBE_TEXT)["input_ids"]
                     if not self.layer_hook.attached:
@@ -205,7 +208,8 @@ class EngineRuntime:
             if replaced is not None or not self.attached:
                 # The active steering was compiled against the SAE replaced (or against none).
                 self.active_steering, self.active_conditions, self.active_label = None, None, "none"
-            entry = AttachedSae(name=name, hook=hook, sae=on_device, concept_directions=directions, size_bytes=size)
+            entry = AttachedSae(name=name, hook=hook, sae=on_device, concept_directions=directions, size_bytes=size,
+                                concept_tokens=concept_tokens)
             # A replaced SAE keeps its place (the default stays the default); a new one goes last.
             attached = {n: entry if n == name else a for n, a in self.attached.items()}
             attached.setdefault(name, entry)
@@ -272,6 +276,8 @@ class EngineRuntime:
             n in (conditions.saes or {}) if conditions is not None else False for n in names)
 
     def compile(self, spec: SteeringSpec) -> CompiledSteering | None:
+        if spec.until_concept and not spec.features:
+            raise InvalidSteeringError("until_concept needs SAE features to steer: their concept tokens end it")
         if not spec.features:  # raw vectors (engine/control_vectors.py) need no SAE
             return add_spec_vectors(None, spec, self.loaded.model) if self.loaded is not None else None
         if not self.attached:
@@ -292,18 +298,36 @@ class EngineRuntime:
             raise InvalidSteeringError("steering layers apply to the default SAE's features only: "
                                        "leave `layers` out when steering features of several SAEs")
         own = self.attached[default]
+        unembedding = self._unembedding() if spec.until_concept else None  # for an SAE without concept tokens
         if groups[default] or len(groups) == 1:
             top = compile_steering(own.sae, replace(spec, features=tuple(groups[default])),
-                                   layer_norms=self.layer_norms, concept_directions=own.concept_directions)
+                                   layer_norms=self.layer_norms, concept_directions=own.concept_directions,
+                                   concept_tokens=own.concept_tokens, unembedding=unembedding)
         else:  # only other SAEs' features: nothing at the default SAE's layer but a zero delta
-            top = compile_steering(own.sae, SteeringSpec(features=(), positions=spec.positions))
+            top = compile_steering(own.sae, SteeringSpec(features=(), positions=spec.positions,
+                                                         max_steered_tokens=spec.max_steered_tokens,
+                                                         until_concept=spec.until_concept))
         parts = {}
         for name, features in groups.items():
             if name != default:
                 sae = self.attached[name]
                 parts[name] = compile_steering(sae.sae, replace(spec, features=tuple(features)),
-                                               concept_directions=sae.concept_directions)
-        return replace(top, saes=parts) if parts else top
+                                               concept_directions=sae.concept_directions,
+                                               concept_tokens=sae.concept_tokens, unembedding=unembedding)
+        if parts:  # one row, one latch: any SAE's concept token ends all of its steering
+            top = replace(top, saes=parts, stop_token_ids=top.stop_token_ids.union(
+                *(p.stop_token_ids for p in parts.values())))
+        if spec.until_concept and not top.stop_token_ids:
+            raise InvalidSteeringError("until_concept: none of the steered features has a concept token to stop at")
+        return top
+
+    def _unembedding(self) -> torch.Tensor:
+        """W_U (vocab, d): the output head's weight, or the (tied) input embeddings when the head is quantized."""
+        model = self.loaded.model
+        weight = getattr(model.get_output_embeddings(), "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            weight = model.get_input_embeddings().weight
+        return weight.detach()
 
     def compile_conditions(self, conditions: SteeringConditions | None, mode: str = "additive") -> CompiledConditions | None:
         if not conditions:

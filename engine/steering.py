@@ -33,6 +33,7 @@ import torch
 from engine.errors import InvalidFeatureIndexError, InvalidSteeringError
 from engine.rules import (  # noqa: F401 - re-exported: the engine's callers name them here
     MAX_ABS_STRENGTH,
+    MAX_STEERED_TOKENS,
     MAX_STEERING_LAYERS,
     STEERING_DIRECTIONS,
     STEERING_MODES,
@@ -64,6 +65,14 @@ class SteeringSpec:
     layers: tuple[int, ...] = ()
     # Additive only: "decoder" (W_dec[i]) or "concept" (the feature's concept direction, see above).
     direction: SteeringDirection = "decoder"
+    # Steer only while producing the first N generated tokens; token N+1 on is produced unsteered (the cache
+    # keeps what the steered passes wrote). None: the whole answer. With "generated_only" token 1 comes from
+    # the prompt's unsteered pass, so N steers tokens 2..N.
+    max_steered_tokens: int | None = None
+    # Stop steering a row once it has generated one of the steered features' concept tokens (the tokens its
+    # concept direction is built from; logit-lens top tokens for an SAE without them): the concept is said
+    # once, then the model goes on by itself (docs/steering.md, "Until the concept is written").
+    until_concept: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(self.features))  # accept a list, stay hashable
@@ -83,6 +92,12 @@ def validate_steering(spec: SteeringSpec, *, d_sae: int, max_abs_strength: float
                     num_layers is not None and layer >= num_layers):
                 bound = f"[0, {num_layers})" if num_layers is not None else "non-negative"
                 raise InvalidSteeringError(f"steering layer {layer!r} must be an integer in {bound}")
+    limit = spec.max_steered_tokens
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                              or not 1 <= limit <= MAX_STEERED_TOKENS):
+        raise InvalidSteeringError(f"max_steered_tokens must be an integer in [1, {MAX_STEERED_TOKENS}], got {limit!r}")
+    if not isinstance(spec.until_concept, bool):
+        raise InvalidSteeringError(f"until_concept must be true or false, got {spec.until_concept!r}")
     if spec.direction not in STEERING_DIRECTIONS:
         raise InvalidSteeringError(
             f"steering direction must be one of {', '.join(STEERING_DIRECTIONS)}, got {spec.direction!r}"
@@ -136,10 +151,16 @@ class CompiledSteering:
     # Several SAEs attached: the parts of the spec that address the other SAEs, {SAE name: steering},
     # each applied by that SAE's own hook at its layer (this object itself is the default SAE's part).
     saes: dict[str, CompiledSteering] | None = None
+    # until_concept: a row stops being steered once it generates one of these (all SAEs' parts together).
+    stop_token_ids: frozenset[int] = frozenset()
 
     @property
     def mode(self) -> SteeringMode:
         return self.spec.mode
+
+    @property
+    def max_steered_tokens(self) -> int | None:
+        return self.spec.max_steered_tokens
 
     @property
     def positions(self) -> SteeringPositions:
@@ -149,15 +170,45 @@ class CompiledSteering:
 def compile_steering(
     sae: SaeWeights, spec: SteeringSpec, *, max_abs_strength: float = MAX_ABS_STRENGTH,
     layer_norms: Sequence[float] | None = None, concept_directions: torch.Tensor | None = None,
+    concept_tokens: torch.Tensor | None = None, unembedding: torch.Tensor | None = None,
 ) -> CompiledSteering:
     """Validate the spec and precompute its tensors (on the SAE's device and dtype).
 
     `layer_norms[l]`: median residual norm after decoder layer l, needed when the spec spreads
     over layers (the runtime measures them when the SAE is attached). `concept_directions`
-    (d_sae, d_in): needed for direction "concept" (see `concept_direction_matrix`).
+    (d_sae, d_in): needed for direction "concept" (see `concept_direction_matrix`). For `until_concept`:
+    `concept_tokens` (d_sae, k) the tokens those directions are built from, or else `unembedding`
+    (vocab, d_in) to read each steered feature's top logit-lens tokens (`stop_tokens`).
     """
     validate_steering(spec, d_sae=sae.d_sae, max_abs_strength=max_abs_strength,
                       num_layers=len(layer_norms) if layer_norms is not None else None)
+    compiled = _compile(sae, spec, max_abs_strength, layer_norms, concept_directions)
+    if spec.until_concept and spec.features:
+        compiled = replace(compiled, stop_token_ids=stop_tokens(sae, [f.index for f in spec.features],
+                                                                concept_tokens=concept_tokens, unembedding=unembedding))
+    return compiled
+
+
+LOGIT_LENS_STOP_TOKENS = 3  # as many as the demo build's concept tokens per feature
+
+
+def stop_tokens(sae: SaeWeights, indices: Sequence[int], *, concept_tokens: torch.Tensor | None = None,
+                unembedding: torch.Tensor | None = None) -> frozenset[int]:
+    """The token ids that end `until_concept` steering of these features: their concept tokens where the SAE has
+    them (the demo build stores them beside the concept directions), else the top logit-lens tokens of each
+    decoder row (W_dec[i] @ W_U^T: the tokens the feature's direction promotes most)."""
+    if concept_tokens is not None:
+        ids = concept_tokens[torch.tensor(list(indices), dtype=torch.long)].flatten()
+        return frozenset(int(t) for t in ids.tolist() if t >= 0)
+    if unembedding is None:
+        raise InvalidSteeringError("until_concept needs the SAE's concept tokens or the model's unembedding")
+    rows = sae.W_dec.index_select(0, torch.tensor(list(indices), dtype=torch.long, device=sae.device))
+    logits = rows.float() @ unembedding.to(rows.device).float().T
+    return frozenset(int(t) for t in logits.topk(LOGIT_LENS_STOP_TOKENS, dim=-1).indices.flatten().tolist())
+
+
+def _compile(sae: SaeWeights, spec: SteeringSpec, max_abs_strength: float, layer_norms: Sequence[float] | None,
+             concept_directions: torch.Tensor | None) -> CompiledSteering:
     if spec.layers:
         if layer_norms is None:
             raise InvalidSteeringError("steering over several layers needs the model's residual norms per layer")
@@ -198,7 +249,7 @@ def compile_steering(
 def _compile_spread(sae: SaeWeights, spec: SteeringSpec, layer_norms: Sequence[float],
                     concept_directions: torch.Tensor | None) -> CompiledSteering:
     single = replace(spec, layers=())
-    base = compile_steering(sae, single, concept_directions=concept_directions)  # Σ s_i W_dec[i] at layer L
+    base = _compile(sae, single, MAX_ABS_STRENGTH, None, concept_directions)  # Σ s_i W_dec[i] at layer L
     hook_norm = float(layer_norms[sae.hook_layer])
 
     def scaled(layer: int) -> torch.Tensor:
