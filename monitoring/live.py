@@ -52,8 +52,9 @@ class ActivationPublisher:
             frames, self.pending = self.pending, []
             self.last_sent = self.clock()
             timestamp = time.time()  # the moment the throttle let this event go
-        labels = await feature_labels()
-        for frame in frames:
+        by_sae = await feature_labels()
+        for frame in frames:  # a frame naming its SAE (`sae`) gets that SAE's labels, else the default SAE's
+            labels = by_sae.get(frame.get("sae")) or by_sae.get(None) or {}
             frame["labels"] = {index: labels[int(index)] for index in frame["features"] if int(index) in labels}
         await self.publish({"timestamp": timestamp, "frames": frames})
 
@@ -66,18 +67,25 @@ def _count_dropped(n: int) -> None:
     monitoring_event_dropped(n=n)
 
 
-_labels: dict[int, str] = {}
+_labels: dict[str | None, dict[int, str]] = {}
 _labels_read_at = -float("inf")
 
 
-async def feature_labels() -> dict[int, str]:
-    """Labels of the attached SAE, re-read at most every LABEL_CACHE_S (relabels show up soon enough)."""
+async def feature_labels() -> dict[str | None, dict[int, str]]:
+    """Labels of each attached SAE by name (None: the default SAE's, whose features a frame without `sae`
+    holds; several SAEs share indices), re-read at most every LABEL_CACHE_S (relabels show up soon enough)."""
     global _labels, _labels_read_at
     if time.monotonic() - _labels_read_at > LABEL_CACHE_S:
-        from steering.models import FeatureLabel, SaeStatus
+        from steering.sae_addressing import attached_saes_in_order
 
-        _labels = await sync_to_async(lambda: dict(FeatureLabel.objects.filter(
-            sae__status=SaeStatus.ATTACHED).values_list("index", "label")))()
+        def read() -> dict[str | None, dict[int, str]]:
+            saes = attached_saes_in_order()
+            found: dict[str | None, dict[int, str]] = {
+                name: dict(sae.labels.values_list("index", "label")) for name, sae in saes.items()}
+            found[None] = next(iter(found.values()), {})
+            return found
+
+        _labels = await sync_to_async(read)()
         _labels_read_at = time.monotonic()
     return _labels
 

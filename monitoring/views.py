@@ -95,16 +95,26 @@ def history_detail_page(request, request_id: str):
         return render(request, "monitoring/history_missing.html", {"message": exc.message, "nav": "history"},
                       status=404)
     include_special, per_column = request.GET.get("special") == "1", request.GET.get("scale") == "column"
-    table = heatmap(record.token_features, labels=_labels_for(record.model_name, record.token_features),
+    sae = _frames_sae(record.model_name, record.token_features)
+    table = heatmap(record.token_features, labels=_labels_for(sae, record.token_features),
                     include_special=include_special, per_column=per_column)
     context = {"r": record, "table": table, "user_prompt": user_prompt(record.prompt), "special": include_special,
+               "heatmap_sae": sae,
                "per_column": per_column, "nav": "history"}
     return render(request, "monitoring/history_detail.html", context)
 
 
-def _labels_for(model_name: str, frames: list[dict]) -> dict[int, str]:
-    """Labels from the model's SAE (the attached one first) for the features these frames name."""
-    sae = (SparseAutoencoder.objects.filter(model__name=model_name).order_by("-desired_attached", *ATTACH_ORDER).first())
+def _frames_sae(model_name: str, frames: list[dict]):
+    """The SAE whose features these frames hold: the one a frame names (`sae`), else the model's default SAE
+    (the first attached), which monitoring reads."""
+    named = next((f["sae"] for f in frames or [] if isinstance(f, dict) and f.get("sae")), None)
+    saes = SparseAutoencoder.objects.filter(model__name=model_name)
+    return ((saes.filter(name=named).first() if named else None)
+            or saes.order_by("-desired_attached", *ATTACH_ORDER).first())
+
+
+def _labels_for(sae, frames: list[dict]) -> dict[int, str]:
+    """Labels from that SAE for the features these frames name."""
     if sae is None:
         return {}
     indices = {int(k) for frame in frames or [] for k in (frame.get("features") or {})}

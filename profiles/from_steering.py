@@ -8,9 +8,9 @@ from typing import Any
 from millm_site.errors import SaeNotAttached, ValidationFailed
 from profiles.models import Profile
 from profiles.services import profile_save
+from steering.sae_addressing import attached_saes_in_order, strengths_to_raw_by_sae
 from steering.steering_options import steering_options_resolve
 from steering.steering_services import attached_sae, steering_validate
-from steering.units import strengths_to_raw
 
 PROFILE_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")  # a slug: it travels in the OpenAI model field as <model>:<name>
 
@@ -36,14 +36,18 @@ def profile_save_from_steering(*, name: str, description: str = "", features: li
         raise SaeNotAttached("No SAE is attached: attach one on the SAEs page, then steer its features")
     options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, preset=preset)
     mode, positions, units = options.mode, options.positions, options.units
-    normalised = steering_validate(sae=sae, features=features, mode=mode, positions=positions, units=units)
+    attached = attached_saes_in_order()  # a feature may name any attached SAE (`sae`)
+    normalised = steering_validate(sae=sae, features=features, mode=mode, positions=positions, units=units,
+                                   attached=attached)
     if not normalised:
         raise ValidationFailed("features: add at least one feature to save", details={"field": "features"})
-    raw = strengths_to_raw(sae=sae, features=normalised, units=units)
-    labels = dict(sae.labels.filter(index__in=[f["index"] for f in raw]).values_list("index", "label"))
+    raw = strengths_to_raw_by_sae(sae=sae, features=normalised, units=units, attached=attached)
+    labels = {(own.name, index): label for own in {sae, *(attached[f["sae"]] for f in raw if f.get("sae"))}
+              for index, label in own.labels.filter(index__in=[f["index"] for f in raw]).values_list("index", "label")}
     if units != "raw":
         typed = ", ".join(f"#{f['index']} {f['strength']:g}" for f in normalised)
         description = (description + "\n" if description else "") + f"Set as {typed} ({units})."
     return profile_save(name=name, description=description.strip(), model=sae.model, sae=sae, mode=mode,
                         positions=positions, layers=options.layers, direction=options.direction, replace=replace,
-                        features=[{**f, "label": labels.get(f["index"], "")[:300]} for f in raw])
+                        features=[{**f, "label": labels.get((f.get("sae") or sae.name, f["index"]), "")[:300]}
+                                  for f in raw])

@@ -80,7 +80,7 @@ def steering_validate(*, sae: SparseAutoencoder | None, features: list[dict[str,
         if (target.name, index) in seen:
             raise ValidationFailed(f"{field}.index: feature {index} is listed twice", details={"field": f"{field}.index"})
         seen.add((target.name, index))
-        kept = {"sae": target.name} if target is not sae else {}
+        kept = {"sae": target.name} if target.name != sae.name else {}  # the default SAE is implied
         if feature.get("when") is not None:  # a condition on another feature at the same token (steering/conditions.py)
             if mode != "additive":
                 raise ValidationFailed(f"{field}.when: conditions apply to additive steering only",

@@ -20,13 +20,16 @@ def _form_features(request) -> tuple[list[dict], list[float] | str]:
     """The panel's sliders as sweep features: each slider's value is the strength at multiplier 1, swept
     × AUTO_FACTORS; sliders all at 0 sweep the auto grid instead."""
     features = []
-    for index, strength in zip(request.POST.getlist("index"), request.POST.getlist("strength"), strict=False):
+    indices = request.POST.getlist("index")
+    names = request.POST.getlist("sae")  # each slider's SAE (a feature is (SAE, index))
+    names = names if len(names) == len(indices) else [""] * len(indices)
+    for index, strength, name in zip(indices, request.POST.getlist("strength"), names, strict=False):
         try:
-            features.append({"index": int(index), "strength": float(strength)})
+            features.append({"index": int(index), "strength": float(strength), **({"sae": name} if name else {})})
         except ValueError:
             raise ValidationFailed(f"feature {index!r}: strength {strength!r} is not a number") from None
     if features and all(f["strength"] == 0 for f in features):
-        return [{"index": f["index"], "strength": None} for f in features], "auto"
+        return [{**f, "strength": None} for f in features], "auto"
     return features, list(AUTO_FACTORS)
 
 

@@ -31,6 +31,7 @@ from steering.feature_contexts import contexts_request, contexts_status, feature
 from steering.feature_facts import feature_file_stats, similar_features
 from steering.feature_services import feature_label_edit
 from steering.models import SaeStatus, SteeringState
+from steering.sae_addressing import attached_saes_in_order
 from steering.sae_attachment import sae_attach_request, sae_detach_request
 from steering.sae_quality import sae_quality
 from steering.selectors import feature_search_page, sae_get, sae_list
@@ -51,13 +52,16 @@ def slider_ranges(sae) -> dict[str, dict[str, float]]:
     return ranges
 
 
-def _with_quality(sae):
+def _with_quality(sae, default=None):
     sae.quality = sae_quality(sae=sae)
+    # Several may be attached: the first attached is the default (a feature without `sae` is one of its).
+    sae.is_default = default is not None and sae.pk == default.pk
     return sae
 
 
 def saes_page(request):
-    saes = [_with_quality(s) for s in sae_list()]
+    default = steering_services.attached_sae()
+    saes = [_with_quality(s, default) for s in sae_list()]
     downloads = [download_as_dict(d) for d in download_list(kind="sae", limit=RECENT_DOWNLOADS)]
     models = list(model_list().exclude(status=ModelStatus.DOWNLOADING).values_list("name", flat=True))
     return render(request, "steering/saes.html", {"saes": saes, "downloads": downloads, "models": models,
@@ -100,7 +104,7 @@ async def _sae_row_after(request, name: str, *, attach: bool):
         await (sae_attach_request(name=name) if attach else sae_detach_request(name=name))
     except MillmError as exc:
         return error_fragment(request, exc)
-    sae = await sync_to_async(lambda: _with_quality(sae_list().get(name=name)))()
+    sae = await sync_to_async(lambda: _with_quality(sae_list().get(name=name), steering_services.attached_sae()))()
     return await sync_to_async(render)(request, "steering/_sae_row.html", {"s": sae})
 
 
@@ -126,8 +130,12 @@ def steering_page(request):
     context["recommendation"] = sae_steering_recommendation(attached) if attached else None
     if context["recommendation"] and not context["state"].features:
         context["state"].units = context["recommendation"]["units"]  # the sliders start in the recommended units
-    context["rows"] = _state_rows(context["state"], attached)
-    context["pending"] = _add_requested_row(request, context["rows"], attached)
+    saes_attached = attached_saes_in_order()
+    context["attached_saes"] = list(saes_attached.values())
+    context["rows"] = _state_rows(context["state"], attached, saes_attached)
+    # ?steer= from a feature page adds that SAE's feature (the chosen SAE when attached, else the default).
+    target = saes_attached.get(chosen.name, attached) if chosen is not None else attached
+    context["pending"] = _add_requested_row(request, context["rows"], target, default=attached)
     context["sweep_on_load"] = attached is not None and request.GET.get("sweep", "").isdigit()
     context["ranges"] = slider_ranges(attached)
     context["range"] = context["ranges"].get(context["state"].units, context["ranges"]["raw"])
@@ -135,19 +143,30 @@ def steering_page(request):
     return render(request, "steering/steering.html", context)
 
 
-def _state_rows(state: SteeringState, sae) -> list[dict]:
+def _state_rows(state: SteeringState, sae, attached: dict | None = None) -> list[dict]:
+    """The applied features' sliders, each with its own SAE (a feature names one of the attached SAEs)."""
     if sae is None or state.sae_id != sae.pk:
         return []
-    labels = dict(sae.labels.values_list("index", "label"))
-    return [{**_slider_row(sae, f["index"], f["strength"], labels.get(f["index"], ""), state.units),
-             "when_text": condition_text(f.get("when"))} for f in state.features]
+    saes = {**(attached or {}), sae.name: sae}
+    rows = []
+    for f in state.features:
+        own = saes.get(f.get("sae") or sae.name)
+        if own is None:
+            continue  # its SAE was detached: nothing of it is applied any more
+        label = own.labels.filter(index=f["index"]).values_list("label", flat=True).first() or ""
+        rows.append({**_slider_row(own, f["index"], f["strength"], label, state.units, default=sae),
+                     "when_text": condition_text(f.get("when"))})
+    return rows
 
 
-def _slider_row(sae, index: int, strength: float, label: str, units: str, *, new: bool = False) -> dict:
+def _slider_row(sae, index: int, strength: float, label: str, units: str, *, new: bool = False,
+                default=None) -> dict:
     """A slider's row: its range follows the unit and, when the feature is calibrated, its useful range; the page
-    script reads `calibration` (per unit: factor to raw, recommended, low, high) to follow a unit switch."""
+    script reads `calibration` (per unit: factor to raw, recommended, low, high) to follow a unit switch. It
+    carries its SAE (`sae`, sent with the form): the same index may be steered on two SAEs."""
     calibration = slider_calibration(sae, index) or {}
-    return {"index": index, "strength": strength, "label": label, "new": new,
+    return {"index": index, "strength": strength, "label": label, "new": new, "sae": sae.name,
+            "other_sae": default is not None and sae.name != default.name,
             "range": feature_slider_range(calibration.get(units), slider_ranges(sae).get(units)),
             "calibration": json.dumps(calibration)}
 
@@ -160,18 +179,18 @@ def feature_slider_range(unit: dict | None, fallback: dict | None) -> dict | Non
     return {"max": top, "step": float(f"{top / 200:.2g}")}
 
 
-def _add_requested_row(request, rows: list[dict], sae) -> bool:
-    """`?steer=<index>` (from a feature page) adds that feature's slider, not yet applied."""
+def _add_requested_row(request, rows: list[dict], sae, *, default=None) -> bool:
+    """`?steer=<index>` (from a feature page of `sae`) adds that feature's slider, not yet applied."""
     wanted = request.GET.get("steer", "") or request.GET.get("sweep", "")  # ?sweep=<index> also runs a sweep
     if sae is None or not wanted.isdigit() or not int(wanted) < sae.d_sae:
         return False
     index = int(wanted)
-    if any(row["index"] == index for row in rows):
+    if any((row["sae"], row["index"]) == (sae.name, index) for row in rows):
         return False
     label = sae.labels.filter(index=index).first()
-    units = SteeringState.current().units if rows else _panel_units(sae)
+    units = SteeringState.current().units if rows else _panel_units(default or sae)
     rows.append(_slider_row(sae, index, _recommended_strength(sae, index, units), label.label if label else "", units,
-                            new=True))
+                            new=True, default=default or sae))
     return True
 
 
@@ -181,22 +200,30 @@ def _panel_units(sae) -> str:
 
 
 def steering_slider(request, index: int):
-    """One slider row for the panel; a feature already in the panel is refused, not added twice."""
-    sae = steering_services.attached_sae()
+    """One slider row for the panel, of the attached SAE `add_sae` names (default: the first attached); a
+    feature (SAE, index) already in the panel is refused, not added twice — the same index of another SAE is not."""
+    default = steering_services.attached_sae()
+    sae = default
     try:
-        if sae is None:
+        if default is None:
             raise SaeNotAttached("No SAE is attached: attach one on the SAEs page to steer its features")
+        if request.GET.get("add_sae"):
+            sae = attached_saes_in_order().get(request.GET["add_sae"])
+            if sae is None:
+                raise SaeNotAttached(f"SAE {request.GET['add_sae']!r} is not attached: attach it on the SAEs page")
         if not 0 <= index < sae.d_sae:
             raise ValidationFailed(f"Feature {index} is outside 0..{sae.d_sae - 1} for SAE {sae.name}")
-        if str(index) in request.GET.getlist("index"):
-            raise ValidationFailed(f"Feature #{index} is already in the steering panel")
+        indices, names = request.GET.getlist("index"), request.GET.getlist("sae")
+        names = names if len(names) == len(indices) else [default.name] * len(indices)
+        if (str(index), sae.name) in {(i, n or default.name) for i, n in zip(indices, names, strict=True)}:
+            raise ValidationFailed(f"Feature #{index} of {sae.name} is already in the steering panel")
     except MillmError as exc:
         return error_fragment(request, exc)
     label = sae.labels.filter(index=index).first()
     units = request.GET.get("units", "raw")
     ranges = slider_ranges(sae)
     row = _slider_row(sae, index, _recommended_strength(sae, index, units), label.label if label else "", units,
-                      new=True)
+                      new=True, default=default)
     return render(request, "steering/_slider_row.html", {"row": row, "range": ranges.get(units, ranges["raw"]),
                                                         "attached": sae})
 
@@ -214,12 +241,17 @@ def _recommended_strength(sae, index: int, units: str) -> float:
 def _form_features(request) -> list[dict]:
     indices = request.POST.getlist("index")
     strengths = request.POST.getlist("strength")
+    # Each row's SAE (steering/sae_addressing.py): a feature is (SAE, index).
+    names = request.POST.getlist("sae")
+    names = names if len(names) == len(indices) else [""] * len(indices)
     # Each row's condition as typed ("#88 > 3"; steering/conditions.py parses it), when the form has them.
     whens = request.POST.getlist("when")
     whens = whens if len(whens) == len(indices) else [""] * len(indices)
     features = []
-    for index, strength, when in zip(indices, strengths, whens, strict=False):
+    for index, strength, when, name in zip(indices, strengths, whens, names, strict=False):
         condition = {"when": when} if when.strip() else {}
+        if name:
+            condition["sae"] = name
         try:
             features.append({"index": int(index), "strength": float(strength), **condition})
         except ValueError:
@@ -307,7 +339,9 @@ def feature_page(request, name: str, index: int):
                       status=404)
     label = sae.labels.filter(index=index).first()
     state = SteeringState.current()
-    steered = next((f["strength"] for f in state.features if f["index"] == index), None) if state.sae_id == sae.pk else None
+    # Steered now: this (SAE, index) among the active features (a feature without `sae` is the state's SAE's).
+    steered = next((f["strength"] for f in state.features if f["index"] == index
+                    and (f.get("sae") or (state.sae.name if state.sae else None)) == sae.name), None)
     context = {"sae": sae, "index": index, "label": label, "stats": feature_file_stats(sae=sae, index=index),
                "similar": similar_features(sae=sae, index=index), "steered": steered, "state": state,
                "recommended": feature_calibration(sae, index, max_activation=label.max_activation if label else None),
