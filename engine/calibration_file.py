@@ -25,10 +25,14 @@ class CalibrationRecipe:
     layers: tuple[int, ...] = ()
     positions: str = "all"
     mode: str = "additive"
+    max_steered_tokens: int | None = None
+    until_concept: bool = False
 
     def as_dict(self) -> dict[str, Any]:
+        stop = ({"max_steered_tokens": self.max_steered_tokens, "until_concept": self.until_concept}
+                if self.max_steered_tokens is not None or self.until_concept else {})  # files written before: same
         return {"mode": self.mode, "direction": self.direction, "positions": self.positions,
-                "layers": list(self.layers)}
+                "layers": list(self.layers), **stop}
 
 
 def write_calibration(sae_dir: Path, *, recipe: CalibrationRecipe, residual_norm: float,

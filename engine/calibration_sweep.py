@@ -132,13 +132,16 @@ SWEEP_STRENGTHS = (0.08, 0.10, 0.12, 0.14)  # × residual norm, the concept feat
 
 def calibrate_sae(*, loaded: Any, sae: Any, recipe: calibration.CalibrationRecipe, residual_norm: float | None,
                   concept_directions: torch.Tensor | None = None, sweep_features: Sequence[tuple[int, Sequence[str]]] = (),
+                  concept_tokens: torch.Tensor | None = None,
                   sweep_strengths: Sequence[float] = SWEEP_STRENGTHS, sweep_tokens: int = 28,
                   target_kl: float = calibration.DEFAULT_TARGET_KL, batch_size: int = 48,
                   kl_grid: Sequence[float] = KL_GRID, refine: bool = True,
                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Recommended raw strength and range per feature of `sae` (SaeWeights) on `loaded` (engine LoadedModel), for
     `recipe`; the calibration.json fields (`write_calibration`). `sweep_features` (index, concept words) are
-    refined by the generation sweep, and set the KL target for all others (module docstrings)."""
+    refined by the generation sweep, and set the KL target for all others (module docstrings). A recipe that stops
+    steering (max_steered_tokens, until_concept: `concept_tokens`, else logit-lens tokens) is swept with it; the
+    KL method reads the first steered token, which either option leaves as it is."""
     from engine.sae_hook import SaeHook
     from engine.scheduler import GenerationScheduler
     from engine.steering import SteeringFeature, SteeringSpec, compile_steering
@@ -175,8 +178,12 @@ def calibrate_sae(*, loaded: Any, sae: Any, recipe: calibration.CalibrationRecip
 
             def compile_at(index: int, strength: float) -> CompiledSteering:
                 spec = SteeringSpec(features=(SteeringFeature(index, strength * residual_norm),), mode=recipe.mode,
-                                    positions=recipe.positions, layers=recipe.layers, direction=recipe.direction)
-                return compile_steering(attached, spec, layer_norms=norms, concept_directions=concept_directions)
+                                    positions=recipe.positions, layers=recipe.layers, direction=recipe.direction,
+                                    max_steered_tokens=recipe.max_steered_tokens, until_concept=recipe.until_concept)
+                return compile_steering(attached, spec, layer_norms=norms, concept_directions=concept_directions,
+                                        concept_tokens=concept_tokens,
+                                        unembedding=model.get_input_embeddings().weight.detach()
+                                        if recipe.until_concept and concept_tokens is None else None)
 
             points = generation_sweep(SteeringRunner(scheduler, tokenizer), compile_at, sweep_features,
                                       sweep_strengths, tokens=sweep_tokens,

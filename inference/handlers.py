@@ -107,7 +107,8 @@ def engine_spec(steering: m.Steering) -> SteeringSpec:
     return with_vectors(steering, SteeringSpec(features=tuple(SteeringFeature(f.index, f.strength, sae=f.sae) for f in steering.features
                                        if f.when is None),
                         mode=steering.mode, positions=steering.positions, layers=tuple(steering.layers),
-                        direction=steering.direction))
+                        direction=steering.direction, max_steered_tokens=steering.max_steered_tokens,
+                        until_concept=steering.until_concept))
 
 
 def with_vectors(steering: m.Steering, spec: SteeringSpec) -> SteeringSpec:

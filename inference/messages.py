@@ -63,6 +63,8 @@ class Steering(Message):
     positions: SteeringPositions = "all"
     layers: list[int] = Field(default_factory=list)  # additive: also add at these layers, each at its norm
     direction: SteeringDirection = "decoder"
+    max_steered_tokens: int | None = None  # steer only the first N generated tokens (engine checks 1..MAX_STEERED_TOKENS)
+    until_concept: bool = False  # a row's steering stops once it writes a steered feature's concept token
     label: str = "inline"
 
 

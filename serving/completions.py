@@ -74,11 +74,15 @@ def _steering_payload(target: Target, inline: Any) -> Steering | None:
     """Which steering the request asks for: inline beats a profile in the model name beats the active one (None)."""
     if inline is not None:
         features = [f.model_dump() for f in inline.features]
+        if inline.until_concept and not features:
+            raise OpenAIRequestError("steering.until_concept: the steered features' concept tokens end it; list "
+                                     "at least one feature", param="steering.until_concept")
         sae = attached_sae()
         try:
             options = steering_options_resolve(sae=sae, mode=inline.mode, positions=inline.positions,
                                                units=inline.units, layers=inline.layers, direction=inline.direction,
-                                               preset=inline.preset)
+                                               preset=inline.preset, max_steered_tokens=inline.max_steered_tokens,
+                                               until_concept=inline.until_concept)
             if options.units != "raw" and features:
                 if sae is None:
                     raise OpenAIRequestError("steering: no SAE is attached", param="steering", code="sae_not_attached")

@@ -11,13 +11,14 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from engine.rules import (
     LOGIT_BIAS_LIMIT,
     MAX_FEATURE_INDEX,
     MAX_RETURN_FEATURES,
     MAX_RETURN_TOP_K,
+    MAX_STEERED_TOKENS,
     MAX_STEERING_LAYERS,
     MAX_STOP_SEQUENCES,
     MAX_TOP_LOGPROBS,
@@ -97,7 +98,9 @@ class InlineSteering(BaseModel):
     units: StrengthUnit = "raw"
     layers: list[StrictInt] = Field(default_factory=list, max_length=MAX_STEERING_LAYERS)
     direction: SteeringDirection = "decoder"
-    preset: Literal["recommended"] | None = None  # the SAE's measured setting replaces the five above
+    max_steered_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_STEERED_TOKENS)  # the first N tokens only
+    until_concept: StrictBool = False  # stop once a steered feature's concept token is written
+    preset: Literal["recommended"] | None = None  # the SAE's measured setting replaces the seven above
 
 
 class ReturnFeaturesIn(BaseModel):

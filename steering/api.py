@@ -7,7 +7,14 @@ from typing import Any, Literal
 from ninja import Body, Query, Router, Schema
 from pydantic import Field
 
-from engine.rules import MAX_STEERING_LAYERS, SteeringDirection, SteeringMode, SteeringPositions, StrengthUnit
+from engine.rules import (
+    MAX_STEERED_TOKENS,
+    MAX_STEERING_LAYERS,
+    SteeringDirection,
+    SteeringMode,
+    SteeringPositions,
+    StrengthUnit,
+)
 from millm_site.envelope import envelope
 from millm_site.errors import ValidationFailed
 from steering import calibration_services, sae_services, selectors, steering_services, sweep_services
@@ -131,7 +138,13 @@ class SteeringIn(Schema):
     direction: SteeringDirection = Field("decoder", description="decoder: the feature's decoder row; concept: its "
                                          "concept direction (what makes the model write the concept)")
     preset: Literal["recommended"] | None = Field(
-        None, description="recommended: the SAE's measured setting (mode, positions, units, layers, direction)")
+        None, description="recommended: the SAE's measured setting (mode, positions, units, layers, direction, "
+        "max_steered_tokens, until_concept)")
+    # strict: "3", 2.0 or true are refused rather than read as a number of tokens.
+    max_steered_tokens: int | None = Field(None, strict=True, ge=1, le=MAX_STEERED_TOKENS,
+                                           description="steer only the first N generated tokens; null: all")
+    until_concept: bool = Field(False, strict=True, description="stop steering an answer once it has written one "
+                                "of the steered features' concept tokens (logit-lens top tokens for an SAE without)")
 
     abort_when: list[ConditionIn] = Field(default_factory=list, max_length=64,
                                           description="stop generating at the first token where one holds")
@@ -140,7 +153,8 @@ class SteeringIn(Schema):
 
     def options(self) -> dict:
         return {"mode": self.mode, "positions": self.positions, "units": self.units, "layers": self.layers,
-                "direction": self.direction, "preset": self.preset}
+                "direction": self.direction, "preset": self.preset,
+                "max_steered_tokens": self.max_steered_tokens, "until_concept": self.until_concept}
 
 
 @steering_router.get("", summary="The active steering")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.rules import (
+    MAX_STEERED_TOKENS,
     MAX_STEERING_LAYERS,
     STEERING_DIRECTIONS,
     STEERING_MODES,
@@ -36,6 +37,8 @@ class SteeringOptions:
     units: str = "raw"
     layers: tuple[int, ...] = ()
     direction: str = "decoder"
+    max_steered_tokens: int | None = None  # steer only the first N generated tokens (SteeringSpec)
+    until_concept: bool = False  # stop once a steered feature's concept token is written (SteeringSpec)
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "layers": list(self.layers)}
@@ -60,12 +63,16 @@ def _read_recommendation(path: str, stamp: int) -> dict[str, Any] | None:
     keys = ("mode", "positions", "units", "layers", "direction", "recommended_strength", "strength_range")
     if not isinstance(raw, dict) or not all(k in raw for k in keys):
         return None
-    return {k: raw[k] for k in keys}
+    # Added later (issue 11): a steering.json without them means neither (the demo build rewrites its own when
+    # its recipe version changes, engine/assets/smollm2.py ensure_steering_assets: seconds, no retraining).
+    return {**{k: raw[k] for k in keys}, "max_steered_tokens": raw.get("max_steered_tokens"),
+            "until_concept": raw.get("until_concept", False)}
 
 
 def steering_options_resolve(*, sae: SparseAutoencoder | None, mode: str = "additive", positions: str = "all",
                              units: str = "raw", layers: list[int] | tuple[int, ...] | None = None,
-                             direction: str = "decoder", preset: str | None = None) -> SteeringOptions:
+                             direction: str = "decoder", preset: str | None = None,
+                             max_steered_tokens: int | None = None, until_concept: bool = False) -> SteeringOptions:
     """The options a request asks for (a preset replaces them all), refused whole when one is wrong."""
     if preset is not None:
         if preset not in PRESETS:
@@ -76,6 +83,7 @@ def steering_options_resolve(*, sae: SparseAutoencoder | None, mode: str = "addi
             raise ValidationFailed(f"preset: SAE {name} has no recommended steering", details={"field": "preset"})
         mode, positions, units = recommendation["mode"], recommendation["positions"], recommendation["units"]
         layers, direction = recommendation["layers"], recommendation["direction"]
+        max_steered_tokens, until_concept = recommendation["max_steered_tokens"], recommendation["until_concept"]
     for field, value, choices in (("mode", mode, STEERING_MODES), ("positions", positions, STEERING_POSITIONS),
                                   ("units", units, STRENGTH_UNITS), ("direction", direction, STEERING_DIRECTIONS)):
         if value not in choices:
@@ -90,4 +98,11 @@ def steering_options_resolve(*, sae: SparseAutoencoder | None, mode: str = "addi
         raise ValidationFailed(f"layers: the model has layers 0..{num_layers - 1}", details={"field": "layers"})
     if (layers or direction != "decoder") and mode != "additive":
         raise ValidationFailed("layers and direction apply to additive steering only", details={"field": "mode"})
-    return SteeringOptions(mode=mode, positions=positions, units=units, layers=layers, direction=direction)
+    if max_steered_tokens is not None and (isinstance(max_steered_tokens, bool) or not isinstance(max_steered_tokens, int)
+                                           or not 1 <= max_steered_tokens <= MAX_STEERED_TOKENS):
+        raise ValidationFailed(f"max_steered_tokens: must be an integer in 1..{MAX_STEERED_TOKENS} (or null)",
+                               details={"field": "max_steered_tokens"})
+    if not isinstance(until_concept, bool):
+        raise ValidationFailed("until_concept: must be true or false", details={"field": "until_concept"})
+    return SteeringOptions(mode=mode, positions=positions, units=units, layers=layers, direction=direction,
+                           max_steered_tokens=max_steered_tokens, until_concept=until_concept)

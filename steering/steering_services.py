@@ -7,6 +7,7 @@ may refuse, e.g. out of memory) → only then the database row changes and the p
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -103,11 +104,19 @@ async def steering_apply(*, features: list[dict[str, Any]], mode: str = "additiv
                          units: str = "raw", layers: list[int] | None = None, direction: str = "decoder",
                          preset: str | None = None, source_profile: str = "",
                          abort_when: list[dict[str, Any]] | None = None,
-                         vectors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                         vectors: list[dict[str, Any]] | None = None, max_steered_tokens: int | None = None,
+                         until_concept: bool = False) -> dict[str, Any]:
+    # The active steering is saved (SteeringState) and re-sent to every inference process; these two have no column
+    # there yet, so they are per request only (compare, sweep, /v1 inline `steering`).
+    for field, value in (("max_steered_tokens", max_steered_tokens), ("until_concept", until_concept)):
+        if value:
+            raise ValidationFailed(f"{field}: not kept by the active steering; give it per request (compare, sweep, "
+                                   "/v1 inline steering)", details={"field": field})
     sae = await sync_to_async(attached_sae)()
     attached = await sync_to_async(attached_saes_in_order)()  # a feature may name any of them (`sae`)
     options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, layers=layers,
                                        direction=direction, preset=preset)
+    options = replace(options, max_steered_tokens=None, until_concept=False)  # a preset's too (see above)
     # A feature without a strength gets its calibrated one (steering/calibration_services.py).
     features = await sync_to_async(features_fill_recommended_by_sae)(sae=sae, features=features, units=options.units,
                                                                     attached=attached)
@@ -171,20 +180,23 @@ def steering_message(raw: list[dict[str, Any]], options: SteeringOptions, *, lab
     """The contract's steering for raw-strength features applied with these options (conditions, vectors)."""
     features = [{**f, "when": condition_message(f["when"])} if f.get("when") else f for f in raw]
     return Steering(features=features, mode=options.mode, positions=options.positions, layers=list(options.layers),
-                    direction=options.direction, label=label,
+                    direction=options.direction, max_steered_tokens=options.max_steered_tokens,
+                    until_concept=options.until_concept, label=label,
                     abort_when=[condition_message(c) for c in abort_when or ()], vectors=list(vectors or ()))
 
 
 async def steering_compare(*, prompt: str, features: list[dict[str, Any]], chat: bool = True, max_tokens: int = 48,
                            mode: str = "additive", positions: str = "all", units: str = "raw",
                            layers: list[int] | None = None, direction: str = "decoder",
-                           preset: str | None = None) -> dict[str, Any]:
+                           preset: str | None = None, max_steered_tokens: int | None = None,
+                           until_concept: bool = False) -> dict[str, Any]:
     """The same prompt answered greedily without and with the given steering (the active one is ignored)."""
     sae = await sync_to_async(attached_sae)()
     if sae is None:
         raise SaeNotAttached("No SAE is attached: attach one before steering its features")
     options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, layers=layers,
-                                       direction=direction, preset=preset)
+                                       direction=direction, preset=preset, max_steered_tokens=max_steered_tokens,
+                                       until_concept=until_concept)
     # A feature without a strength gets its calibrated one (steering/calibration_services.py).
     attached = await sync_to_async(attached_saes_in_order)()
     features = await sync_to_async(features_fill_recommended_by_sae)(sae=sae, features=features, units=options.units,

@@ -94,7 +94,8 @@ def sweep_plan(*, sae: SparseAutoencoder | None, features: list[dict[str, Any]],
                prompts: list[str] | None, max_tokens: int = 40, chat: bool = True, mode: str = "additive",
                positions: str = "all", units: str = "raw", layers: list[int] | None = None,
                direction: str = "decoder", preset: str | None = None,
-               attached: dict[str, SparseAutoencoder] | None = None) -> SweepPlan:
+               attached: dict[str, SparseAutoencoder] | None = None, max_steered_tokens: int | None = None,
+               until_concept: bool = False) -> SweepPlan:
     """Check a sweep request whole (nothing starts on a refusal) and resolve `auto` and the defaults.
     `attached`: the attached SAEs a feature's `sae` may name."""
     if not features:
@@ -102,7 +103,8 @@ def sweep_plan(*, sae: SparseAutoencoder | None, features: list[dict[str, Any]],
     if sae is None:
         raise SaeNotAttached("No SAE is attached: attach one before sweeping its features")
     options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, layers=layers,
-                                       direction=direction, preset=preset)
+                                       direction=direction, preset=preset, max_steered_tokens=max_steered_tokens,
+                                       until_concept=until_concept)
     base = [{"index": f.get("index"), "strength": 1.0 if f.get("strength") is None else f.get("strength"),
              **({"sae": f["sae"]} if isinstance(f, dict) and f.get("sae") is not None else {})} for f in features]
     normalised = steering_validate(sae=sae, features=base, mode=options.mode, positions=options.positions,
@@ -202,7 +204,7 @@ async def sweep_execute(plan: SweepPlan, *, on_progress: ProgressSink | None = N
     """Generate every strength × prompt at once, score them in one call, and put the points together."""
     sae = await sync_to_async(SparseAutoencoder.objects.select_related("model").get)(name=plan.sae)
     attached = await sync_to_async(attached_saes_in_order)()
-    options = SteeringOptions(**{**plan.options, "layers": tuple(plan.options["layers"])})
+    options = SteeringOptions(**{**plan.options, "layers": tuple(plan.options["layers"])})  # older plans: defaults
     client = inference_client()
     owners = [f.get("sae") or plan.sae for f in plan.features]  # each feature's own SAE
     lenses = await asyncio.gather(*(client.feature_logit_lens(model=plan.model, sae=owner, index=f["index"],

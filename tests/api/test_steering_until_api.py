@@ -1,0 +1,84 @@
+"""max_steered_tokens and until_concept through /v1 inline `steering`, the compare, the preset, and their refusals
+(a real inference process in a thread serves the test tier; the engine's own tests check the tokens by hand)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from steering.models import SparseAutoencoder
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CAT = 7  # the test tier's ' cat' feature
+CHAT = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 12, "temperature": 0}
+FEATURE = [{"index": CAT, "strength": 40.0}]
+
+
+def post(client, path, body):
+    return client.post(path, json.dumps(body), content_type="application/json")
+
+
+def chat(client, model, steering=None):
+    body = {**CHAT, "model": model, "logprobs": True, **({"steering": steering} if steering is not None else {})}
+    response = post(client, "/v1/chat/completions", body)
+    assert response.status_code == 200, response.content
+    return [t["token"] for t in response.json()["choices"][0]["logprobs"]["content"]]
+
+
+@pytest.fixture
+def serving(client, tiny_catalog, inference_worker, tmp_path):
+    model, sae = tiny_catalog
+    # A recommendation that steers the first 3 tokens only (the demo's says until_concept and 15).
+    folder = tmp_path / "sae"
+    shutil.copytree(sae.local_path, folder)
+    (folder / "steering.json").write_text(json.dumps({
+        "mode": "additive", "positions": "all", "units": "raw", "layers": [], "direction": "decoder",
+        "recommended_strength": 40.0, "strength_range": [1.0, 80.0], "max_steered_tokens": 3}))
+    SparseAutoencoder.objects.filter(pk=sae.pk).update(local_path=str(folder))
+    assert client.post(f"/api/models/{model.name}/load").status_code == 200
+    assert client.post(f"/api/saes/{sae.name}/attach").status_code == 200
+    return model, sae
+
+
+def test_v1_inline_compare_and_preset_steer_only_the_first_tokens(client, serving):
+    model, _ = serving
+    plain, full = chat(client, model.name), chat(client, model.name, {"features": FEATURE})
+    capped = chat(client, model.name, {"features": FEATURE, "max_steered_tokens": 3})
+    assert capped[:3] == full[:3] and capped != full and full[:3] != plain[:3]
+    assert chat(client, model.name, {"features": FEATURE, "preset": "recommended"}) == capped
+    compared = post(client, "/api/steering/compare", {"prompt": "Hello!", "features": FEATURE, "max_tokens": 12,
+                                                       "max_steered_tokens": 3})
+    assert compared.status_code == 200, compared.content
+    assert compared.json()["data"]["steered"]["text"] == "".join(capped)
+    # until_concept on an SAE without concept tokens stops at the feature's top logit-lens tokens: accepted.
+    assert len(chat(client, model.name, {"features": FEATURE, "until_concept": True})) == 12
+
+
+@pytest.mark.parametrize("value", [{"max_steered_tokens": 0}, {"max_steered_tokens": -1},
+                                   {"max_steered_tokens": 10**9}, {"max_steered_tokens": 2.5},
+                                   {"max_steered_tokens": "3"}, {"max_steered_tokens": True},
+                                   {"until_concept": "yes"}, {"until_concept": 1}])
+def test_bad_values_are_refused_on_v1_and_on_the_compare(client, serving, value):
+    model, _ = serving
+    field = next(iter(value))
+    response = post(client, "/v1/chat/completions", {**CHAT, "model": model.name,
+                                                      "steering": {"features": FEATURE, **value}})
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["param"].startswith(f"steering.{field}")
+    compared = post(client, "/api/steering/compare", {"prompt": "Hi", "features": FEATURE, **value})
+    assert compared.status_code == 422 and field in json.dumps(compared.json()["error"]), compared.content
+
+
+def test_until_concept_without_features_and_the_active_steering_refuse_and_change_nothing(client, serving):
+    model, _ = serving
+    response = post(client, "/v1/chat/completions", {**CHAT, "model": model.name,
+                                                      "steering": {"features": [], "until_concept": True}})
+    assert response.status_code == 400 and "until_concept" in response.json()["error"]["message"], response.content
+    before = client.get("/api/steering").json()["data"]
+    refused = client.put("/api/steering", json.dumps({"features": FEATURE, "max_steered_tokens": 3}),
+                         content_type="application/json")
+    assert refused.status_code in (400, 422) and "max_steered_tokens" in json.dumps(refused.json()["error"])
+    assert client.get("/api/steering").json()["data"] == before
