@@ -82,3 +82,18 @@ def test_until_concept_without_features_and_the_active_steering_refuse_and_chang
                          content_type="application/json")
     assert refused.status_code in (400, 422) and "max_steered_tokens" in json.dumps(refused.json()["error"])
     assert client.get("/api/steering").json()["data"] == before
+
+
+def test_the_sweep_steers_with_the_options_and_refuses_bad_ones_before_starting(client, serving):
+    from steering.models import SweepRun
+
+    model, _ = serving
+    assert post(client, "/api/steering/sweep", {"features": [{"index": CAT}], "strengths": [40.0],
+                                                 "max_steered_tokens": -2}).status_code == 422
+    assert SweepRun.objects.count() == 0
+    response = post(client, "/api/steering/sweep", {"features": [{"index": CAT}], "strengths": [40.0],
+                                                     "prompts": ["Hello!"], "max_tokens": 12, "max_steered_tokens": 3})
+    assert response.status_code == 200, response.content
+    point = next(p for p in response.json()["data"]["result"]["points"] if p["strength"] == 40.0)
+    capped = chat(client, model.name, {"features": FEATURE, "max_steered_tokens": 3})
+    assert point["outputs"][0]["text"] == "".join(capped) != "".join(chat(client, model.name, {"features": FEATURE}))
