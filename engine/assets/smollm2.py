@@ -359,7 +359,7 @@ def ensure_calibration(out_dir: Path, *, progress: bool = True) -> None:
                 bar = bars[phase] = tqdm(total=total, desc=f"calibrate ({phase})", disable=not progress)
             bar.update(done - bar.n)
 
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         result = calibrate_sae(loaded=loaded, sae=sae, recipe=recipe, residual_norm=manifest.get("residual_median_norm"),
                                concept_directions=load_file(sae_dir / "concept_directions.safetensors")[
                                    "concept_directions"], sweep_features=features, kl_grid=(0.04, 0.16),
@@ -367,7 +367,8 @@ def ensure_calibration(out_dir: Path, *, progress: bool = True) -> None:
         for bar in bars.values():
             bar.close()
         method = {**result["method"], "demo_recipe": CALIBRATION_RECIPE_VERSION,
-                  "seconds": round(time.monotonic() - started, 1)}
+                  "seconds": round(time.monotonic() - started, 1),
+                  "cpu_seconds": round(time.process_time() - cpu_started, 1), "torch_threads": torch.get_num_threads()}
         write_calibration(sae_dir, recipe=recipe, residual_norm=result["residual_norm"],
                           strengths=result["strengths"], method=method)
     finally:
@@ -400,12 +401,14 @@ def _build(out_dir: Path, *, force: bool, progress: bool) -> dict[str, Any]:
     (out_dir / "manifest.json").unlink(missing_ok=True)  # a build cut short must not look finished
     torch.manual_seed(SEED)
     timings: dict[str, float] = {}
-    clock = time.monotonic()
+    cpu_timings: dict[str, float] = {}  # this process's CPU seconds: the machine-load-free basis of the wall times
+    clock, cpu_clock = time.monotonic(), time.process_time()
 
     def lap(name: str) -> None:
-        nonlocal clock
+        nonlocal clock, cpu_clock
         timings[name] = round(time.monotonic() - clock, 1)
-        clock = time.monotonic()
+        cpu_timings[name] = round(time.process_time() - cpu_clock, 1)
+        clock, cpu_clock = time.monotonic(), time.process_time()
 
     converted = convert_model(out_dir / "model", force=force)
     lap("convert" if converted else "convert_cached")
@@ -474,6 +477,8 @@ def _build(out_dir: Path, *, force: bool, progress: bool) -> dict[str, Any]:
         "metrics": {"fvu_held_out": round(held.fvu, 4), "l0_held_out": round(held.l0, 2),
                     "dead_fraction": round(dead_fraction, 4)},
         "timings_s": timings,
+        "cpu_s": cpu_timings,
+        "torch_threads": torch.get_num_threads(),
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
