@@ -111,7 +111,8 @@ class InferenceWorker:
             pinned_model=self.pinned_model, started_at=self.started_at,
             **{key: status[key] for key in ("loaded_model", "attached_sae", "steering", "queue_depth",
                                             "active_requests", "tokens_per_second", "requests_total",
-                                            "memory_bytes")})
+                                            "memory_bytes")},
+            attached_saes=[sae["name"] for sae in status.get("attached_saes") or ()])
 
     async def _heartbeat(self) -> None:
         while True:

@@ -33,6 +33,7 @@ class ProcessRecord(BaseModel):
     pinned_model: str | None = None  # MILLM_INFERENCE_MODEL: serves this model whatever the catalog says
     loaded_model: str | None = None
     attached_sae: str | None = None
+    attached_saes: list[str] = Field(default_factory=list)  # every attached SAE's name, in attach order
     steering: str = "none"  # the active steering's label
     queue_depth: int = 0
     active_requests: int = 0

@@ -144,6 +144,10 @@ def sae_set_status(*, name: str, status: str, message: str = "", attached: bool 
     detached. Every attached SAE is `desired_attached`, in `attached_order` (the first is the default SAE):
     a restarted inference process attaches them all again in that order. Re-attaching one keeps its place."""
     with transaction.atomic():
+        # A write first: it takes SQLite's write lock (waiting its busy timeout) before anything is read, so
+        # N inference processes recording the same attach at once queue instead of failing "database is locked"
+        # (a read-then-write transaction cannot wait for a writer that committed after its read).
+        SparseAutoencoder.objects.filter(name=name).update(status=status, status_message=message[:2000])
         sae = SparseAutoencoder.objects.select_for_update().get(name=name)
         if attached:
             others = SparseAutoencoder.objects.exclude(model_id=sae.model_id)

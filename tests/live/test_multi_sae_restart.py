@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import httpx
 import pytest
@@ -58,3 +59,46 @@ def test_a_restarted_inference_process_attaches_every_sae_in_order_and_steers_bo
     state = httpx.get(f"{stack.url}/api/steering", timeout=10).json()["data"]
     assert [(f["index"], f.get("sae")) for f in state["features"]] == [(CAT, None), (42, EARLY)]
     print(f"\ninference kill -9 with two SAEs: both attached and steered again after {recovered_s:.2f}s")
+
+
+def test_with_two_inference_processes_a_restarted_one_attaches_both_saes_in_order(tmp_path):
+    stack = LiveStack(tmp_path / "var", env={"MILLM_INFERENCE_PROCESSES": "2"})
+    try:
+        stack.wait_healthy()
+        deadline = time.monotonic() + 90
+        while len(processes(stack)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        response = httpx.post(f"{stack.url}/api/saes/{EARLY}/attach", timeout=120)
+        assert response.status_code == 200, response.text
+        assert len(response.json()["data"]["processes"]["applied"]) == 2, response.json()["data"]["processes"]
+        features = [{"index": CAT, "strength": 6.0}, {"sae": EARLY, "index": 42, "strength": 20.0}]
+        assert httpx.put(f"{stack.url}/api/steering", json={"features": features}, timeout=60).status_code == 200
+        expected = greedy(stack).json()["choices"][0]["message"]["content"]
+        wait_until(stack, lambda ps: len(ps) == 2 and all(p["attached_saes"] == [LATE, EARLY] for p in ps))
+
+        victim = processes(stack)[0]
+        os.kill(victim["pid"], signal.SIGKILL)
+        # The supervisor restarts it; it attaches both SAEs again, in order, and steers with both.
+        fresh = wait_until(stack, lambda ps: len(ps) == 2 and victim["process_id"] not in {p["process_id"] for p in ps}
+                           and all(p["attached_saes"] == [LATE, EARLY] and p["steering"] == "active" for p in ps),
+                           timeout_s=120)
+        assert len(fresh) == 2
+        texts = {greedy(stack).json()["choices"][0]["message"]["content"] for _ in range(6)}
+        assert texts == {expected}, texts
+    finally:
+        stack.stop()
+
+
+def processes(stack: LiveStack) -> list[dict]:
+    return httpx.get(f"{stack.url}/api/health", timeout=10).json()["data"]["processes"]
+
+
+def wait_until(stack: LiveStack, holds, *, timeout_s: float = 30) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    seen: list[dict] = []
+    while time.monotonic() < deadline:
+        seen = processes(stack)
+        if holds(seen):
+            return seen
+        time.sleep(0.5)
+    raise AssertionError(f"processes never matched: {seen}\n{stack.read_log()[-3000:]}")
