@@ -5,12 +5,14 @@
     .venv/bin/python bench/serve.py --tier demo --quantizations none q4 q8
     .venv/bin/python bench/serve.py --tier demo --quantizations q4 --threads 1 2 1 2   # MILLM_TORCH_THREADS
 
-Starts a real stack (`manage.py serve`: daphne + inference process + Redis) on a free port, then for
-each quantization loads the tier's model with it and prints one row (medians over interleaved
-rounds, so load hits every side alike), always against the same raw float32 baseline:
+Starts a real stack (`manage.py serve`: daphne + inference process + Redis) on a free port, then
+each round loads the tier's model with each quantization in turn (rounds outermost, so a change in
+the machine's load hits every variant alike) and prints one row per quantization (medians over the
+rounds), always against the same raw float32 baseline, measured in the same rounds:
   raw fp32        `generate(do_sample=False)` tok/s of the float32 model in this process
   1 stream        server decode tok/s (streamed, openai client) and its ratio to raw fp32
   8 streams       aggregate tok/s and its ratio to 1 stream
+  per round       the single stream's × raw and the 8 streams' × 1 stream of each round (the spread)
   TTFT            time to first streamed token of a ~34-token chat prompt (p50), against the raw
                   float32 forward pass of that prompt (p50), and their ratio
 Every completion generates exactly --tokens tokens (ignore_eos), so the rates compare like for like.
@@ -186,17 +188,27 @@ def main() -> None:
             # the raw baseline runs with the server's thread count
             torch.set_num_threads(threads or default_threads)
             try:
-                for quantization in args.quantizations:
-                    response = httpx.post(f"{url}/api/models/{model_name}/load", params={"quantization": quantization},
-                                          timeout=900).json()
-                    if not response["success"]:
-                        raise SystemExit(f"loading {quantization}: {response['error']}")
-                    served = httpx.get(f"{url}/api/models/{model_name}", timeout=30).json()["data"]
-                    if model is None:  # the raw float32 baseline, in this process
-                        model = AutoModelForCausalLM.from_pretrained(served["local_path"], dtype=torch.float32).eval()
-                        tokenizer = AutoTokenizer.from_pretrained(served["local_path"])
-                    figures = asyncio.run(measure(url, model_name, model, tokenizer, tokens, args.rounds))
-                    rows.append((quantization, threads or default_threads, served["status_message"], figures))
+                stack_rows = {}
+                for _ in range(args.rounds):
+                    for quantization in args.quantizations:
+                        response = httpx.post(f"{url}/api/models/{model_name}/load",
+                                              params={"quantization": quantization}, timeout=900).json()
+                        if not response["success"]:
+                            raise SystemExit(f"loading {quantization}: {response['error']}")
+                        served = httpx.get(f"{url}/api/models/{model_name}", timeout=30).json()["data"]
+                        if model is None:  # the raw float32 baseline, in this process
+                            model = AutoModelForCausalLM.from_pretrained(served["local_path"],
+                                                                         dtype=torch.float32).eval()
+                            tokenizer = AutoTokenizer.from_pretrained(served["local_path"])
+                        figures = asyncio.run(measure(url, model_name, model, tokenizer, tokens, 1))
+                        if quantization not in stack_rows:
+                            stack_rows[quantization] = (quantization, threads or default_threads,
+                                                        served["status_message"], figures)
+                        else:
+                            for key, values in figures.items():
+                                if key != "chat_tokens":
+                                    stack_rows[quantization][3][key].extend(values)
+                rows.extend(stack_rows.values())
             finally:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=60)
@@ -204,11 +216,12 @@ def main() -> None:
     print(f"model {model_name}, {tokens} tokens per completion, {args.rounds} interleaved rounds, chat prompt "
           f"{chat_tokens} tokens; thr = MILLM_TORCH_THREADS of the server and torch threads of the raw baseline")
     print(f"{'quant':5} {'thr':>3}  {'raw fp32':>9}  {'1 stream':>9} {'×raw':>5}  {'8 streams':>9} {'×1':>5}  "
-          f"{'TTFT':>8} {'fwd fp32':>8} {'×fwd':>5}  ×1 per round")
+          f"{'TTFT':>8} {'fwd fp32':>8} {'×fwd':>5}  per round: ×raw | ×1")
     for quantization, threads, message, f in rows:
         raw, single, eight = (statistics.median(f[k]) for k in ("raw", "single", "eight"))
         ttft, forward = statistics.median(f["ttft"]), statistics.median(f["forward"])
-        spread = " ".join(f"{e / s:.2f}" for s, e in zip(f["single"], f["eight"], strict=True))
+        spread = " ".join(f"{s / r:.2f}" for r, s in zip(f["raw"], f["single"], strict=True)) + " | " + " ".join(
+            f"{e / s:.2f}" for s, e in zip(f["single"], f["eight"], strict=True))
         print(f"{quantization:5} {threads:3}  {raw:9.1f}  {single:9.1f} {single / raw:5.2f}  {eight:9.1f} "
               f"{eight / single:5.2f}  {ttft * 1000:6.1f}ms {forward * 1000:6.1f}ms {ttft / forward:5.2f}  "
               f"[{spread}]   ({message})")

@@ -115,6 +115,45 @@ def test_the_sae_reads_the_quantized_model_about_as_well(test_tier_assets, model
     assert fvu <= fp32 + 0.02, (fvu, fp32)
 
 
+def _demo_fvu(loaded, sae, layer: int, sink_norm_cutoff: float) -> float:
+    """FVU of the demo SAE on its layer's residuals of text it never saw, sinks cut as its own test does."""
+    from tests.engine.test_smollm2_assets import NEW_TEXTS
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    captured = []
+    handle = decoder_layers(model)[layer].register_forward_hook(
+        lambda m, i, o: captured.append((o[0] if isinstance(o, tuple) else o)[0, 1:])
+    )
+    try:
+        with torch.inference_mode():
+            for item in NEW_TEXTS:
+                text = item if isinstance(item, str) else tokenizer.apply_chat_template(item, tokenize=False)
+                model(torch.tensor([tokenizer(text)["input_ids"]]))
+    finally:
+        handle.remove()
+    acts = torch.cat(captured).float()
+    acts = acts[acts.norm(dim=-1) < sink_norm_cutoff]
+    recon = sae.decode(sae.encode(acts))
+    return float((recon - acts).pow(2).sum() / (acts - acts.mean(0)).pow(2).sum())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+@pytest.mark.parametrize("quantization", ["q4", "q8"])
+def test_the_demo_sae_reads_the_quantized_demo_model_about_as_well(quantization):
+    # Measured 2026-12-01: fp32 0.1894, Q4 0.1890, Q8 (W8A8) 0.1993 on 198 tokens (docs/benchmarks.md).
+    from engine.assets.smollm2 import build_demo_tier, read_manifest
+    from tests.engine.test_smollm2_assets import ASSET_CACHE
+
+    assets = build_demo_tier(ASSET_CACHE / "demo", progress=False)
+    cutoff = read_manifest(ASSET_CACHE / "demo")["sink_norm_cutoff"]
+    sae = load_sae(assets.sae.local_path)
+    path = assets.model.local_path
+    fp32 = _demo_fvu(load_model(path), sae, assets.sae.layer, cutoff)
+    fvu = _demo_fvu(load_model(path, quantization=quantization), sae, assets.sae.layer, cutoff)
+    assert fvu <= fp32 + 0.02, (fvu, fp32)
+
+
 def _greedy(runtime: EngineRuntime, steering=None) -> list[int]:
     request = GenerationRequest("The cat", SamplingParams(max_tokens=8, temperature=0.0), steering=steering)
     return [e.token_id for e in runtime.scheduler.submit(request) if not isinstance(e, FinishEvent)]
