@@ -46,10 +46,11 @@ def engine():
     scheduler.call(lambda: layer_hook.attach(loaded.model)).result()
     probe = loaded.tokenizer(NORM_PROBE_TEXT)["input_ids"]
     norms = scheduler.call(lambda: residual_norms(loaded.model, probe)).result()
-    concept = load_file(Path(assets.sae.local_path) / "concept_directions.safetensors")["concept_directions"]
+    concept_file = load_file(Path(assets.sae.local_path) / "concept_directions.safetensors")
+    concept, concept_tokens = concept_file["concept_directions"], concept_file["token_ids"]
     recipe = json.loads((Path(assets.sae.local_path) / "steering.json").read_text())
     yield {"assets": assets, "loaded": loaded, "scheduler": scheduler, "sae": sae, "norms": norms,
-           "concept": concept, "recipe": recipe, "calibration": read_calibration(Path(assets.sae.local_path)),
+           "concept": concept, "concept_tokens": concept_tokens, "recipe": recipe, "calibration": read_calibration(Path(assets.sae.local_path)),
            "residual_norm": read_manifest(ASSET_CACHE / "demo")["residual_median_norm"]}
     scheduler.stop()
 
@@ -114,9 +115,10 @@ def test_recommended_steering_writes_the_concept_and_clearing_restores_the_text(
     spec = SteeringSpec(
         features=(SteeringFeature(index, engine["calibration"]["recommended"][index]),),  # raw
         mode=recipe["mode"], positions=recipe["positions"], layers=tuple(recipe["layers"]),
-        direction=recipe["direction"])
+        direction=recipe["direction"], max_steered_tokens=recipe.get("max_steered_tokens"),
+        until_concept=recipe.get("until_concept", False))  # the preset stops once the concept is written
     compiled = compile_steering(engine["sae"], spec, layer_norms=engine["norms"],
-                                concept_directions=engine["concept"])
+                                concept_directions=engine["concept"], concept_tokens=engine["concept_tokens"])
     steered = answer(engine, compiled)
     assert not quality.mentions(unsteered, words)
     assert quality.mentions(steered, words), (index, words, steered)
