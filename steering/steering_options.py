@@ -2,8 +2,8 @@
 and the direction — resolved from a request (or from the SAE's recommended preset) and checked once.
 
 An SAE folder may carry `steering.json`, the setting its builder measured to work (the demo SAE: the concept
-direction added at layers 8–23, generated positions only, 0.10 × each layer's residual norm; see
-docs/steering.md). `preset: "recommended"` applies it, so one flag gives a researcher the steering that
+direction added at layers 8–23, generated positions only, 0.14 × each layer's residual norm, until the concept is
+written and for at most 15 tokens; see docs/steering.md). `preset: "recommended"` applies it, so one flag gives a researcher the steering that
 makes the model write the feature's concept.
 """
 
