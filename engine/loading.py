@@ -1,7 +1,7 @@
 """Loading a causal LM and its tokenizer from a local folder (or GGUF file) for serving.
 
-Q4/Q8 use bitsandbytes on CUDA and torch's own int4/int8 weight-only kernels on CPU
-(engine/quantization.py; bitsandbytes is slower than float32 there).
+Q4/Q8 use bitsandbytes on CUDA and torch's own kernels on CPU (int4 weight-only; int8 W8A8 with
+per-token activation scales; engine/quantization.py; bitsandbytes is slower than float32 there).
 
 Every failure a user can cause (a missing folder, quantizing a GGUF file, an unknown dtype, a
 machine without a bitsandbytes backend) is a ModelLoadError subclass with a message that says what

@@ -20,8 +20,9 @@ x̂ = round(x · 127 / max|x|) · max|x| / 127, and y = (x̂_int · q) · (max|x
 integer products summed exactly. Every row's scale comes from that row alone, so a token's output
 does not depend on the other rows of its batch (a per-tensor activation scale, as in fbgemm's
 dynamic Linear, would make one request's text depend on concurrent traffic). Unlike the int4 kernel,
-whose cost roughly doubles from 4 to 8 rows, the integer matmul costs about 1.5–2× at 8 rows what
-it costs at one, which is what lets batching pay (docs/benchmarks.md). `aten._weight_int8pack_mm`,
+whose cost roughly doubles from 4 to 8 rows, the integer matmul costs about 1.5–2.4× at 8 rows what
+it costs at one, which is what lets batching pay; at one row it reads twice Q4's weight bytes, so a
+single stream is slower than Q4's (docs/benchmarks.md). `aten._weight_int8pack_mm`,
 the weight-only int8 kernel used before, was 10× slower than float32 with float32 activations.
 
 Siblings that read the same input (q/k/v projections; gate/up of a gated MLP) are fused into one
