@@ -1,7 +1,7 @@
 """Two SAEs attached, through the pages in Chromium (test tier): the SAEs page attaches the second and names the
 default; the Steering page steers feature 7 of both SAEs at once (the same index on two SAEs is allowed, the same
 (SAE, index) twice refused), compares, applies and saves a profile keeping each feature's SAE; "Steer this" on the
-second SAE's feature page adds that SAE's feature; the history heatmap names its SAE. Each action twice; any
+second SAE's feature page adds that SAE's feature; the Monitor's frames and the history heatmap name their SAE. Each action twice; any
 console error or failed request fails the test; screenshots go to test-artifacts/."""
 
 from __future__ import annotations
@@ -132,10 +132,18 @@ def test_two_saes_through_the_pages(stack, browser):  # noqa: F811
         assert page.locator(f"#steer-{EARLY}-42").count() == 1 and page.locator("#steer-42").count() == 0
     shot(page, "4-steer-this")
 
-    # History: the heatmap says whose features its columns are.
+    # Monitor: a chat's live frames name their SAE (frames carry `sae` while several are attached).
+    page.goto(f"{stack.url}/monitor/")
+    page.wait_for_selector("#system-status.status-live", timeout=10_000)
+    page.wait_for_timeout(300)
     request_id = httpx.post(f"{stack.url}/v1/chat/completions", timeout=30, json={
         "model": "tiny-llama", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8,
         "temperature": 0}).headers["x-request-id"]
+    page.wait_for_selector(f".frame[data-request='{request_id}'] .frame-sae", timeout=5_000)
+    assert page.locator(f".frame[data-request='{request_id}'] .frame-sae").first.inner_text() == LATE
+    shot(page, "5-monitor")
+
+    # History: the heatmap says whose features its columns are.
     for _ in range(50):  # recorded once the request ends
         if httpx.get(f"{stack.url}/api/monitoring/history/{request_id}", timeout=10).status_code == 200:
             break
@@ -144,7 +152,7 @@ def test_two_saes_through_the_pages(stack, browser):  # noqa: F811
         page.goto(f"{stack.url}/history/{request_id}/")
         page.wait_for_selector("table.token-features", timeout=15_000)
         assert LATE in page.inner_text("#heatmap-sae")
-    shot(page, "5-history")
+    shot(page, "6-history")
     page.wait_for_timeout(2300)  # past one system_status tick
     page.close()
     assert problems == []
