@@ -128,12 +128,15 @@ def embedding_coherence(model: torch.nn.Module, tokenizer: Any, words: Sequence[
 # far less (the demo: 0.04–0.16, see engine/assets/smollm2.py), so its caller passes a narrower grid.
 KL_GRID = (0.05, 0.25, 1.25)
 SWEEP_STRENGTHS = (0.08, 0.10, 0.12, 0.14)  # × residual norm, the concept features' generation sweep
+# When the recipe stops steering (until_concept / max_steered_tokens) stronger settings stay fluent: swept on the demo
+# SAE's 48 features, 33 chose 0.16 (docs/benchmarks.md, "Until the concept is written, as an engine option").
+SWEEP_STRENGTHS_STOPPED = (0.10, 0.12, 0.14, 0.16)
 
 
 def calibrate_sae(*, loaded: Any, sae: Any, recipe: calibration.CalibrationRecipe, residual_norm: float | None,
                   concept_directions: torch.Tensor | None = None, sweep_features: Sequence[tuple[int, Sequence[str]]] = (),
                   concept_tokens: torch.Tensor | None = None,
-                  sweep_strengths: Sequence[float] = SWEEP_STRENGTHS, sweep_tokens: int = 28,
+                  sweep_strengths: Sequence[float] | None = None, sweep_tokens: int = 28,
                   target_kl: float = calibration.DEFAULT_TARGET_KL, batch_size: int = 48,
                   kl_grid: Sequence[float] = KL_GRID, refine: bool = True,
                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
@@ -147,6 +150,9 @@ def calibrate_sae(*, loaded: Any, sae: Any, recipe: calibration.CalibrationRecip
     from engine.steering import SteeringFeature, SteeringSpec, compile_steering
     from engine.steering_layers import NORM_PROBE_TEXT, LayerSteeringHook, residual_norms
 
+    if sweep_strengths is None:
+        stops = recipe.until_concept or recipe.max_steered_tokens is not None
+        sweep_strengths = SWEEP_STRENGTHS_STOPPED if stops else SWEEP_STRENGTHS
     model, tokenizer = loaded.model, loaded.tokenizer
     norms = residual_norms(model, tokenizer(NORM_PROBE_TEXT)["input_ids"])
     hook_norm = norms[sae.hook_layer]
