@@ -153,3 +153,13 @@ def test_bad_options_are_refused(runtime, options, message):
 def test_until_concept_without_features_is_refused(runtime):
     with pytest.raises(InvalidSteeringError, match="until_concept needs SAE features"):
         runtime.compile(SteeringSpec(features=(), until_concept=True))
+
+
+def test_a_calibration_recipe_records_the_options_only_when_set():
+    from engine.calibration_file import CalibrationRecipe
+
+    plain = CalibrationRecipe(direction="concept", layers=(8, 11), positions="generated_only")
+    assert plain.as_dict() == {"mode": "additive", "direction": "concept", "positions": "generated_only",
+                               "layers": [8, 11]}  # as calibration.json files written before the options
+    stopped = CalibrationRecipe(direction="concept", max_steered_tokens=15, until_concept=True)
+    assert stopped.as_dict()["max_steered_tokens"] == 15 and stopped.as_dict()["until_concept"] is True
