@@ -9,7 +9,13 @@ from ninja import Body, Router, Schema
 from pydantic import Field
 
 from catalog.selectors import model_get
-from engine.rules import MAX_STEERING_LAYERS, SteeringDirection, SteeringMode, SteeringPositions
+from engine.rules import (
+    MAX_STEERED_TOKENS,
+    MAX_STEERING_LAYERS,
+    SteeringDirection,
+    SteeringMode,
+    SteeringPositions,
+)
 from millm_site.envelope import envelope
 from profiles import services
 from profiles.models import Profile
@@ -31,6 +37,9 @@ class ProfileIn(Schema):
     features: list[ProfileFeatureFile] = Field(default_factory=list, max_length=1024)
     abort_when: list[ConditionFile] = Field(default_factory=list, max_length=64)
     vectors: list[VectorRefFile] = Field(default_factory=list, max_length=16)
+    max_steered_tokens: int | None = Field(None, strict=True, ge=1, le=MAX_STEERED_TOKENS,
+                                           description="steer only the first N generated tokens; null: all")
+    until_concept: bool = Field(False, strict=True, description="stop steering once a steered concept token is written")
 
 
 def _save(payload: ProfileIn, *, replace: bool) -> dict[str, Any]:
@@ -42,6 +51,7 @@ def _save(payload: ProfileIn, *, replace: bool) -> dict[str, Any]:
                                     features=[f.model_dump(exclude_none=True) for f in payload.features],
                                     abort_when=[c.model_dump(exclude_none=True) for c in payload.abort_when],
                                     vectors=[v.model_dump() for v in payload.vectors],
+                                    max_steered_tokens=payload.max_steered_tokens, until_concept=payload.until_concept,
                                     replace=replace)
     return profile_data(services.profile_get(name=profile.name))
 

@@ -24,7 +24,8 @@ def profile_name_check(name: str) -> str:
 
 def profile_save_from_steering(*, name: str, description: str = "", features: list[dict[str, Any]],
                                mode: str = "additive", positions: str = "all", units: str = "raw",
-                               preset: str | None = None, replace: bool = False) -> Profile:
+                               preset: str | None = None, replace: bool = False, max_steered_tokens: int | None = None,
+                               until_concept: bool = False) -> Profile:
     """Save the given steering of the attached SAE as a profile.
 
     Profiles hold raw strengths (what the engine applies), so relative units are converted here, once,
@@ -34,7 +35,8 @@ def profile_save_from_steering(*, name: str, description: str = "", features: li
     sae = attached_sae()
     if sae is None:
         raise SaeNotAttached("No SAE is attached: attach one on the SAEs page, then steer its features")
-    options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, preset=preset)
+    options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, preset=preset,
+                                       max_steered_tokens=max_steered_tokens, until_concept=until_concept)
     mode, positions, units = options.mode, options.positions, options.units
     attached = attached_saes_in_order()  # a feature may name any attached SAE (`sae`)
     normalised = steering_validate(sae=sae, features=features, mode=mode, positions=positions, units=units,
@@ -49,5 +51,6 @@ def profile_save_from_steering(*, name: str, description: str = "", features: li
         description = (description + "\n" if description else "") + f"Set as {typed} ({units})."
     return profile_save(name=name, description=description.strip(), model=sae.model, sae=sae, mode=mode,
                         positions=positions, layers=options.layers, direction=options.direction, replace=replace,
+                        max_steered_tokens=options.max_steered_tokens, until_concept=options.until_concept,
                         features=[{**f, "label": labels.get((f.get("sae") or sae.name, f["index"]), "")[:300]}
                                   for f in raw])

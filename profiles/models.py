@@ -24,6 +24,9 @@ class Profile(models.Model):
     positions = models.CharField(max_length=16, choices=_choices(STEERING_POSITIONS), default="all")
     layers = models.JSONField(default=list, blank=True)  # additive: also steer at these decoder layers
     direction = models.CharField(max_length=16, choices=_choices(STEERING_DIRECTIONS), default="decoder")
+    # Steer only the first N generated tokens (null: all) / stop once a steered concept token is written.
+    max_steered_tokens = models.PositiveIntegerField(null=True, blank=True)
+    until_concept = models.BooleanField(default=False)
     # Stop generating at the first token where one of these holds: [{"sae", "index", "above"|"below"}].
     abort_when = models.JSONField(default=list, blank=True)
     # Stored steering vectors added too: [{"name": SteeringVector name, "strength": float}].

@@ -5,9 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from engine.rules import MAX_STEERING_LAYERS, SteeringDirection, SteeringMode, SteeringPositions
+from engine.rules import (
+    MAX_STEERED_TOKENS,
+    MAX_STEERING_LAYERS,
+    SteeringDirection,
+    SteeringMode,
+    SteeringPositions,
+)
 
 MAX_STRENGTH = 10000.0  # the database's bound (profiles.models); the engine applies its own at steering time
 MAX_FEATURE_INDEX = (1 << 31) - 1  # the index column is a 32-bit integer on PostgreSQL (and SQLite's is 64)
@@ -70,5 +76,8 @@ class ProfileFile(BaseModel):
     direction: SteeringDirection = "decoder"
     abort_when: list[ConditionFile] = Field(default_factory=list, max_length=64)  # stop where one holds
     vectors: list[VectorRefFile] = Field(default_factory=list, max_length=16)  # stored vectors, by name
+    # Steer only the first N generated tokens / until a steered concept token is written (strict: "3" is refused).
+    max_steered_tokens: StrictInt | None = Field(default=None, ge=1, le=MAX_STEERED_TOKENS)
+    until_concept: StrictBool = False
     created_at: datetime | None = None
     updated_at: datetime | None = None

@@ -54,12 +54,13 @@ def profile_save(*, name: str, description: str = "", model: LanguageModel | Non
                  layers: list[int] | tuple[int, ...] = (), direction: str = "decoder",
                  features: list[dict[str, Any]], replace: bool = False,
                  abort_when: list[dict[str, Any]] | None = None, vectors: list[dict[str, Any]] | None = None,
-                 ) -> Profile:
+                 max_steered_tokens: int | None = None, until_concept: bool = False) -> Profile:
     """Create (or, with replace, overwrite) a profile and its features in one transaction."""
     if sae is not None and model is not None and sae.model_id != model.pk:
         raise ValidationFailed(f"sae: SAE {sae.name} belongs to model {sae.model.name}, not {model.name}",
                                details={"field": "sae"})
-    options = steering_options_resolve(sae=sae, mode=mode, positions=positions, layers=layers, direction=direction)
+    options = steering_options_resolve(sae=sae, mode=mode, positions=positions, layers=layers, direction=direction,
+                                       max_steered_tokens=max_steered_tokens, until_concept=until_concept)
     _check_features(features, sae)
     # A condition may read any SAE of the profile's model (attached or not yet: activation checks again).
     saes = {s.name: s for s in SparseAutoencoder.objects.filter(model_id=sae.model_id)} if sae is not None else None
@@ -74,6 +75,7 @@ def profile_save(*, name: str, description: str = "", model: LanguageModel | Non
     profile.mode, profile.positions = options.mode, options.positions
     profile.layers, profile.direction = list(options.layers), options.direction
     profile.abort_when = abort_when
+    profile.max_steered_tokens, profile.until_concept = options.max_steered_tokens, options.until_concept
     profile.vectors = stored_vector_refs(vectors or [])
     vector_parts(profile.vectors, model=model or (sae.model if sae else None))  # names exist, widths fit
     profile.save()
@@ -100,7 +102,8 @@ def profile_import(*, data: Any, replace: bool = False) -> Profile:
                         positions=parsed.positions, layers=parsed.layers, direction=parsed.direction,
                         features=[f.model_dump(exclude_none=True) for f in parsed.features], replace=replace,
                         abort_when=[c.model_dump(exclude_none=True) for c in parsed.abort_when],
-                        vectors=[v.model_dump() for v in parsed.vectors])
+                        vectors=[v.model_dump() for v in parsed.vectors],
+                        max_steered_tokens=parsed.max_steered_tokens, until_concept=parsed.until_concept)
 
 
 def _find_model(parsed: ProfileFile) -> LanguageModel | None:
@@ -148,6 +151,8 @@ def profile_export(*, profile: Profile) -> dict[str, Any]:
         "positions": profile.positions,
         "layers": list(profile.layers or ()),
         "direction": profile.direction,
+        "max_steered_tokens": profile.max_steered_tokens,
+        "until_concept": profile.until_concept,
         "created_at": profile.created_at.isoformat().replace("+00:00", "Z"),
         "updated_at": profile.updated_at.isoformat().replace("+00:00", "Z"),
     }
@@ -198,7 +203,8 @@ async def profile_activate_and_apply(*, name: str) -> Profile:
                  **({"when": f.when} if f.when else {})} for f in profile.features.all()]
     await steering_apply(features=features, mode=profile.mode, positions=profile.positions,
                          layers=list(profile.layers or ()), direction=profile.direction, source_profile=name,
-                         abort_when=list(profile.abort_when or []), vectors=list(profile.vectors or []))
+                         abort_when=list(profile.abort_when or []), vectors=list(profile.vectors or []),
+                         max_steered_tokens=profile.max_steered_tokens, until_concept=profile.until_concept)
     return await sync_to_async(profile_activate)(profile=profile)
 
 

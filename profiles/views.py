@@ -89,6 +89,7 @@ async def profile_from_active_action(request):
         await sync_to_async(profile_save_from_steering)(
             name=request.POST.get("name", ""), description=request.POST.get("description", ""),
             features=state.features, mode=state.mode, positions=state.positions, units=state.units,
+            max_steered_tokens=state.max_steered_tokens, until_concept=state.until_concept,
             replace=request.POST.get("replace") == "on")
     return await _table_after(request, save, message=f"Saved profile {request.POST.get('name', '').strip()}.")
 

@@ -97,7 +97,8 @@ def _steering_payload(target: Target, inline: Any) -> Steering | None:
     if target.profile is not None:
         profile = target.profile
         options = SteeringOptions(mode=profile.mode, positions=profile.positions, units="raw",
-                                  layers=tuple(profile.layers or ()), direction=profile.direction)
+                                  layers=tuple(profile.layers or ()), direction=profile.direction,
+                                  max_steered_tokens=profile.max_steered_tokens, until_concept=profile.until_concept)
         try:
             vectors = vector_parts(list(profile.vectors or []), model=target.model)
         except MillmError as exc:

@@ -107,6 +107,9 @@ class SteeringState(models.Model):
     abort_when = models.JSONField(default=list, blank=True)
     layers = models.JSONField(default=list, blank=True)  # additive: also steer at these decoder layers
     direction = models.CharField(max_length=16, default="decoder")  # decoder row or concept direction
+    # Steer only the first N generated tokens (null: all) / stop once a steered concept token is written.
+    max_steered_tokens = models.PositiveIntegerField(null=True, blank=True)
+    until_concept = models.BooleanField(default=False)
     source_profile = models.CharField(max_length=100, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -7,7 +7,6 @@ may refuse, e.g. out of memory) → only then the database row changes and the p
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -95,6 +94,7 @@ def steering_validate(*, sae: SparseAutoencoder | None, features: list[dict[str,
 def steering_data(state: SteeringState) -> dict[str, Any]:
     return {"sae": state.sae.name if state.sae else None, "mode": state.mode, "positions": state.positions,
             "units": state.units, "layers": list(state.layers or ()), "direction": state.direction or "decoder",
+            "max_steered_tokens": state.max_steered_tokens, "until_concept": state.until_concept,
             "features": state.features, "abort_when": list(state.abort_when or []), "vectors": active_vector_refs(),
             "source_profile": state.source_profile or None,
             "updated_at": state.updated_at.isoformat() if state.updated_at else None}
@@ -106,17 +106,11 @@ async def steering_apply(*, features: list[dict[str, Any]], mode: str = "additiv
                          abort_when: list[dict[str, Any]] | None = None,
                          vectors: list[dict[str, Any]] | None = None, max_steered_tokens: int | None = None,
                          until_concept: bool = False) -> dict[str, Any]:
-    # The active steering is saved (SteeringState) and re-sent to every inference process; these two have no column
-    # there yet, so they are per request only (compare, sweep, /v1 inline `steering`).
-    for field, value in (("max_steered_tokens", max_steered_tokens), ("until_concept", until_concept)):
-        if value:
-            raise ValidationFailed(f"{field}: not kept by the active steering; give it per request (compare, sweep, "
-                                   "/v1 inline steering)", details={"field": field})
     sae = await sync_to_async(attached_sae)()
     attached = await sync_to_async(attached_saes_in_order)()  # a feature may name any of them (`sae`)
     options = steering_options_resolve(sae=sae, mode=mode, positions=positions, units=units, layers=layers,
-                                       direction=direction, preset=preset)
-    options = replace(options, max_steered_tokens=None, until_concept=False)  # a preset's too (see above)
+                                       direction=direction, preset=preset, max_steered_tokens=max_steered_tokens,
+                                       until_concept=until_concept)
     # A feature without a strength gets its calibrated one (steering/calibration_services.py).
     features = await sync_to_async(features_fill_recommended_by_sae)(sae=sae, features=features, units=options.units,
                                                                     attached=attached)
@@ -139,6 +133,7 @@ async def steering_apply(*, features: list[dict[str, Any]], mode: str = "additiv
         state.sae, state.features, state.mode, state.positions = sae, normalised, options.mode, options.positions
         state.units, state.layers, state.direction = options.units, list(options.layers), options.direction
         state.source_profile, state.abort_when = source_profile, aborts
+        state.max_steered_tokens, state.until_concept = options.max_steered_tokens, options.until_concept
         state.save()
         active_vectors_set(vector_refs)
         # A profile is active only while its steering is the one applied: any other change ends it.
@@ -169,7 +164,8 @@ def steering_state_message(state: SteeringState) -> Steering | None:
                                    attached=attached_saes_in_order()) if state.sae else [])
     label = f"profile:{state.source_profile}" if state.source_profile else "active"
     options = SteeringOptions(mode=state.mode, positions=state.positions, units=state.units,
-                              layers=tuple(state.layers or ()), direction=state.direction or "decoder")
+                              layers=tuple(state.layers or ()), direction=state.direction or "decoder",
+                              max_steered_tokens=state.max_steered_tokens, until_concept=state.until_concept)
     return steering_message(raw, options, label=label, abort_when=list(state.abort_when or []),
                             vectors=vector_parts(vectors, model=state.sae.model if state.sae else None))
 

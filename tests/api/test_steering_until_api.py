@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from steering.models import SparseAutoencoder
+from steering.models import SparseAutoencoder, SteeringState
+from steering.steering_services import steering_state_message
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -72,16 +73,75 @@ def test_bad_values_are_refused_on_v1_and_on_the_compare(client, serving, value)
     assert compared.status_code == 422 and field in json.dumps(compared.json()["error"]), compared.content
 
 
-def test_until_concept_without_features_and_the_active_steering_refuse_and_change_nothing(client, serving):
+def put(client, body):
+    return client.put("/api/steering", json.dumps(body), content_type="application/json")
+
+
+def test_until_concept_without_features_is_refused_on_v1(client, serving):
     model, _ = serving
     response = post(client, "/v1/chat/completions", {**CHAT, "model": model.name,
                                                       "steering": {"features": [], "until_concept": True}})
     assert response.status_code == 400 and "until_concept" in response.json()["error"]["message"], response.content
+
+
+def test_the_active_steering_keeps_the_options_and_steers_like_v1_inline(client, serving):
+    model, _ = serving
+    response = put(client, {"features": FEATURE, "max_steered_tokens": 3})
+    assert response.status_code == 200, response.content
+    data = client.get("/api/steering").json()["data"]
+    assert (data["max_steered_tokens"], data["until_concept"]) == (3, False)
+    capped = chat(client, model.name, {"features": FEATURE, "max_steered_tokens": 3})
+    assert chat(client, model.name) == capped != chat(client, model.name, {"features": FEATURE})
+    # What a restarted inference process is sent (inference/handlers.py restore_desired_state) carries them too.
+    restored = steering_state_message(SteeringState.current())
+    assert (restored.max_steered_tokens, restored.until_concept) == (3, False)
+    assert put(client, {"features": FEATURE, "until_concept": True}).status_code == 200
+    data = client.get("/api/steering").json()["data"]
+    assert (data["max_steered_tokens"], data["until_concept"]) == (None, True)
+    # The preset's options are kept (the test recommendation caps at 3 tokens).
+    assert put(client, {"features": FEATURE, "preset": "recommended"}).status_code == 200
+    assert client.get("/api/steering").json()["data"]["max_steered_tokens"] == 3
+    assert chat(client, model.name) == capped
+
+
+@pytest.mark.parametrize("value", [{"max_steered_tokens": 0}, {"max_steered_tokens": 10**9},
+                                   {"max_steered_tokens": "3"}, {"max_steered_tokens": True},
+                                   {"until_concept": "yes"}, {"until_concept": 1}])
+def test_bad_values_on_the_active_steering_are_refused_and_change_nothing(client, serving, value):
+    assert put(client, {"features": FEATURE, "max_steered_tokens": 5}).status_code == 200
     before = client.get("/api/steering").json()["data"]
-    refused = client.put("/api/steering", json.dumps({"features": FEATURE, "max_steered_tokens": 3}),
-                         content_type="application/json")
-    assert refused.status_code in (400, 422) and "max_steered_tokens" in json.dumps(refused.json()["error"])
+    refused = put(client, {"features": FEATURE, **value})
+    assert refused.status_code == 422 and next(iter(value)) in json.dumps(refused.json()["error"]), refused.content
     assert client.get("/api/steering").json()["data"] == before
+
+
+def test_a_profile_keeps_the_options_through_export_import_and_activation(client, serving):
+    model, sae = serving
+    created = post(client, "/api/profiles", {"name": "capped", "model": model.name, "sae": sae.name,
+                                             "features": FEATURE, "max_steered_tokens": 3, "until_concept": False})
+    assert created.status_code == 200, created.content
+    assert created.json()["data"]["max_steered_tokens"] == 3
+    exported = client.get("/api/profiles/capped/export").json()
+    assert (exported["max_steered_tokens"], exported["until_concept"]) == (3, False)
+    assert client.delete("/api/profiles/capped").status_code == 200
+    imported = post(client, "/api/profiles/import", exported)
+    assert imported.status_code == 200, imported.content
+    assert imported.json()["data"]["max_steered_tokens"] == 3
+    capped = chat(client, model.name, {"features": FEATURE, "max_steered_tokens": 3})
+    assert chat(client, f"{model.name}:capped") == capped  # per request as <model>:<profile>
+    assert client.post("/api/profiles/capped/activate").status_code == 200
+    assert client.get("/api/steering").json()["data"]["max_steered_tokens"] == 3
+    assert chat(client, model.name) == capped
+    # The pages say so: the Steering page's applied text and the Profiles table's summary.
+    assert "steering the first 3 tokens" in client.get("/steering/").content.decode()
+    assert "steers the first 3 tokens" in client.get("/profiles/").content.decode()
+    # An old file without them still imports (no cap); a bad value is refused whole.
+    old = {k: v for k, v in exported.items() if k not in ("max_steered_tokens", "until_concept")}
+    assert post(client, "/api/profiles/import?replace=true", old).json()["data"]["max_steered_tokens"] is None
+    bad = post(client, "/api/profiles/import?replace=true", {**exported, "max_steered_tokens": 0})
+    assert bad.status_code == 422 and "max_steered_tokens" in json.dumps(bad.json()["error"]), bad.content
+    assert post(client, "/api/profiles", {"name": "bad", "features": FEATURE,
+                                          "until_concept": "yes"}).status_code == 422
 
 
 def test_the_sweep_steers_with_the_options_and_refuses_bad_ones_before_starting(client, serving):
