@@ -113,6 +113,10 @@ def test_bad_values_on_the_active_steering_are_refused_and_change_nothing(client
     refused = put(client, {"features": FEATURE, **value})
     assert refused.status_code == 422 and next(iter(value)) in json.dumps(refused.json()["error"]), refused.content
     assert client.get("/api/steering").json()["data"] == before
+    if next(iter(value)) == "until_concept":  # true with nothing to stop steering: refused too
+        refused = put(client, {"features": [], "until_concept": True})
+        assert refused.status_code == 422 and "until_concept" in json.dumps(refused.json()["error"]), refused.content
+        assert client.get("/api/steering").json()["data"] == before
 
 
 def test_a_profile_keeps_the_options_through_export_import_and_activation(client, serving):
@@ -157,3 +161,14 @@ def test_the_sweep_steers_with_the_options_and_refuses_bad_ones_before_starting(
     point = next(p for p in response.json()["data"]["result"]["points"] if p["strength"] == 40.0)
     capped = chat(client, model.name, {"features": FEATURE, "max_steered_tokens": 3})
     assert point["outputs"][0]["text"] == "".join(capped) != "".join(chat(client, model.name, {"features": FEATURE}))
+
+
+def test_the_pages_recommended_checkbox_keeps_the_options_on_apply_and_save_as_profile(client, serving):
+    model, _ = serving
+    form = {"index": [str(CAT)], "strength": ["40"], "units": "raw", "preset": "recommended"}
+    applied = client.post("/steering/apply", form)
+    assert applied.status_code == 200 and "steering the first 3 tokens" in applied.content.decode(), applied.content
+    assert client.get("/api/steering").json()["data"]["max_steered_tokens"] == 3
+    saved = client.post("/steering/save-profile", {**form, "profile_name": "from-page"})
+    assert saved.status_code == 200, saved.content
+    assert client.get("/api/profiles/from-page").json()["data"]["max_steered_tokens"] == 3
