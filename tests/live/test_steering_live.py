@@ -146,3 +146,21 @@ def test_active_steering_survives_an_inference_restart(client, steered_stack):
         time.sleep(0.3)
     assert health.get("attached_sae") == SAE and health.get("loaded_model") == "tiny-llama"
     assert greedy(client) == (steered, "active")
+
+
+def test_active_steering_keeps_max_steered_tokens_through_an_inference_restart(client, steered_stack):
+    feature = [{"index": CAT, "strength": 80.0}]
+    assert put_steering(steered_stack, {"features": feature, "max_steered_tokens": 3}).status_code == 200
+    capped, _ = greedy(client, extra_body={"steering": {"features": feature, "max_steered_tokens": 3}})
+    full, _ = greedy(client, extra_body={"steering": {"features": feature}})
+    assert greedy(client) == (capped, "active") and capped != full
+    inference = children_by_name(steered_stack)["inference"]
+    os.kill(inference.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{steered_stack.url}/api/health").json()["data"]["inference"]
+        if health["up"] and health.get("pid") != inference.pid and health.get("steering") == "active":
+            break
+        time.sleep(0.3)
+    assert greedy(client) == (capped, "active")  # the restarted process was sent the cap too
+    httpx.delete(f"{steered_stack.url}/api/steering", timeout=60)
