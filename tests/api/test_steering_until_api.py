@@ -172,3 +172,6 @@ def test_the_pages_recommended_checkbox_keeps_the_options_on_apply_and_save_as_p
     saved = client.post("/steering/save-profile", {**form, "profile_name": "from-page"})
     assert saved.status_code == 200, saved.content
     assert client.get("/api/profiles/from-page").json()["data"]["max_steered_tokens"] == 3
+    # The Profiles page's "save the active steering" too.
+    assert client.post("/profiles/from-active", {"name": "from-active"}).status_code == 200
+    assert client.get("/api/profiles/from-active").json()["data"]["max_steered_tokens"] == 3
