@@ -235,7 +235,7 @@ def _recommended_strength(sae, index: int, units: str) -> float:
     if own is not None:
         return own
     recommendation = sae_steering_recommendation(sae) if sae is not None else None
-    return float(recommendation["recommended_strength"]) if recommendation else 0.0
+    return float(recommendation["recommended_strength"]) if recommendation and recommendation["units"] == units else 0.0
 
 
 def _form_features(request) -> list[dict]:
