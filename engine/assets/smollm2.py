@@ -323,7 +323,7 @@ def ensure_steering_assets(out_dir: Path) -> None:
     recipe.write_text(json.dumps({"version": STEERING_RECIPE_VERSION, **RECOMMENDED_STEERING}, indent=1))
 
 
-CALIBRATION_RECIPE_VERSION = 1
+CALIBRATION_RECIPE_VERSION = 2  # 2: swept with the preset's until_concept and max_steered_tokens
 CALIBRATION_SWEEP_FEATURES = 48  # the most coherent concept features (the bench steers 40 of them)
 
 
