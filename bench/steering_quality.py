@@ -33,12 +33,10 @@ sys.path.insert(0, str(ROOT))
 
 from engine.assets import steering_quality as quality  # noqa: E402
 from engine.calibration_file import read_calibration  # noqa: E402
-from engine.chat import build_chat_prompt  # noqa: E402
-from engine.generation import FinishEvent, GenerationRequest  # noqa: E402
+from engine.calibration_sweep import SteeringRunner  # noqa: E402
 from engine.loading import load_model  # noqa: E402
 from engine.sae import load_sae  # noqa: E402
 from engine.sae_hook import SaeHook  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
 from engine.scheduler import GenerationScheduler  # noqa: E402
 from engine.steering import SteeringFeature, SteeringSpec, compile_steering  # noqa: E402
 from engine.steering_layers import NORM_PROBE_TEXT, LayerSteeringHook, residual_norms  # noqa: E402
@@ -82,24 +80,9 @@ class Engine:
     def run(self, rows: list[tuple[str, SteeringSpec | None]], tokens: int) -> list[tuple[str, list[int]]]:
         """Greedy answers to every (prompt, steering) row, submitted at once (the scheduler batches them)."""
         tokenizer = self.loaded.tokenizer
-        params = SamplingParams(max_tokens=tokens, temperature=0.0)
-        handles = []
-        for prompt, spec in rows:
-            ids = build_chat_prompt(tokenizer, [{"role": "user", "content": prompt}]).token_ids
-            steering = self.compile(spec) if spec is not None else None
-            handles.append(self.scheduler.submit(GenerationRequest(list(ids), params, steering=steering)))
-        out = []
-        for handle in handles:
-            ids = []
-            for event in handle:
-                if isinstance(event, FinishEvent):
-                    if event.finish_reason == "error":
-                        raise RuntimeError(event.error)
-                    break
-                if event.token_id != tokenizer.eos_token_id:
-                    ids.append(event.token_id)
-            out.append((tokenizer.decode(ids, skip_special_tokens=True), ids))
-        return out
+        steered = [(prompt, self.compile(spec) if spec is not None else None) for prompt, spec in rows]
+        answers = SteeringRunner(self.scheduler, tokenizer).run(steered, tokens)
+        return [(tokenizer.decode(ids, skip_special_tokens=True), ids) for ids in answers]
 
     def close(self) -> None:
         self.scheduler.stop()
