@@ -43,6 +43,7 @@ class InferenceWorker:
         self.pinned_model = pinned_model or None
         self.started_at = time.time()
         self.stopping = asyncio.Event()
+        self.listening = asyncio.Event()  # joined the control group, on record and receiving
         self.calls = WorkerCalls(self, runtime)
         self.in_flight: set[asyncio.Task] = set()
         self.layer_lost = False
@@ -61,6 +62,7 @@ class InferenceWorker:
             await registry.heartbeat_write(self.heartbeat_record())
         listeners = [asyncio.ensure_future(self._listen(self.channel_name)),
                      asyncio.ensure_future(self._listen(self.own_channel)), heartbeat]
+        self.listening.set()
         await self.stopping.wait()
         for listener in listeners:
             listener.cancel()

@@ -1,5 +1,6 @@
 import asyncio
 import threading
+import time
 
 import pytest
 from channels_redis.core import RedisChannelLayer
@@ -26,6 +27,13 @@ def inference_worker():
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()
     ready.wait(5)
-    yield holder["worker"]
-    loop.call_soon_threadsafe(holder["worker"].stopping.set)
-    thread.join(5)
+    worker = holder["worker"]
+    # Serving only once it has joined the control group: a broadcast sent earlier would miss it (a 503 when
+    # a previous test's worker is still on record, as on a loaded CI machine).
+    deadline = time.monotonic() + 30
+    while not worker.listening.is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.listening.is_set(), "the test inference worker did not start listening within 30 s"
+    yield worker
+    loop.call_soon_threadsafe(worker.stopping.set)
+    thread.join(30)  # until it has left the registry, so the next test's broadcast does not wait on it

@@ -37,7 +37,7 @@ def pinned_worker(tiny_catalog):
         time.sleep(0.2)
     yield model
     loop.call_soon_threadsafe(holder["worker"].stopping.set)
-    thread.join(10)
+    thread.join(30)
 
 
 def test_a_pinned_process_loads_its_model_and_skips_others(client, pinned_worker):
