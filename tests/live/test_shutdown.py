@@ -82,7 +82,7 @@ def test_sigterm_ends_streams_in_flight_with_an_error_event_and_done(tmp_path, t
         plain: dict = {}
         plain_reader = threading.Thread(target=_post_plain, args=(stack.url, plain))
         plain_reader.start()
-        time.sleep(0.2)  # the non-streaming request is in flight
+        time.sleep(1.0)  # the non-streaming request is in flight (0.2 s raced daphne accepting it on a loaded machine)
         pid = stack.process.pid if target == "supervisor" else children(stack.process.pid)["web"][0].pid
         os.kill(pid, signal.SIGTERM)
         signalled = time.monotonic()
