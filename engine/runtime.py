@@ -285,7 +285,11 @@ class EngineRuntime:
         return add_spec_vectors(self._compile_features(spec), spec, self.loaded.model)
 
     def _compile_features(self, spec: SteeringSpec) -> CompiledSteering:
-        """The default SAE's features at its layer; each other SAE's as `saes[name]`, applied by its hook."""
+        """The default SAE's features at its layer; each other SAE's as `saes[name]`, applied by its hook.
+
+        With `layers`, every SAE's features are spread the same way, each relative to its own SAE's layer L_S
+        (`(n_l / n_{L_S}) · Σ s_i d_i`): the part at L_S stays with that SAE (its hook adds it), and every SAE's
+        other layers are summed into the row's `other_layers`, which the layer hook adds."""
         default = self.sae_name
         groups: dict[str, list] = {default: []}
         for feature in spec.features:
@@ -294,32 +298,40 @@ class EngineRuntime:
                 raise SaeNotAttachedError(f"feature {feature.index}: SAE {name!r} is not attached "
                                           f"(attached: {', '.join(self.attached)})", param="sae")
             groups.setdefault(name, []).append(feature)
-        if spec.layers and len(groups) > 1:
-            raise InvalidSteeringError("steering layers apply to the default SAE's features only: "
-                                       "leave `layers` out when steering features of several SAEs")
         own = self.attached[default]
         unembedding = self._unembedding() if spec.until_concept else None  # for an SAE without concept tokens
         if groups[default] or len(groups) == 1:
-            top = compile_steering(own.sae, replace(spec, features=tuple(groups[default])),
-                                   layer_norms=self.layer_norms, concept_directions=own.concept_directions,
-                                   concept_tokens=own.concept_tokens, unembedding=unembedding)
+            top = self._compile_part(default, replace(spec, features=tuple(groups[default])), unembedding)
         else:  # only other SAEs' features: nothing at the default SAE's layer but a zero delta
             top = compile_steering(own.sae, SteeringSpec(features=(), positions=spec.positions,
                                                          max_steered_tokens=spec.max_steered_tokens,
                                                          until_concept=spec.until_concept))
         parts = {}
+        spread = dict(top.other_layers or {})
         for name, features in groups.items():
             if name != default:
-                sae = self.attached[name]
-                parts[name] = compile_steering(sae.sae, replace(spec, features=tuple(features)),
-                                               concept_directions=sae.concept_directions,
-                                               concept_tokens=sae.concept_tokens, unembedding=unembedding)
+                part = self._compile_part(name, replace(spec, features=tuple(features)), unembedding)
+                for layer, other in (part.other_layers or {}).items():
+                    spread[layer] = other if layer not in spread else _summed(spread[layer], other)
+                parts[name] = replace(part, other_layers=None)  # its hook adds its own layer's part only
         if parts:  # one row, one latch: any SAE's concept token ends all of its steering
-            top = replace(top, saes=parts, stop_token_ids=top.stop_token_ids.union(
+            top = replace(top, saes=parts, other_layers=spread or None, stop_token_ids=top.stop_token_ids.union(
                 *(p.stop_token_ids for p in parts.values())))
         if spec.until_concept and not top.stop_token_ids:
             raise InvalidSteeringError("until_concept: none of the steered features has a concept token to stop at")
         return top
+
+    def _compile_part(self, name: str, spec: SteeringSpec, unembedding: torch.Tensor | None) -> CompiledSteering:
+        """One attached SAE's features (a refusal names the SAE while several are attached)."""
+        sae = self.attached[name]
+        try:
+            return compile_steering(sae.sae, spec, layer_norms=self.layer_norms,
+                                    concept_directions=sae.concept_directions, concept_tokens=sae.concept_tokens,
+                                    unembedding=unembedding)
+        except InvalidSteeringError as exc:
+            if len(self.attached) == 1:
+                raise
+            raise type(exc)(f"SAE {name}: {exc.message}", code=exc.code, param=exc.param) from exc
 
     def _unembedding(self) -> torch.Tensor:
         """W_U (vocab, d): the output head's weight, or the (tied) input embeddings when the head is quantized."""
@@ -481,6 +493,13 @@ class EngineRuntime:
             "gpu": gpu_status(),
             "throughput_samples": self.throughput.samples(),  # newest first, for batch-size tuning
         }
+
+
+def _summed(a: CompiledSteering, b: CompiledSteering) -> CompiledSteering:
+    """Two SAEs' additive steering at one spread layer, as one (summed in float32, as compile_steering sums)."""
+    total = (a.additive_delta.float() + b.additive_delta.float().to(a.additive_delta.device)).to(a.additive_delta.dtype)
+    return replace(a, feature_indices=torch.cat([a.feature_indices, b.feature_indices.to(a.feature_indices.device)]),
+                   additive_delta=total)
 
 
 def _text_bytes(content: Any) -> int:

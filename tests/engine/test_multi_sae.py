@@ -232,8 +232,8 @@ def test_bad_addresses_are_refused_and_nothing_applies(runtime):
     bad = [
         (SteeringSpec(features=(SteeringFeature(CAT, 1.0, sae="nope"),)), None, SaeNotAttachedError, "nope"),
         (SteeringSpec(features=(SteeringFeature(256, 1.0, sae=EARLY),)), None, InvalidFeatureIndexError, "256"),
-        (SteeringSpec(features=(SteeringFeature(CAT, 1.0, sae=EARLY),), layers=(1, 3)), None, InvalidSteeringError,
-         "default SAE"),
+        (SteeringSpec(features=(SteeringFeature(CAT, 1.0, sae=EARLY),), mode="clamp", layers=(1, 3)), None,
+         InvalidSteeringError, "SAE early: steering layers apply to additive"),
         (SteeringSpec(features=()), SteeringConditions(abort_when=(FeatureCondition(CAT, above=1.0, sae="gone"),)),
          SaeNotAttachedError, "gone"),
         (SteeringSpec(features=()), SteeringConditions(features=(
