@@ -32,7 +32,11 @@ from serving.protocol import (
     now,
     usage_body,
 )
-from steering.sae_addressing import attached_saes_in_order, strengths_to_raw_by_sae
+from steering.sae_addressing import (
+    attached_saes_in_order,
+    features_fill_recommended_by_sae,
+    strengths_to_raw_by_sae,
+)
 from steering.steering_options import SteeringOptions, steering_options_resolve
 from steering.steering_services import attached_sae, steering_message
 
@@ -83,6 +87,11 @@ def _steering_payload(target: Target, inline: Any) -> Steering | None:
                                                units=inline.units, layers=inline.layers, direction=inline.direction,
                                                preset=inline.preset, max_steered_tokens=inline.max_steered_tokens,
                                                until_concept=inline.until_concept)
+            if any(f["strength"] is None for f in features):  # the calibrated strength of its own SAE
+                if sae is None:
+                    raise OpenAIRequestError("steering: no SAE is attached", param="steering", code="sae_not_attached")
+                features = features_fill_recommended_by_sae(sae=sae, features=features, units=options.units,
+                                                            attached=attached_saes_in_order())
             if options.units != "raw" and features:
                 if sae is None:
                     raise OpenAIRequestError("steering: no SAE is attached", param="steering", code="sae_not_attached")

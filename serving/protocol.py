@@ -70,7 +70,7 @@ class ConditionIn(BaseModel):
 class SteeringFeatureIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     index: StrictInt = Field(ge=0, le=MAX_TOKEN_ID)
-    strength: float = Field(allow_inf_nan=False)
+    strength: float | None = Field(default=None, allow_inf_nan=False)  # None: the feature's calibrated strength
     sae: str | None = Field(default=None, min_length=1, max_length=120)  # an attached SAE; None: the default
     when: ConditionIn | None = None  # steer only on tokens where this holds (additive mode)
 

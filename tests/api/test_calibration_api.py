@@ -110,3 +110,28 @@ def test_bad_calibration_requests_are_refused(client, tiny_catalog, tmp_path):
                           content_type="application/json")
     assert 400 <= response.status_code < 500, response.content
     assert SteeringState.current().features == []
+
+
+def test_v1_inline_steering_without_a_strength_uses_the_recommended_one(client, calibrated, inference_worker):
+    """/v1 inline steering (`extra_body`) takes the same shortcut as /api/steering: a feature with no strength is
+    steered at its calibrated one, so `{"features": [{"index": 7}], "preset": ...}` is the same text as the number
+    written out; on an uncalibrated feature it is an OpenAI-shaped 400 naming the field."""
+    model, sae = calibrated
+    assert client.post(f"/api/models/{model.name}/load").status_code == 200
+    assert client.post(f"/api/saes/{sae.name}/attach").status_code == 200
+
+    def chat(feature: dict) -> tuple[int, dict]:
+        body = {"model": model.name, "messages": [{"role": "user", "content": "Tell me about pets"}],
+                "max_tokens": 8, "temperature": 0, "steering": {"features": [feature], "units": "residual_norm"}}
+        response = client.post("/v1/chat/completions", json.dumps(body), content_type="application/json")
+        return response.status_code, response.json()
+
+    recommended = sae_calibration(sae)["recommended"][CAT] / sae.residual_norm
+    status, implicit = chat({"index": CAT})
+    assert status == 200, implicit
+    assert chat({"index": CAT, "strength": recommended})[1]["choices"] == implicit["choices"]
+    assert chat({"index": CAT, "strength": 0.0})[1]["choices"] != implicit["choices"]  # the strength mattered
+    calibration = Path(sae.local_path) / "calibration.json"
+    calibration.unlink()
+    status, refused = chat({"index": CAT})
+    assert status == 400 and refused["error"]["param"] == "steering.features.strength", refused
