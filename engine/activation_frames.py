@@ -6,6 +6,9 @@ The hook reports captures per forward pass: the first token's event carries the 
 request and per consumer (the live monitor; the request's own `return_features`) keeps the positions
 and token ids straight and cuts the capture to what that consumer asked for: the hook keeps the
 largest top-k and the union of the features any row of the batch needs.
+
+Several SAEs attached: every SAE's hook captures the monitored rows, and `MonitorFrames` holds one
+FrameBuilder per SAE (in attach order), so each token gets one frame per SAE, each naming its `sae`.
 """
 
 from __future__ import annotations
@@ -78,3 +81,16 @@ class FrameBuilder:
                 frames.append(frame)
         self.generated_ids.append(token_id)
         return frames
+
+
+class MonitorFrames:
+    """The live monitor's frames from every attached SAE: one FrameBuilder each, in attach order, behind
+    FrameBuilder's `frames(token_id, captures)`; a token's frames come SAE by SAE, in that order."""
+
+    def __init__(self, builders: Sequence[FrameBuilder]) -> None:
+        self.builders = tuple(builders)
+
+    def frames(self, token_id: int, captures: Sequence[Any]) -> list[dict[str, Any]]:
+        per_sae = [builder.frames(token_id, captures) for builder in self.builders]
+        # Prefill: position by position, each position's frames in attach order.
+        return sorted((frame for frames in per_sae for frame in frames), key=lambda frame: frame["position"])

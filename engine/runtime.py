@@ -2,8 +2,9 @@
 the attached SAEs' hooks, and the active steering. No Django here; `inference/process.py` drives it.
 
 Several SAEs may be attached at once (`attached`, in attach order), on different layers or the same one.
-The first is the default: a feature without `sae` means it, monitoring frames and requested features read
-it, and `hook`/`sae_name` name it, so single-SAE callers see what they always saw.
+The first is the default: a feature without `sae` means it, requested features and the pinned monitored
+features read it, and `hook`/`sae_name` name it, so single-SAE callers see what they always saw. Monitoring
+frames come from every attached SAE, each naming its `sae` while several are attached.
 
 Blocking methods (load, attach) are meant for a worker thread; model surgery runs on the
 scheduler's loop thread between forward passes (`scheduler.call`), so no request sees half a change.
@@ -15,6 +16,7 @@ import gc
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ import psutil
 import torch
 from safetensors.torch import load_file
 
-from engine.activation_frames import FrameBuilder
+from engine.activation_frames import FrameBuilder, MonitorFrames
 from engine.chat import build_chat_prompt
 from engine.control_vectors import add_spec_vectors
 from engine.embeddings import EmbeddingResult
@@ -53,7 +55,7 @@ class Submitted:
     handle: RequestHandle
     steering_label: str  # "none", "active", "profile:<name>", "inline"
     prompt_text: str
-    frames: FrameBuilder | None  # set when the request is monitored
+    frames: FrameBuilder | MonitorFrames | None  # set when the request is monitored (MonitorFrames: several SAEs)
     features: FrameBuilder | None = None  # set when the request asks for its own features (return_features)
 
 
@@ -404,16 +406,28 @@ class EngineRuntime:
         def decode(token_id: int) -> str:
             return tokenizer.decode([token_id])
 
-        hook = self.hook
-        frames = (FrameBuilder(prompt_ids, decode, top_k=hook.top_k, features=hook.monitored_features,
-                               steered=hook.capture_after_steering,
-                               sae=self.sae_name if len(self.attached) > 1 else None) if monitored else None)
+        frames = self._monitor_frames(prompt_ids, decode) if monitored else None
         returned = (FrameBuilder(prompt_ids, decode, top_k=features.top_k, features=features.features,
                                  steered=features.after_steering, positions=features.positions, stamp=False,
                                  reads=features.sae)
                     if features is not None else None)
         return Submitted(handle=scheduler.submit(request), steering_label=label, prompt_text=prompt_text,
                          frames=frames, features=returned)
+
+    def _monitor_frames(self, prompt_ids: list[int], decode: Callable[[int], str]) -> FrameBuilder | MonitorFrames:
+        """The live monitor's frames: the default SAE's (its pinned features too), and with several SAEs
+        attached each other SAE's top-k as well, every frame naming its SAE."""
+        hook = self.hook
+        if len(self.attached) <= 1:
+            return FrameBuilder(prompt_ids, decode, top_k=hook.top_k, features=hook.monitored_features,
+                                steered=hook.capture_after_steering)
+        builders = [
+            FrameBuilder(prompt_ids, decode, top_k=entry.hook.top_k,
+                         features=entry.hook.monitored_features if n == 0 else (),
+                         steered=entry.hook.capture_after_steering, sae=name, reads=None if n == 0 else name)
+            for n, (name, entry) in enumerate(self.attached.items())
+        ]
+        return MonitorFrames(builders)
 
     def _check_prompt_size(self, prompt: str | None, messages: list | None) -> None:
         """Refuse an oversized prompt before tokenizing it (megabytes take seconds to tokenize)."""

@@ -21,8 +21,9 @@ flag) stay the same, which is every decode step between a request joining and on
 
 Several SAEs attached (`SaeHooks`, one ForwardInterceptor for all of them): each SAE has its own hook at
 its own layer. The first attached (the default, `part` None) steers each row's CompiledSteering itself and
-captures monitoring frames and requested features; another SAE's hook (`part` its name) steers the row's
-part for it (`CompiledSteering.saes[name]`, `CompiledConditions.saes[name]`) and feeds its own statistics.
+captures the monitored features and requested features; another SAE's hook (`part` its name) steers the row's
+part for it (`CompiledSteering.saes[name]`, `CompiledConditions.saes[name]`), feeds its own statistics, and
+captures its own top-k for the monitored rows (their frames name it) and for requests naming it.
 The hooks share a `ResidualBoard`: each leaves the residual it saw before steering, so a condition at a
 later layer reads an earlier SAE's residual of the same pass, and one at an earlier layer the previous
 token's (engine/steering_conditions.py).
@@ -92,7 +93,6 @@ class _CaptureGroup:
     statistics_rows: torch.Tensor | None  # (Bc, 1) bool: the monitored rows; None: none (no statistics)
     steered: bool
     sae: str | None = None  # the hook's `part`: captures of another SAE are tagged with its name
-    reports: bool = True  # False: another SAE's monitored rows only, which feed its statistics and no frames
 
 
 @dataclass(frozen=True, eq=False)
@@ -442,7 +442,6 @@ class SaeHook:
         """The rows that read the residual before (or after) steering, and the k and features they need."""
         monitors = self.capture_after_steering == steered
         chosen, monitored_rows, top_k, features = [], [], 0, list(self.monitored_features) if monitors else []
-        asked = False
         for i, row in enumerate(rows):
             asks = getattr(row, "features", None)
             # The default hook captures requests for the default SAE; another SAE's hook those naming it.
@@ -451,10 +450,9 @@ class SaeHook:
                 continue
             chosen.append(i)
             monitored_rows.append(row.monitor and monitors)
-            if row.monitor and monitors and self.part is None:
+            if row.monitor and monitors:  # every attached SAE's hook gives monitored rows its top-k frames
                 top_k = max(top_k, self.top_k)
             if wants:
-                asked = True
                 top_k = max(top_k, asks.top_k)
                 features.extend(f for f in asks.features if f not in features)
         if not chosen:
@@ -471,7 +469,6 @@ class SaeHook:
             if any(monitored_rows) else None,
             steered=steered,
             sae=self.part,
-            reports=self.part is None or asked,
         )
 
     def _capture(self, hidden: torch.Tensor, context: ForwardContext, group: _CaptureGroup) -> None:
@@ -485,11 +482,6 @@ class SaeHook:
         features = sae.encode(monitored_rows(hidden))  # (Bm, T, d_sae)
         encoded = time.perf_counter_ns()
         valid = monitored_rows(context.valid_mask)
-        if not group.reports:
-            # Another SAE's hook with only monitored rows: its statistics (monitoring frames read the default SAE).
-            if self.collect_statistics and self.statistics is not None and group.statistics_rows is not None:
-                self.statistics.update(features, include=valid & group.statistics_rows)
-            return
         top_values, top_indices = torch.topk(features, k=group.top_k, dim=-1)
         self._pending.append(_PendingCapture(
             group=group,

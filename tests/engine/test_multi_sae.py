@@ -283,9 +283,11 @@ def test_a_request_gets_the_features_of_the_sae_it_names_and_monitoring_frames_n
         assert frame["features"].keys() == expected.keys()
         for index, value in expected.items():
             assert frame["features"][index] == pytest.approx(value, abs=1e-3)
-    prompt_frames = [f for f in monitored if f["type"] == "prompt"]
-    assert prompt_frames and all(f["sae"] == LATE for f in monitored)
-    for frame in prompt_frames:  # monitoring reads the default ("late") SAE
+    # Monitoring frames come from both SAEs (tests/engine/test_multi_sae_frames.py); the default's read "late".
+    assert {f["sae"] for f in monitored} == {LATE, EARLY}
+    prompt_frames = [f for f in monitored if f["type"] == "prompt" and f["sae"] == LATE]
+    assert prompt_frames
+    for frame in prompt_frames:
         best = encoded[LATE][frame["position"]]
         if frame["features"]:
             assert int(max(frame["features"], key=frame["features"].get)) == int(best.argmax())
