@@ -13,11 +13,18 @@ CompiledSteering through the model's interceptors (the SAE hook, the layer hook)
 generated mask the scheduler builds (a column is "generated" where its input token was generated), so
 at temperature 0 each steered token is the arg-max of its steered distribution.
 
-Features: the residual at the SAE's hook layer is read *before* steering (a forward hook prepended to
-the SAE hook) on unsteered rows, at the columns of the generated tokens p..p+n-1, and encoded by the
+Features: the residual at each reading SAE's hook layer is read *before* steering (a forward hook prepended to
+the SAE hook) on unsteered rows, at the columns of the generated tokens p..p+n-1, and encoded by that
 SAE. A text's feature profile is the mean over its generated tokens (documented choice: one number
-per feature and text, comparable between texts of different lengths); the top changed features are
-those with the largest |mean(steered text) - mean(unsteered text)|.
+per feature and text, comparable between texts of different lengths): delta_i = mean(steered text) -
+mean(unsteered text), in the SAE's own activation units.
+
+Several SAEs (every attached one reads): their activations are on different scales (residual norms grow with
+depth, decoder norms differ between SAEs), so the changes are ranked across SAEs by the *relative* change
+    relative_delta_i = delta_i / a_S,   a_S = mean of SAE S's firing (> 0) activations over both texts' generated tokens
+(a_S: what a firing feature of S typically reads on these texts). A feature going from silent to a typical
+firing scores 1 whichever SAE it belongs to. a_S comes from the two texts themselves, not from the running
+statistics, so the same compare gives the same ranking. With one SAE it ranks exactly as |delta| does.
 
 The same scoring gives the sweep its fluency (mean unsteered log-probability of a steered text) and its
 concept score (a feature's mean activation over the steered text). Run it on the scheduler's loop
@@ -55,6 +62,8 @@ class ScoredRow:
     logprobs: torch.Tensor  # (n,) float32: log p(g_j | P, g_<j)
     log_distributions: torch.Tensor | None  # (n, V) float32 log-softmax at each scoring column, when kept
     features: torch.Tensor | None  # (n, d_sae) float32: SAE features of the generated tokens, before steering
+    # Several reading SAEs: each one's (n, d_sae_S) features in the order given (`features` is the first's).
+    all_features: tuple[torch.Tensor, ...] = ()
 
     @property
     def mean_logprob(self) -> float | None:
@@ -76,6 +85,8 @@ class FeatureChange:
     before: float  # mean activation over the unsteered text's generated tokens
     after: float  # mean activation over the steered text's generated tokens
     delta: float  # after - before
+    sae: str | None = None  # the SAE the feature belongs to (None: the one `sae` given)
+    relative_delta: float | None = None  # delta / a_S: the ranking across SAEs (module docstring)
 
 
 @dataclass(frozen=True)
@@ -121,14 +132,14 @@ def score_rows(model: torch.nn.Module, interceptors: Sequence[ForwardInterceptor
             if (end - start + 1) * wider * vocab > LOGIT_BUDGET:
                 break
             width, end = wider, end + 1
-        scored.extend(_score_chunk(model, interceptors, rows[start:end], pad_id=pad_id, sae=sae,
-                                   keep_distributions=keep_distributions))
+        scored.extend(_score_chunk(model, interceptors, rows[start:end], pad_id=pad_id,
+                                   saes=(sae,) if sae is not None else (), keep_distributions=keep_distributions))
         start = end
     return scored
 
 
 def _score_chunk(model: torch.nn.Module, interceptors: Sequence[ForwardInterceptor], rows: Sequence[ScoringRow], *,
-                 pad_id: int, sae: SaeWeights | None, keep_distributions: bool) -> list[ScoredRow]:
+                 pad_id: int, saes: Sequence[SaeWeights] = (), keep_distributions: bool) -> list[ScoredRow]:
     device = next(model.parameters()).device
     lengths = [len(r.prompt_ids) + len(r.generated_ids) for r in rows]
     width = max(lengths)
@@ -143,14 +154,14 @@ def _score_chunk(model: torch.nn.Module, interceptors: Sequence[ForwardIntercept
     context = ForwardContext(rows=tuple(RowInfo(request_id=f"score-{i}", steering=r.steering, monitor=False,
                                                 conditions=r.conditions) for i, r in enumerate(rows)),
                              generated_mask=columns >= prompt_end, valid_mask=valid)
-    captured: list[torch.Tensor] = []
-    handle = None
-    if sae is not None:
-        def read(module: Any, args: Any, output: Any) -> None:
-            captured.append((output[0] if isinstance(output, tuple) else output).detach())
+    captured: dict[int, torch.Tensor] = {}  # decoder layer -> its output
+    handles = []
+    for layer in sorted({sae.hook_layer for sae in saes}):
+        def read(module: Any, args: Any, output: Any, layer: int = layer) -> None:
+            captured[layer] = (output[0] if isinstance(output, tuple) else output).detach()
 
         # Prepended: it runs before the SAE hook's steering, so features are read before steering.
-        handle = decoder_layers(model)[sae.hook_layer].register_forward_hook(read, prepend=True)
+        handles.append(decoder_layers(model)[layer].register_forward_hook(read, prepend=True))
     try:
         for interceptor in interceptors:
             interceptor.set_context(context)
@@ -162,7 +173,7 @@ def _score_chunk(model: torch.nn.Module, interceptors: Sequence[ForwardIntercept
     finally:
         for interceptor in interceptors:
             interceptor.set_context(None)
-        if handle is not None:
+        for handle in handles:
             handle.remove()
     with torch.inference_mode():
         log_probs = out.logits.float().log_softmax(dim=-1)  # (B, T', V): the last T' columns of the input
@@ -172,12 +183,10 @@ def _score_chunk(model: torch.nn.Module, interceptors: Sequence[ForwardIntercept
             n, first = len(row.generated_ids), pads[b] + len(row.prompt_ids)  # the input column of g_0
             dists = log_probs[b, first - 1 - offset : first - 1 - offset + n]  # column first-1+j predicts g_j
             ids = torch.tensor(list(row.generated_ids), dtype=torch.long, device=device)
-            features = None
-            if sae is not None:
-                features = sae.encode(captured[0][b, first : first + n]).float()
+            features = tuple(sae.encode(captured[sae.hook_layer][b, first : first + n]).float().cpu() for sae in saes)
             results.append(ScoredRow(logprobs=dists.gather(-1, ids.unsqueeze(-1)).squeeze(-1).cpu(),
                                      log_distributions=dists.clone() if keep_distributions else None,
-                                     features=features.cpu() if features is not None else None))
+                                     features=features[0] if features else None, all_features=features))
     return results
 
 
@@ -191,29 +200,44 @@ def _last_columns(model: torch.nn.Module, rows: Sequence[ScoringRow]) -> dict[st
 
 def token_diff(model: torch.nn.Module, interceptors: Sequence[ForwardInterceptor], *, prompt_ids: Sequence[int],
                steered_ids: Sequence[int], unsteered_ids: Sequence[int], steering: Any | None, pad_id: int,
-               sae: SaeWeights | None = None, top_features: int = 10, conditions: Any | None = None) -> TokenDiff:
+               sae: SaeWeights | None = None, saes: Mapping[str, SaeWeights] | None = None, top_features: int = 10,
+               conditions: Any | None = None) -> TokenDiff:
     """The diff of a steered greedy continuation against the unsteered one: one batched unsteered forward
-    (the steered text, and the unsteered text for its features) and one steered forward."""
+    (the steered text, and the unsteered text for its features) and one steered forward. The changed features
+    are read by `saes` (every attached SAE, by name), or by the one `sae`."""
+    readers: dict[str | None, SaeWeights] = dict(saes) if saes else ({None: sae} if sae is not None else {})
     if not steered_ids:
         return TokenDiff(tokens=[], first_divergence=first_divergence(steered_ids, unsteered_ids),
                          top_changed_features=[])
     unsteered_rows = [ScoringRow(prompt_ids, steered_ids)]
-    if sae is not None and unsteered_ids:
+    if readers and unsteered_ids:
         unsteered_rows.append(ScoringRow(prompt_ids, unsteered_ids))
-    plain = _score_chunk(model, interceptors, unsteered_rows, pad_id=pad_id, sae=sae, keep_distributions=True)
+    plain = _score_chunk(model, interceptors, unsteered_rows, pad_id=pad_id, saes=tuple(readers.values()),
+                         keep_distributions=True)
     steered = _score_chunk(model, interceptors, [ScoringRow(prompt_ids, steered_ids, steering, conditions)], pad_id=pad_id,
-                           sae=None, keep_distributions=True)[0]
+                           keep_distributions=True)[0]
     kl = kl_divergence(steered.log_distributions, plain[0].log_distributions)
     tokens = [TokenScore(token_id=int(t), position=j, steered_logprob=s, unsteered_logprob=u, kl=max(0.0, k))
               for j, (t, s, u, k) in enumerate(zip(steered_ids, steered.logprobs.tolist(),
                                                    plain[0].logprobs.tolist(), kl.tolist(), strict=True))]
-    changes: list[FeatureChange] = []
-    if sae is not None:
-        after = plain[0].features.mean(dim=0)
-        before = plain[1].features.mean(dim=0) if len(plain) > 1 else torch.zeros_like(after)
-        delta = after - before
-        order = delta.abs().topk(min(top_features, delta.numel())).indices.tolist()
-        changes = [FeatureChange(index=i, before=float(before[i]), after=float(after[i]), delta=float(delta[i]))
-                   for i in order if delta[i] != 0]
+    changes = [change for n, name in enumerate(readers)
+               for change in _changed_features(name, plain[0].all_features[n],
+                                               plain[1].all_features[n] if len(plain) > 1 else None, top_features)]
+    changes.sort(key=lambda change: -abs(change.relative_delta))  # stable: ties keep attach order
     return TokenDiff(tokens=tokens, first_divergence=first_divergence(steered_ids, unsteered_ids),
-                     top_changed_features=changes)
+                     top_changed_features=changes[:top_features])
+
+
+def _changed_features(name: str | None, steered: torch.Tensor, unsteered: torch.Tensor | None,
+                      top: int) -> list[FeatureChange]:
+    """One SAE's `top` largest changes (a nonzero delta only), with delta / a_S (module docstring)."""
+    after = steered.mean(dim=0)
+    before = unsteered.mean(dim=0) if unsteered is not None else torch.zeros_like(after)
+    delta = after - before
+    both = steered if unsteered is None else torch.cat([steered, unsteered])
+    firing = both[both > 0]
+    scale = float(firing.mean()) if firing.numel() else 1.0  # nothing fires: every delta is 0, none is listed
+    order = delta.abs().topk(min(top, delta.numel())).indices.tolist()
+    return [FeatureChange(index=i, before=float(before[i]), after=float(after[i]), delta=float(delta[i]), sae=name,
+                          relative_delta=float(delta[i]) / scale)
+            for i in order if delta[i] != 0]

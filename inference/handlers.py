@@ -326,7 +326,7 @@ class WorkerCalls:
 
     async def call_token_diff(self, call: m.TokenDiff) -> m.TokenDiffResult:
         runtime = self.runtime
-        scheduler, loaded, sae = self._scoring_parts(call.sae)
+        scheduler, loaded, _ = self._scoring_parts(call.sae)  # the default SAE, still attached
         self._check_ids(call.steered_ids, "steered_ids")
         self._check_ids(call.unsteered_ids, "unsteered_ids")
         # The same compile the steered generation ran, conditional features included.
@@ -335,14 +335,15 @@ class WorkerCalls:
         tokenizer = loaded.tokenizer
         prompt_ids = await in_thread(prompt_token_ids, tokenizer, call.prompt, call.messages)
         hooks = scheduler.interceptors  # every SAE hook and the layer hook, as generation runs them
+        readers = {name: attached.sae for name, attached in runtime.attached.items()}  # every attached SAE reads
         diff = await asyncio.wrap_future(scheduler.call(lambda: token_diff(
             loaded.model, hooks, prompt_ids=prompt_ids, steered_ids=call.steered_ids,
-            unsteered_ids=call.unsteered_ids, steering=compiled, pad_id=tokenizer.pad_token_id or 0, sae=sae,
+            unsteered_ids=call.unsteered_ids, steering=compiled, pad_id=tokenizer.pad_token_id or 0, saes=readers,
             top_features=call.top_features, conditions=conditions)))
         return m.TokenDiffResult(
             tokens=[m.TokenDiffToken(token=tokenizer.decode([t.token_id]), **vars(t)) for t in diff.tokens],
             first_divergence=diff.first_divergence,
-            top_changed_features=[m.FeatureChange(**vars(f)) for f in diff.top_changed_features])
+            top_changed_features=[m.FeatureChange(**vars(f)) for f in diff.top_changed_features], saes=list(readers))
 
     async def call_score_texts(self, call: m.ScoreTexts) -> m.TextScores:
         scheduler, loaded, sae = self._scoring_parts(call.sae)

@@ -173,7 +173,7 @@ class TokenDiff(Call):
     """Score a steered greedy continuation against the unsteered one, token by token (engine/token_diff.py)."""
 
     type: Literal["token_diff"] = "token_diff"
-    sae: str
+    sae: str  # the default SAE (refused unless attached); every attached SAE reads the changed features
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None  # chat messages, tokenized as the generation did
     steered_ids: list[int]
@@ -344,6 +344,8 @@ class FeatureChange(Message):
     before: float
     after: float
     delta: float
+    sae: str | None = None  # the attached SAE whose feature this is
+    relative_delta: float | None = None  # delta / that SAE's typical firing activation: the ranking across SAEs
 
 
 class TokenDiffResult(Message):
@@ -351,6 +353,7 @@ class TokenDiffResult(Message):
     tokens: list[TokenDiffToken]
     first_divergence: int | None
     top_changed_features: list[FeatureChange]
+    saes: list[str] = Field(default_factory=list)  # the SAEs the features were read from, in attach order
 
 
 class TextScore(Message):

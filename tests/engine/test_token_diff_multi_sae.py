@@ -1,0 +1,103 @@
+"""The token diff's changed features with two SAEs attached on the test tier ("late" after block 2, the default;
+"early" after block 1): every SAE reads, each change names its SAE, its numbers are that SAE's re-encoding of
+the two answers, and the ranking across SAEs is |delta| / that SAE's typical firing activation, computed by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.generation import FinishEvent, GenerationRequest
+from engine.runtime import EngineRuntime
+from engine.sampling import SamplingParams
+from engine.steering import SteeringFeature, SteeringSpec
+from engine.token_diff import token_diff
+
+PROMPT = "The cat"
+LATE, EARLY = "late", "early"
+MOON = 42  # a word feature at the same index in both test-tier SAEs
+
+
+@pytest.fixture(scope="module")
+def runtime(test_tier_assets):
+    runtime = EngineRuntime(torch_threads=1)
+    runtime.load(name="tiny", path=str(test_tier_assets.model.local_path))
+    runtime.attach_sae(name=LATE, path=str(test_tier_assets.sae.local_path))
+    runtime.attach_sae(name=EARLY, path=str(test_tier_assets.extra_saes[0].local_path))
+    runtime.configure_monitoring(enabled=False)
+    yield runtime
+    runtime.unload()
+
+
+def greedy(runtime, prompt_ids, steering=None, max_tokens=8):
+    handle = runtime.scheduler.submit(GenerationRequest(prompt_ids, SamplingParams(max_tokens=max_tokens,
+                                                                                   temperature=0.0),
+                                                        steering=steering))
+    return [e.token_id for e in handle if not isinstance(e, FinishEvent)]
+
+
+def encoded(runtime, name, prompt_ids, ids):
+    """SAE `name`'s features of the generated tokens under the plain model, (n, d_sae)."""
+    sae = runtime.attached[name].sae
+    with torch.inference_mode():
+        hidden = runtime.loaded.model(input_ids=torch.tensor([prompt_ids + ids]),
+                                      output_hidden_states=True).hidden_states[sae.hook_layer + 1]
+        return sae.encode(hidden[0, len(prompt_ids):]).float()
+
+
+@pytest.fixture(scope="module")
+def steered_early(runtime):
+    """Steer only the early SAE's feature; the diff read by both SAEs."""
+    prompt_ids = list(runtime.loaded.tokenizer(PROMPT)["input_ids"])
+    compiled = runtime.compile(SteeringSpec(features=(SteeringFeature(MOON, 60.0, sae=EARLY),)))
+    unsteered, steered = greedy(runtime, prompt_ids), greedy(runtime, prompt_ids, compiled)
+    assert steered != unsteered
+    readers = {name: a.sae for name, a in runtime.attached.items()}
+    diff = runtime.scheduler.call(lambda: token_diff(
+        runtime.loaded.model, runtime.scheduler.interceptors, prompt_ids=prompt_ids, steered_ids=steered,
+        unsteered_ids=unsteered, steering=compiled, pad_id=runtime.loaded.tokenizer.pad_token_id or 0,
+        saes=readers, top_features=10)).result()
+    return prompt_ids, unsteered, steered, diff
+
+
+def test_changed_features_come_from_both_saes_with_their_names(steered_early):
+    _, _, _, diff = steered_early
+    top = diff.top_changed_features
+    assert 0 < len(top) <= 10
+    # Steering at layer 1 changes the text, so the later (layer 2) SAE's features change too.
+    assert {f.sae for f in top} == {LATE, EARLY}
+
+
+def test_each_change_is_its_own_saes_reencoding_and_the_ranking_is_relative_to_its_typical_activation(
+        runtime, steered_early):
+    prompt_ids, unsteered, steered, diff = steered_early
+    expected = {}
+    for name in (LATE, EARLY):
+        after, before = encoded(runtime, name, prompt_ids, steered), encoded(runtime, name, prompt_ids, unsteered)
+        both = torch.cat([after, before])
+        scale = float(both[both > 0].mean())  # a_S: the SAE's mean firing activation on these two answers
+        expected[name] = (before.mean(0), after.mean(0), scale)
+    for change in diff.top_changed_features:
+        before, after, scale = expected[change.sae]
+        assert change.before == pytest.approx(float(before[change.index]), abs=1e-4)
+        assert change.after == pytest.approx(float(after[change.index]), abs=1e-4)
+        assert change.delta == pytest.approx(change.after - change.before, abs=1e-6)
+        assert change.relative_delta == pytest.approx(change.delta / scale, rel=1e-4, abs=1e-6)
+    # Ranked by |relative_delta| over both SAEs: the first is the largest relative change of either SAE.
+    ranks = [abs(c.relative_delta) for c in diff.top_changed_features]
+    assert ranks == sorted(ranks, reverse=True)
+    best = max(float(((a - b) / s).abs().max()) for b, a, s in expected.values())
+    assert ranks[0] == pytest.approx(best, rel=1e-4)
+    # The two SAEs' scales differ: ranking by raw |delta| would order them differently from this one.
+    assert expected[LATE][2] != pytest.approx(expected[EARLY][2], rel=0.05)
+
+
+def test_one_sae_ranks_by_delta_as_before(runtime, steered_early):
+    prompt_ids, unsteered, steered, _ = steered_early
+    compiled = runtime.compile(SteeringSpec(features=(SteeringFeature(MOON, 60.0, sae=EARLY),)))
+    alone = runtime.scheduler.call(lambda: token_diff(
+        runtime.loaded.model, runtime.scheduler.interceptors, prompt_ids=prompt_ids, steered_ids=steered,
+        unsteered_ids=unsteered, steering=compiled, pad_id=runtime.loaded.tokenizer.pad_token_id or 0,
+        sae=runtime.attached[LATE].sae)).result()
+    deltas = [abs(c.delta) for c in alone.top_changed_features]
+    assert deltas and deltas == sorted(deltas, reverse=True) and {c.sae for c in alone.top_changed_features} == {None}
