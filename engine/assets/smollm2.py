@@ -279,6 +279,11 @@ def build_demo_tier(out_dir: Path, *, force: bool = False, progress: bool = True
                 model, training_sequences(tokenizer), layer, pad_id=tokenizer.pad_token_id, progress=progress),
             model_repo_id=MODEL_REPO_ID, context_size=MAX_SEQ_LEN, sink_norm_factor=SINK_NORM_FACTOR,
             held_out_every=HELD_OUT_EVERY), progress=progress)
+        # The second SAE steers like the first (the preset's concept directions over layers 8-23, every feature
+        # at a calibrated strength), so a researcher can steer both with one preset; KL calibration only.
+        ensure_steering_assets(out_dir, sae_dir=Path(second.local_path))
+        ensure_calibration(out_dir, sae_dir=Path(second.local_path), sweep=False,
+                           residual_norm=second.residual_norm, progress=progress)
         return replace(_assets_from_manifest(out_dir, manifest), extra_saes=(second,))
 
 
@@ -293,16 +298,17 @@ def label_token_ids(label: str, encode: Any) -> list[int]:
     return ids
 
 
-def ensure_steering_assets(out_dir: Path) -> None:
-    """sae/concept_directions.safetensors and sae/steering.json (the recommended steering), from the
-    labels and the model's unembedding: seconds, so a cached build gains them without retraining."""
+def ensure_steering_assets(out_dir: Path, *, sae_dir: Path | None = None) -> None:
+    """concept_directions.safetensors and steering.json (the recommended steering) in the SAE folder (default
+    out_dir/sae), from its labels and the model's unembedding: seconds, so a cached build gains them without
+    retraining."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     from engine.steering import concept_direction_matrix
 
-    sae_dir = out_dir / "sae"
+    sae_dir = sae_dir or out_dir / "sae"
     recipe = sae_dir / "steering.json"
     if recipe.is_file() and json.loads(recipe.read_text()).get("version") == STEERING_RECIPE_VERSION:
         return
@@ -327,9 +333,11 @@ CALIBRATION_RECIPE_VERSION = 2  # 2: swept with the preset's until_concept and m
 CALIBRATION_SWEEP_FEATURES = 48  # the most coherent concept features (the bench steers 40 of them)
 
 
-def ensure_calibration(out_dir: Path, *, progress: bool = True) -> None:
-    """sae/calibration.json: every feature's recommended strength and useful range for the recommended steering
-    (engine/calibration.py: the KL method for all, a generation sweep for the concept features)."""
+def ensure_calibration(out_dir: Path, *, sae_dir: Path | None = None, sweep: bool = True,
+                       residual_norm: float | None = None, progress: bool = True) -> None:
+    """calibration.json in the SAE folder (default out_dir/sae): every feature's recommended strength and useful
+    range for the recommended steering (engine/calibration.py: the KL method for all, and with `sweep` a
+    generation sweep for the concept features)."""
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
@@ -340,7 +348,7 @@ def ensure_calibration(out_dir: Path, *, progress: bool = True) -> None:
 
     from . import steering_quality as quality
 
-    sae_dir = out_dir / "sae"
+    sae_dir = sae_dir or out_dir / "sae"
     existing = read_calibration(sae_dir)
     if existing is not None and existing.get("method", {}).get("demo_recipe") == CALIBRATION_RECIPE_VERSION:
         return
@@ -351,7 +359,7 @@ def ensure_calibration(out_dir: Path, *, progress: bool = True) -> None:
         labels = json.loads((sae_dir / "feature_labels.json").read_text())
         features = quality.concept_features(
             ((row["index"], row["label"]) for row in labels), count=CALIBRATION_SWEEP_FEATURES,
-            coherence=lambda words: embedding_coherence(loaded.model, loaded.tokenizer, words))
+            coherence=lambda words: embedding_coherence(loaded.model, loaded.tokenizer, words)) if sweep else []
         recipe = CalibrationRecipe(direction=RECOMMENDED_STEERING["direction"],
                                    layers=tuple(RECOMMENDED_STEERING["layers"]),
                                    positions=RECOMMENDED_STEERING["positions"], mode=RECOMMENDED_STEERING["mode"],
@@ -366,7 +374,8 @@ def ensure_calibration(out_dir: Path, *, progress: bool = True) -> None:
             bar.update(done - bar.n)
 
         started, cpu_started = time.monotonic(), time.process_time()
-        result = calibrate_sae(loaded=loaded, sae=sae, recipe=recipe, residual_norm=manifest.get("residual_median_norm"),
+        result = calibrate_sae(loaded=loaded, sae=sae, recipe=recipe,
+                               residual_norm=residual_norm or manifest.get("residual_median_norm"),
                                concept_directions=load_file(sae_dir / "concept_directions.safetensors")[
                                    "concept_directions"], sweep_features=features, kl_grid=(0.04, 0.16),
                                concept_tokens=load_file(sae_dir / "concept_directions.safetensors")["token_ids"],

@@ -219,3 +219,26 @@ def test_second_sae_on_an_earlier_layer_reconstructs_new_text(demo_assets, model
         recon = sae.decode(sae.encode(acts))
     fvu = float((recon - acts).pow(2).sum() / (acts - acts.mean(0)).pow(2).sum())
     assert fvu < 0.3, f"FVU {fvu:.3f}"
+
+
+def test_the_second_sae_steers_with_the_same_preset_at_calibrated_strengths(demo_assets):
+    """A researcher steers both demo SAEs with one `"preset": "recommended"`: the second SAE's folder has the
+    preset, concept directions from its own labels, and a KL-calibrated strength for every live feature."""
+    from safetensors.torch import load_file
+
+    from engine.assets.smollm2 import RECOMMENDED_STEERING
+    from engine.calibration import read_calibration
+
+    (second,) = demo_assets.extra_saes
+    folder = Path(second.local_path)
+    preset = json.loads((folder / "steering.json").read_text())
+    assert {k: preset[k] for k in RECOMMENDED_STEERING} == RECOMMENDED_STEERING
+    concept = load_file(folder / "concept_directions.safetensors")
+    assert concept["concept_directions"].shape[0] == second.d_sae == concept["token_ids"].shape[0]
+    calibration = read_calibration(folder)
+    live = [fl.index for fl in second.labels if fl.label != "dead"]
+    recommended = calibration["recommended"]
+    calibrated = [i for i in live if recommended[i] is not None and recommended[i] > 0]
+    # A few never reach the target KL within the grid (the first SAE: 2 of 3,072): they keep "give a strength".
+    assert len(recommended) == second.d_sae and len(calibrated) >= 0.99 * len(live), (len(calibrated), len(live))
+    assert calibration["method"]["sweep"]["features"] == 0  # KL only: the sweep is the first SAE's
