@@ -14,7 +14,7 @@ stacked add per steered layer, and vectors work with no SAE attached.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -127,18 +127,29 @@ def with_vectors(compiled: CompiledSteering | None, spec: SteeringSpec, deltas: 
     return replace(compiled, other_layers=layers)
 
 
-def steering_control_vector(compiled: CompiledSteering, *, sae_layer: int, model_hint: str) -> ControlVector:
+def steering_control_vector(compiled: CompiledSteering, *, sae_layer: int, model_hint: str,
+                            part_layers: Mapping[str, int] | None = None) -> ControlVector:
     """The additive SAE steering as a control vector: Σ s_i W_dec[i] at the SAE's layer and each
-    spread layer (already scaled to its norm), plus any vectors it carries."""
+    spread layer (already scaled to its norm), plus any vectors it carries. Several SAEs: each other SAE's
+    part (`compiled.saes[name]`) at its own layer, `part_layers[name]`."""
     if compiled.mode != "additive":
         raise InvalidSteeringError("only additive steering can be exported as a control vector "
                                    "(clamp depends on each token's own activation)")
     directions: dict[int, np.ndarray] = {}
-    if compiled.additive_delta is not None and bool(compiled.additive_delta.any()):
-        directions[sae_layer] = compiled.additive_delta.detach().float().cpu().numpy()
+
+    def add(layer: int, delta: torch.Tensor | None, *, zero: bool = False) -> None:
+        if delta is None or not (zero or bool(delta.any())):
+            return
+        values = delta.detach().float().cpu().numpy()
+        directions[layer] = directions[layer] + values if layer in directions else values
+
+    add(sae_layer, compiled.additive_delta)
+    for name, part in (compiled.saes or {}).items():
+        if part_layers is None or name not in part_layers:
+            raise InvalidSteeringError(f"the layer of SAE {name} is needed to export its part of the steering")
+        add(part_layers[name], part.additive_delta)
     for layer, other in (compiled.other_layers or {}).items():
-        delta = other.additive_delta.detach().float().cpu().numpy()
-        directions[layer] = directions[layer] + delta if layer in directions else delta
+        add(layer, other.additive_delta, zero=True)
     if not directions:
         raise InvalidSteeringError("the steering adds nothing: there is no control vector to export")
     return ControlVector(model_hint=model_hint, directions=directions)

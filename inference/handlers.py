@@ -372,7 +372,8 @@ class WorkerCalls:
             raise InvalidSteeringError("the steering adds nothing: there is no control vector to export")
         sae_layer = runtime.hook.sae.hook_layer if runtime.hook.attached else 0
         model_hint = str(getattr(runtime.loaded.model.config, "model_type", "") or "")
-        vector = steering_control_vector(compiled, sae_layer=sae_layer, model_hint=model_hint)
+        vector = steering_control_vector(compiled, sae_layer=sae_layer, model_hint=model_hint,
+                                         part_layers={n: a.sae.hook_layer for n, a in runtime.attached.items()})
         return m.SteeringExported(model_hint=model_hint, parts=[
             m.VectorPart(layer=layer, values=vector.directions[layer].tolist()) for layer in vector.layers])
 

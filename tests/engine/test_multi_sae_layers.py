@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.control_vectors import VectorSteeringSpec, layer_vector, steering_control_vector
 from engine.errors import InvalidSteeringError
 from engine.generation import TokenEvent
 from engine.runtime import EngineRuntime
@@ -125,3 +126,16 @@ def test_what_cannot_spread_is_refused_naming_the_sae(runtime):
         with pytest.raises(InvalidSteeringError, match=words):
             runtime.set_active_steering(spec, label="inline")
         assert runtime.active_steering is before
+
+
+def test_both_saes_spread_steering_exports_as_one_control_vector_that_steers_the_same(runtime):
+    """The export (a control vector per layer) carries every SAE's share, its own layer's part included."""
+    spec = SteeringSpec(features=BOTH, layers=ALL_LAYERS)
+    exported = steering_control_vector(runtime.compile(spec), sae_layer=2, model_hint="llama",
+                                       part_layers={name: a.sae.hook_layer for name, a in runtime.attached.items()})
+    by_hand = expected_deltas(runtime, BOTH, ALL_LAYERS)
+    assert exported.layers == list(ALL_LAYERS)
+    for layer in ALL_LAYERS:
+        torch.testing.assert_close(torch.from_numpy(exported.directions[layer]), by_hand[layer], atol=1e-5, rtol=1e-5)
+    served = VectorSteeringSpec(features=(), vectors=(layer_vector(exported),))
+    assert residuals(runtime, steering=served, max_tokens=6)[1] == residuals(runtime, steering=spec, max_tokens=6)[1]
