@@ -2,7 +2,9 @@
 
 Special tokens (`<|im_start|>`, `<s>`, BOS …) fire features 10–100× harder than text does, so they are
 left out of the column choice and the colour scale unless asked for. Columns: the strongest features
-on generated tokens first (half the columns), then on any text token; each labelled.
+on generated tokens first (half the columns), then on any text token; each labelled. A request recorded
+while several SAEs were attached holds frames of each (every frame names its `sae`): the page shows one
+SAE's frames at a time, with that SAE's labels.
 """
 
 from __future__ import annotations
@@ -31,6 +33,21 @@ def user_prompt(prompt: str) -> str:
         if turns:
             return turns[-1].strip()
     return prompt or ""
+
+
+def frame_saes(token_features: list[dict[str, Any]]) -> list[str]:
+    """The SAEs a request's frames name, in the order they first appear (attach order); empty when the frames
+    name none (one SAE was attached: all of them are its)."""
+    names: dict[str, None] = {}
+    for frame in token_features or []:
+        if isinstance(frame, dict) and frame.get("sae"):
+            names.setdefault(str(frame["sae"]), None)
+    return list(names)
+
+
+def frames_of_sae(token_features: list[dict[str, Any]], sae: str) -> list[dict[str, Any]]:
+    """One SAE's frames of a request whose frames come from several (features of two SAEs never share a table)."""
+    return [f for f in token_features or [] if isinstance(f, dict) and f.get("sae") == sae]
 
 
 @dataclass(frozen=True)

@@ -25,5 +25,6 @@ async def text_inspect(*, text: str, model: str | None = None) -> dict:
         model=model, prompt=text, messages=None, params={"max_tokens": 1, "temperature": 0.0},
         steering=Steering(), monitor=True, observer=RequestTracker(endpoint="inspect", model=model),
         on_frames=activation_publisher().offer))
-    tokens = [f for f in result.frames if f["type"] == "prompt"]
+    # Several SAEs attached: every token has a frame per SAE; inspect answers the default SAE's (`sae`).
+    tokens = [f for f in result.frames if f["type"] == "prompt" and f.get("sae", pong.attached_sae) == pong.attached_sae]
     return {"model": model, "sae": pong.attached_sae, "tokens": tokens}

@@ -25,7 +25,7 @@ class RequestRecord(models.Model):
     completion_tokens = models.PositiveIntegerField(default=0)
     latency_ms = models.FloatField(null=True, blank=True)
     ttft_ms = models.FloatField(null=True, blank=True)
-    token_features = models.JSONField(default=list, blank=True)  # per token: {token, position, features}
+    token_features = models.JSONField(default=list, blank=True)  # per token (and SAE): {token, position, features, sae?}
     error_message = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 

@@ -75,7 +75,8 @@ class RequestTracker:
                 steering={**self.steering, "applied": self.steering_label}, prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion_tokens, latency_ms=latency_s * 1000,
                 ttft_ms=self.first_token_s * 1000 if self.first_token_s is not None else None,
-                token_features=[{k: f[k] for k in ("position", "type", "token", "features") if k in f}
+                # `sae`: which SAE's features a frame holds, while several were attached.
+                token_features=[{k: f[k] for k in ("position", "type", "token", "features", "sae") if k in f}
                                 for f in self.frames],
                 error_message=error)
         except Exception:  # history is a record of the answer, never a reason to fail it

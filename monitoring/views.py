@@ -16,7 +16,7 @@ from millm_site.errors import MillmError, NotFound, ValidationFailed
 from millm_site.htmx import error_fragment
 from monitoring.capture_services import capture_configure
 from monitoring.forms import HistoryFilterForm
-from monitoring.heatmap import heatmap, user_prompt
+from monitoring.heatmap import frame_saes, frames_of_sae, heatmap, user_prompt
 from monitoring.history_export import history_export_response
 from monitoring.history_selectors import (
     history_choices,
@@ -95,22 +95,40 @@ def history_detail_page(request, request_id: str):
         return render(request, "monitoring/history_missing.html", {"message": exc.message, "nav": "history"},
                       status=404)
     include_special, per_column = request.GET.get("special") == "1", request.GET.get("scale") == "column"
-    sae = _frames_sae(record.model_name, record.token_features)
-    table = heatmap(record.token_features, labels=_labels_for(sae, record.token_features),
-                    include_special=include_special, per_column=per_column)
+    # Frames of several SAEs (recorded while several were attached): one SAE's at a time, `?sae=` choosing.
+    names = frame_saes(record.token_features)
+    asked = request.GET.get("sae") or None
+    shown = (asked or names[0]) if names else None
+    sae = _frames_sae(record.model_name, shown)
+    if asked is not None and (asked not in names if names else sae is None or sae.name != asked):
+        message = (f"This request has no features of SAE {asked!r}; its features are of "
+                   f"{', '.join(names) or (sae.name if sae else 'no SAE')}.")
+        return render(request, "monitoring/history_missing.html",
+                      {"title": "No such SAE in this request", "message": message, "nav": "history"}, status=400)
+    frames = frames_of_sae(record.token_features, shown) if names else record.token_features
+    table = heatmap(frames, labels=_labels_for(sae, frames), include_special=include_special, per_column=per_column)
+
+    def query(**changes) -> str:
+        options = {"sae": shown if len(names) > 1 else None, "special": "1" if include_special else None,
+                   "scale": "column" if per_column else None, **changes}
+        return urlencode({k: v for k, v in options.items() if v})
+
     context = {"r": record, "table": table, "user_prompt": user_prompt(record.prompt), "special": include_special,
-               "heatmap_sae": sae,
+               "heatmap_sae": sae, "heatmap_sae_name": shown,
+               "sae_choices": [{"name": n, "query": query(sae=n), "active": n == shown} for n in names]
+               if len(names) > 1 else [],
+               "special_query": query(special=None if include_special else "1"),
+               "scale_query": query(scale=None if per_column else "column"),
                "per_column": per_column, "nav": "history"}
     return render(request, "monitoring/history_detail.html", context)
 
 
-def _frames_sae(model_name: str, frames: list[dict]):
-    """The SAE whose features these frames hold: the one a frame names (`sae`), else the model's default SAE
-    (the first attached), which monitoring reads."""
-    named = next((f["sae"] for f in frames or [] if isinstance(f, dict) and f.get("sae")), None)
+def _frames_sae(model_name: str, named: str | None):
+    """The SAE whose features the shown frames hold: the one they name (`sae`), else the model's default SAE
+    (the first attached), whose features frames without `sae` hold."""
     saes = SparseAutoencoder.objects.filter(model__name=model_name)
     return ((saes.filter(name=named).first() if named else None)
-            or saes.order_by("-desired_attached", *ATTACH_ORDER).first())
+            or (saes.order_by("-desired_attached", *ATTACH_ORDER).first() if not named else None))
 
 
 def _labels_for(sae, frames: list[dict]) -> dict[int, str]:
