@@ -16,7 +16,7 @@ import gc
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -279,7 +279,8 @@ class EngineRuntime:
 
     def compile(self, spec: SteeringSpec) -> CompiledSteering | None:
         if spec.until_concept and not spec.features:
-            raise InvalidSteeringError("until_concept needs SAE features to steer: their concept tokens end it")
+            raise InvalidSteeringError("until_concept needs SAE features steered without a condition: their concept "
+                                       "tokens end it (a conditional feature's `when` already decides where it applies)")
         if not spec.features:  # raw vectors (engine/control_vectors.py) need no SAE
             return add_spec_vectors(None, spec, self.loaded.model) if self.loaded is not None else None
         if not self.attached:
@@ -343,16 +344,25 @@ class EngineRuntime:
             weight = model.get_input_embeddings().weight
         return weight.detach()
 
-    def compile_conditions(self, conditions: SteeringConditions | None, mode: str = "additive") -> CompiledConditions | None:
+    def compile_conditions(self, conditions: SteeringConditions | None, mode: str = "additive", *,
+                           layers: Sequence[int] = (), direction: str = "decoder") -> CompiledConditions | None:
+        """A conditional feature is steered at its own SAE's layer, along its decoder row or (`direction`
+        "concept") its concept direction; a layer spread cannot carry its condition, so `layers` is refused."""
         if not conditions:
             return None
         if not self.attached:
             raise SaeNotAttachedError("No SAE is attached: a condition reads an SAE feature, attach one first")
+        if conditions.features and layers:
+            raise InvalidSteeringError("conditional features (`when`) are steered at their own SAE's layer: `layers` "
+                                       "(which the preset sets) cannot spread them; leave out `layers` and `preset`, "
+                                       "or steer the feature without `when`")
+        directions = ({n: a.concept_directions for n, a in self.attached.items()} if direction == "concept" else None)
         return compile_conditions_multi({n: a.sae for n, a in self.attached.items()}, self.sae_name, conditions,
-                                        mode=mode)
+                                        mode=mode, concept_directions=directions)
 
     def set_active_steering(self, spec: SteeringSpec, *, label: str, conditions: SteeringConditions | None = None) -> None:
-        compiled_conditions = self.compile_conditions(conditions, spec.mode)  # both checked before either applies
+        compiled_conditions = self.compile_conditions(conditions, spec.mode, layers=spec.layers,
+                                                      direction=spec.direction)  # both checked before either applies
         compiled = self.compile(spec)
         self.active_steering, self.active_conditions = compiled, compiled_conditions
         self.active_label = label if compiled is not None or compiled_conditions is not None else "none"
@@ -364,7 +374,7 @@ class EngineRuntime:
         if spec is None and not conditions:
             return self.active_steering, self.active_label, self.active_conditions
         spec = spec or SteeringSpec(features=())
-        compiled_conditions = self.compile_conditions(conditions, spec.mode)
+        compiled_conditions = self.compile_conditions(conditions, spec.mode, layers=spec.layers, direction=spec.direction)
         compiled = self.compile(spec)
         return compiled, label if compiled is not None or compiled_conditions is not None else "none", compiled_conditions
 

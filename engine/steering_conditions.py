@@ -166,10 +166,12 @@ def compile_conditions(sae: SaeWeights, conditions: SteeringConditions, *, mode:
 
 
 def compile_conditions_multi(saes: dict[str, SaeWeights], default: str, conditions: SteeringConditions, *,
-                             mode: str = "additive") -> CompiledConditions | None:
+                             mode: str = "additive", concept_directions: dict[str, torch.Tensor | None] | None = None,
+                             ) -> CompiledConditions | None:
     """Conditions over several attached SAEs (`saes` in attach order, `default` the first): the default
     SAE's part, with the parts the other SAEs' hooks apply in `.saes`. Raises SaeNotAttachedError for a
-    name not attached and InvalidFeatureIndexError for an index outside that SAE."""
+    name not attached and InvalidFeatureIndexError for an index outside that SAE. `concept_directions` (per SAE
+    name): steer each conditional feature along its concept direction instead of its decoder row."""
     def sae_of(name: str | None, what: str) -> tuple[str, SaeWeights]:
         name = default if name is None else name
         if name not in saes:
@@ -206,8 +208,15 @@ def compile_conditions_multi(saes: dict[str, SaeWeights], default: str, conditio
     for name, (features, readers, sources, aborts) in parts.items():
         part = SteeringConditions(features=tuple(features), abort_when=tuple(aborts), positions=conditions.positions)
         # The abort report names the SAE only where there is a choice (a single SAE's report stays as it was).
+        rows = None
+        if concept_directions is not None and features:
+            rows = concept_directions.get(name)
+            if rows is None:
+                raise InvalidSteeringError(f"SAE {name}: this SAE has no concept directions: steer along its "
+                                           "decoder rows")
         compiled[name] = _compile_part(saes[name], part, readers + [saes[name]] * len(aborts),
-                                       sources + [HERE] * len(aborts), abort_sae=name if len(saes) > 1 else None)
+                                       sources + [HERE] * len(aborts), abort_sae=name if len(saes) > 1 else None,
+                                       steer_rows=rows)
     top = compiled.pop(default, None)
     if top is None:  # nothing at the default SAE's hook: an empty part that only carries the others
         top = _compile_part(saes[default], SteeringConditions(positions=conditions.positions), [], [])
@@ -215,9 +224,10 @@ def compile_conditions_multi(saes: dict[str, SaeWeights], default: str, conditio
 
 
 def _compile_part(sae: SaeWeights, conditions: SteeringConditions, readers: list[SaeWeights], sources: list[tuple],
-                  *, abort_sae: str | None = None) -> CompiledConditions:
+                  *, abort_sae: str | None = None, steer_rows: torch.Tensor | None = None) -> CompiledConditions:
     """One hook's columns: `readers[c]` is the SAE column c reads (its encoder), `sources[c]` where from;
-    the conditional vectors come from `sae`, the hook's own SAE."""
+    the conditional vectors are rows of `steer_rows` (the SAE's concept directions) or else of `sae.W_dec`,
+    the hook's own SAE's decoder."""
     reads = [f.when for f in conditions.features] + list(conditions.abort_when)
     device, dtype = sae.device, sae.dtype
     topk = [r for r in readers if r.architecture == "topk"]
@@ -230,7 +240,8 @@ def _compile_part(sae: SaeWeights, conditions: SteeringConditions, readers: list
 
     strengths = torch.tensor([float(f.strength) for f in conditions.features], dtype=torch.float32, device=device)
     steered = torch.tensor([f.index for f in conditions.features], dtype=torch.long, device=device)
-    vectors = (strengths.unsqueeze(1) * sae.W_dec.index_select(0, steered).float()).to(dtype)
+    rows = sae.W_dec if steer_rows is None else steer_rows.to(device=device)
+    vectors = (strengths.unsqueeze(1) * rows.index_select(0, steered).float()).to(dtype)
 
     def column(reader: SaeWeights, c: FeatureCondition, name: str) -> torch.Tensor:
         if name == "threshold":

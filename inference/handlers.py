@@ -331,7 +331,8 @@ class WorkerCalls:
         self._check_ids(call.unsteered_ids, "unsteered_ids")
         # The same compile the steered generation ran, conditional features included.
         compiled = runtime.compile(engine_spec(call.steering))
-        conditions = runtime.compile_conditions(engine_conditions(call.steering), call.steering.mode)
+        conditions = runtime.compile_conditions(engine_conditions(call.steering), call.steering.mode,
+                                                layers=call.steering.layers, direction=call.steering.direction)
         tokenizer = loaded.tokenizer
         prompt_ids = await in_thread(prompt_token_ids, tokenizer, call.prompt, call.messages)
         hooks = scheduler.interceptors  # every SAE hook and the layer hook, as generation runs them

@@ -194,3 +194,45 @@ def test_a_batch_mixing_conditions_gives_each_row_the_text_it_gets_alone(runtime
     together = [outcome(handle) for handle in handles]
     assert together == alone
     assert alone[2][1] == "content_filter" and alone[3][1] == "length"
+
+
+def test_a_conditional_feature_follows_the_concept_direction_and_refuses_a_layer_spread(runtime):
+    """`direction: "concept"` steers a conditional feature along its concept direction (where the condition
+    holds, at its SAE's layer); `layers` cannot carry a condition, so it is refused before anything applies."""
+    from dataclasses import replace as dataclass_replace
+
+    name = runtime.sae_name
+    attached = runtime.attached[name]
+    sae = runtime.hook.sae
+    directions = torch.nn.functional.normalize(torch.randn(sae.d_sae, sae.d_in, generator=torch.Generator().manual_seed(3)), dim=-1)
+    runtime.attached[name] = dataclass_replace(attached, concept_directions=directions)
+    try:
+        prompt_ids = list(runtime.loaded.tokenizer(PROMPT)["input_ids"])
+        threshold = float(cat_values(runtime, prompt_ids).max()) / 2
+        conditions = SteeringConditions(features=(ConditionalFeature(3, 25.0, FeatureCondition(CAT, above=threshold)),))
+        _, plain = layer_outputs(runtime)
+        outputs = []
+        layer = decoder_layers(runtime.loaded.model)[sae.hook_layer]
+        handle = runtime.scheduler.call(lambda: layer.register_forward_hook(
+            lambda _m, _a, out: outputs.append((out[0] if isinstance(out, tuple) else out).clone()))).result()
+        try:
+            list(runtime.submit(request_id="concept", model=None, prompt=PROMPT, messages=None,
+                                params={"max_tokens": 2, "temperature": 0.0},
+                                steering=SteeringSpec(features=(), direction="concept"), conditions=conditions).handle)
+        finally:
+            runtime.scheduler.call(handle.remove).result()
+        changed = (outputs[0] - plain[0]).abs().amax(-1)[0]
+        holds = (changed > 1e-4).nonzero().flatten().tolist()
+        assert holds
+        for t in holds:
+            torch.testing.assert_close(outputs[0][0, t], plain[0][0, t] + 25.0 * directions[3], atol=1e-4, rtol=1e-4)
+
+        with pytest.raises(InvalidSteeringError, match="layers"):
+            runtime.submit(request_id="spread", model=None, prompt=PROMPT, messages=None, params={"max_tokens": 2},
+                           steering=SteeringSpec(features=(), layers=(0, 1)), conditions=conditions)
+        with pytest.raises(InvalidSteeringError, match="layers"):
+            runtime.set_active_steering(SteeringSpec(features=(SteeringFeature(CAT, 1.0),), layers=(0, 1)),
+                                        label="active", conditions=conditions)
+        assert runtime.active_steering is None and runtime.active_conditions is None
+    finally:
+        runtime.attached[name] = attached
