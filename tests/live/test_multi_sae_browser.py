@@ -1,7 +1,8 @@
 """Two SAEs attached, through the pages in Chromium (test tier): the SAEs page attaches the second and names the
 default; the Steering page steers feature 7 of both SAEs at once (the same index on two SAEs is allowed, the same
 (SAE, index) twice refused), compares, applies and saves a profile keeping each feature's SAE; "Steer this" on the
-second SAE's feature page adds that SAE's feature; the Monitor's frames and the history heatmap name their SAE. Each action twice; any
+second SAE's feature page adds that SAE's feature; the Monitor shows frames of both SAEs, each naming its SAE, and the
+history heatmap shows one SAE's features at a time, the other a click away. Each action twice; any
 console error or failed request fails the test; screenshots go to test-artifacts/."""
 
 from __future__ import annotations
@@ -140,7 +141,10 @@ def test_two_saes_through_the_pages(stack, browser):  # noqa: F811
         "model": "tiny-llama", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8,
         "temperature": 0}).headers["x-request-id"]
     page.wait_for_selector(f".frame[data-request='{request_id}'] .frame-sae", timeout=5_000)
-    assert page.locator(f".frame[data-request='{request_id}'] .frame-sae").first.inner_text() == LATE
+    for name in (LATE, EARLY):  # every attached SAE's frames, each with its badge
+        page.wait_for_selector(f".frame[data-request='{request_id}'][data-sae='{name}']", timeout=5_000)
+        badges = page.locator(f".frame[data-request='{request_id}'][data-sae='{name}'] .frame-sae").all_inner_texts()
+        assert badges and set(badges) == {name}
     shot(page, "5-monitor")
 
     # History: the heatmap says whose features its columns are.
@@ -152,6 +156,15 @@ def test_two_saes_through_the_pages(stack, browser):  # noqa: F811
         page.goto(f"{stack.url}/history/{request_id}/")
         page.wait_for_selector("table.token-features", timeout=15_000)
         assert LATE in page.inner_text("#heatmap-sae")
+        rows = page.locator("table.token-features tbody tr").count()
+        # The other SAE's features: one click; the table keeps one row per token, and the options keep the SAE.
+        page.click(f"#heatmap-sae-choice a[data-sae='{EARLY}']")
+        page.wait_for_selector(f"#heatmap-sae-choice a.active[data-sae='{EARLY}']", timeout=15_000)
+        assert EARLY in page.inner_text("#heatmap-sae") and LATE not in page.inner_text("#heatmap-sae")
+        assert page.locator("table.token-features tbody tr").count() == rows
+        page.click("text=scale each column")
+        page.wait_for_selector("text=one colour scale", timeout=15_000)
+        assert EARLY in page.inner_text("#heatmap-sae") and "sae=" + EARLY in page.url
     shot(page, "6-history")
     page.wait_for_timeout(2300)  # past one system_status tick
     page.close()
