@@ -345,7 +345,7 @@ class FeatureChange(Message):
     after: float
     delta: float
     sae: str | None = None  # the attached SAE whose feature this is
-    relative_delta: float | None = None  # delta / that SAE's typical firing activation: the ranking across SAEs
+    relative_delta: float | None = None  # delta / that SAE's typical firing activation (orders SAEs' changes of one rank)
 
 
 class TokenDiffResult(Message):

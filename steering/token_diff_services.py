@@ -30,8 +30,8 @@ def feature_labels_by_sae(*, model: str, wanted: dict[str, list[int]]) -> dict[t
 async def compare_token_diff(*, sae: SparseAutoencoder, prompt: str | None, messages: list[dict[str, Any]] | None,
                              steered_ids: list[int], unsteered_ids: list[int], steering: m.Steering) -> dict[str, Any]:
     """{tokens: [{token, position, steered_logprob, unsteered_logprob, kl}], first_divergence, top_changed_features,
-    saes}: the changed features are read by every attached SAE (`saes`, the default first), ranked across them by
-    the change relative to each SAE's typical activation (engine/token_diff.py), each naming its SAE."""
+    saes}: the changed features are read by every attached SAE (`saes`, the default first), each SAE's largest in
+    turn (engine/token_diff.py), each naming its SAE."""
     diff = await inference_client().token_diff(model=sae.model.name, call=m.TokenDiff(
         sae=sae.name, prompt=prompt, messages=messages, steered_ids=steered_ids, unsteered_ids=unsteered_ids,
         steering=steering, top_features=TOP_CHANGED_FEATURES))
