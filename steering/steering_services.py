@@ -216,4 +216,5 @@ async def steering_compare(*, prompt: str, features: list[dict[str, Any]], chat:
     # Per token of the steered answer: both models' log-probabilities, their KL, the changed features.
     token_diff = await compare_token_diff(sae=sae, prompt=None if chat else prompt, messages=messages,
                                           steered_ids=ids["steered"], unsteered_ids=ids["unsteered"], steering=steered)
-    return {**runs, "features": raw, **options.as_dict(), "token_diff": token_diff}
+    # The features as given (filled, in `units`), as /api/steering reports them; the raw numbers steered the text.
+    return {**runs, "features": normalised, **options.as_dict(), "token_diff": token_diff}

@@ -175,3 +175,17 @@ def test_the_pages_recommended_checkbox_keeps_the_options_on_apply_and_save_as_p
     # The Profiles page's "save the active steering" too.
     assert client.post("/profiles/from-active", {"name": "from-active"}).status_code == 200
     assert client.get("/api/profiles/from-active").json()["data"]["max_steered_tokens"] == 3
+
+
+def test_the_compare_echoes_strengths_in_the_units_it_was_given(client, serving):
+    """The compare's `features` are in its own `units` (as `/api/steering` reports them), not raw numbers
+    beside `"units": "residual_norm"`; the steered text is the raw equivalent's."""
+    model, sae = serving
+    given = [{"index": CAT, "strength": 0.5}]
+    compared = post(client, "/api/steering/compare", {"prompt": "Hello!", "features": given, "max_tokens": 12,
+                                                       "units": "residual_norm"})
+    assert compared.status_code == 200, compared.content
+    data = compared.json()["data"]
+    assert data["units"] == "residual_norm" and data["features"] == given
+    raw = [{"index": CAT, "strength": 0.5 * sae.residual_norm}]
+    assert data["steered"]["text"] == "".join(chat(client, model.name, {"features": raw}))
