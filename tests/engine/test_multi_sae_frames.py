@@ -124,3 +124,24 @@ def test_one_sae_attached_frames_are_unchanged(test_tier_assets):
                 assert frame["features"][index] == pytest.approx(value, abs=1e-3)
     finally:
         single.unload()
+
+
+def test_a_chunked_prefill_gives_the_same_frames_of_both_saes(runtime):
+    scheduler = runtime.scheduler
+    before = scheduler.prefill_chunk_tokens, scheduler._chunk_tokens
+    results = {}
+    try:
+        for chunk in (3, 4096):
+            scheduler.prefill_chunk_tokens = scheduler._chunk_tokens = chunk
+            results[chunk] = monitored_run(runtime, f"frames-chunk-{chunk}", max_tokens=3)
+    finally:
+        scheduler.prefill_chunk_tokens, scheduler._chunk_tokens = before
+    prompt_ids, _, chunked, _ = results[3]
+    assert len(prompt_ids) > 3  # it really ran in chunks
+    whole = results[4096][2]
+    assert [(f["position"], f["sae"], f["token_id"]) for f in chunked] == \
+        [(f["position"], f["sae"], f["token_id"]) for f in whole]
+    for a, b in zip(chunked, whole, strict=True):
+        assert a["features"].keys() == b["features"].keys(), (a, b)
+        for key, value in b["features"].items():
+            assert a["features"][key] == pytest.approx(value, abs=2e-4)
