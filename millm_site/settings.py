@@ -124,6 +124,9 @@ MODEL_CACHE_DIR = env_path("MODEL_CACHE_DIR", VAR_DIR / "models")
 SAE_CACHE_DIR = env_path("SAE_CACHE_DIR", VAR_DIR / "saes")
 DEMO_ASSETS_DIR = env_path("MILLM_ASSET_CACHE", VAR_DIR / "assets")
 DEMO_TIER = env_choice("MILLM_DEMO_TIER", "demo", ("demo", "test"))
+# auto: `serve` builds the demo without its calibrations and the worker computes them while it serves;
+# foreground: the build computes them before serving; background: as auto, and the test tier's SAEs too.
+DEMO_CALIBRATION = env_choice("MILLM_DEMO_CALIBRATION", "auto", ("auto", "background", "foreground"))
 # Passed as `endpoint=` to huggingface_hub: its own HF_ENDPOINT is frozen when it is first imported.
 HF_ENDPOINT = env_str("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 DOWNLOAD_MIN_FREE_BYTES = env_int("MILLM_DOWNLOAD_MIN_FREE_BYTES", 512 * 1024**2, minimum=0)

@@ -106,9 +106,23 @@ def features_fill_recommended(*, sae: SparseAutoencoder | None, features: list[d
         value = feature_recommended_strength(sae, index, units) if isinstance(index, int) else None
         if value is None:
             raise ValidationFailed(f"features.strength: feature {index} has no calibrated strength in {units} "
-                                   "units; give a strength", details={"field": "features.strength"})
+                                   f"units{_calibration_running(sae)}; give a strength",
+                                   details={"field": "features.strength"})
         filled.append({**feature, "strength": value})
     return filled
+
+
+def _calibration_running(sae: SparseAutoencoder | None) -> str:
+    """' yet: ... is running (phase 40/120)' while the SAE's calibration is queued or running, else ''."""
+    if sae is None or sae_calibration(sae) is not None:
+        return ""
+    status = calibration_status(sae=sae)
+    if status["state"] not in ("queued", "running") or time.time() - status.get("at", 0) > STALE_S:
+        return ""
+    if status["state"] == "queued":
+        return f" yet: the calibration of SAE {sae.name} is queued"
+    done = f" ({status['phase']} {status['done']}/{status['total']})" if status.get("total") else ""
+    return f" yet: the calibration of SAE {sae.name} is running{done}, see GET /api/saes/{sae.name}/calibration"
 
 
 def slider_calibration(sae: SparseAutoencoder | None, index: int) -> dict[str, Any] | None:
@@ -139,8 +153,9 @@ def calibration_status(*, sae: SparseAutoencoder) -> dict[str, Any]:
     return status
 
 
-def _write_status(sae: SparseAutoencoder, state: str, *, phase: str = "", done: int = 0, total: int = 0,
-                  message: str = "") -> dict[str, Any]:
+def calibration_status_write(sae: SparseAutoencoder, state: str, *, phase: str = "", done: int = 0,
+                             total: int = 0, message: str = "") -> dict[str, Any]:
+    """Write the SAE's status file and tell the live pages (`calibration_progress` on /ws/progress/)."""
     path = _status_path(sae)
     path.parent.mkdir(parents=True, exist_ok=True)
     status = {"state": state, "phase": phase, "done": done, "total": total, "message": message, "at": time.time()}
@@ -158,12 +173,12 @@ def sae_calibrate_request(*, sae: SparseAutoencoder) -> dict[str, Any]:
         return status
     if not sae.local_path or not Path(sae.local_path).is_dir():
         raise ValidationFailed(f"SAE {sae.name} has no local files to calibrate", details={"field": "name"})
-    status = _write_status(sae, "queued")
+    status = calibration_status_write(sae, "queued")
     try:
         app.send_task(CALIBRATE_TASK, kwargs={"sae_name": sae.name})
     except Exception as exc:  # noqa: BLE001 - the broker's many error types all mean "not queued"
-        status = _write_status(sae, "error", message=f"The task queue is unreachable ({type(exc).__name__}); "
-                               "is the worker running?")
+        status = calibration_status_write(sae, "error", message=f"The task queue is unreachable "
+                                          f"({type(exc).__name__}); is the worker running?")
     return status
 
 
@@ -178,7 +193,7 @@ def sae_calibrate_run(*, sae: SparseAutoencoder) -> dict[str, Any]:
     from engine.loading import load_model  # noqa: PLC0415
     from engine.sae import load_sae  # noqa: PLC0415
 
-    _write_status(sae, "running", phase="loading")
+    calibration_status_write(sae, "running", phase="loading")
     started = time.monotonic()
     if settings.TORCH_THREADS:
         torch.set_num_threads(settings.TORCH_THREADS)
@@ -196,7 +211,7 @@ def sae_calibrate_run(*, sae: SparseAutoencoder) -> dict[str, Any]:
         def progress(phase: str, done: int, total: int) -> None:
             if time.monotonic() - last[0] > 1.0 or done == total:  # at most one event a second
                 last[0] = time.monotonic()
-                _write_status(sae, "running", phase=phase, done=done, total=total)
+                calibration_status_write(sae, "running", phase=phase, done=done, total=total)
 
         result = calibrate_sae(loaded=loaded, sae=weights, recipe=recipe, concept_directions=concept,
                                residual_norm=float(sae.residual_norm or 0.0) or None, progress=progress)
@@ -204,4 +219,4 @@ def sae_calibrate_run(*, sae: SparseAutoencoder) -> dict[str, Any]:
                           strengths=result["strengths"], method=result["method"])
     finally:
         loaded.unload()
-    return _write_status(sae, "done", message=f"calibrated in {time.monotonic() - started:.0f} s")
+    return calibration_status_write(sae, "done", message=f"calibrated in {time.monotonic() - started:.0f} s")

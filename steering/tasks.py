@@ -20,6 +20,7 @@ from asgiref.sync import async_to_sync
 from celery.signals import worker_process_init, worker_ready
 from django.conf import settings
 
+from catalog.demo import DEMO_CALIBRATE_TASK, demo_calibration_run
 from engine.assets.demo_corpus import chat_conversations, docstring_texts, writing_texts
 from engine.feature_lens import corpus_activations
 from engine.loading import load_model
@@ -61,12 +62,18 @@ def _warm_imports(**_kwargs: Any) -> None:
     threading.Thread(target=_import_heavy, name="warm-imports", daemon=True).start()
 
 
+# transformers' lazy module is not thread-safe: a task that imports from it while the warm-up thread does
+# failed with "cannot import name 'AutoModelForCausalLM'". A task queued before the worker starts waits here.
+_HEAVY_IMPORTS = threading.Lock()
+
+
 def _import_heavy() -> None:
-    try:
-        importlib.import_module("transformers")
-        importlib.import_module("sae_lens")
-    except Exception as exc:  # noqa: BLE001 - a failed warm-up only means the first build imports them itself
-        log.warning("warm_imports_failed", error=type(exc).__name__)
+    with _HEAVY_IMPORTS:
+        try:
+            importlib.import_module("transformers").AutoModelForCausalLM  # noqa: B018 - resolves the lazy import
+            importlib.import_module("sae_lens")
+        except Exception as exc:  # noqa: BLE001 - a failed warm-up only means the first build imports them itself
+            log.warning("warm_imports_failed", error=type(exc).__name__)
 
 
 @app.task(name="steering.tasks.feature_contexts_build")
@@ -121,3 +128,10 @@ def sae_calibrate(*, sae_name: str) -> dict[str, Any]:
     """Per-feature recommended strengths of an SAE (POST /api/saes/{name}/calibrate): steering/calibration_services."""
     sae = SparseAutoencoder.objects.select_related("model").get(name=sae_name)
     return sae_calibrate_run(sae=sae)
+
+
+@app.task(name=DEMO_CALIBRATE_TASK)
+def demo_calibrate(*, tier: str) -> dict[str, Any]:
+    """The demo's calibrations, queued by `manage.py serve` once it serves (catalog/demo.py)."""
+    _import_heavy()  # queued at the worker's start: after its warm-up, not beside it
+    return demo_calibration_run(tier=tier)

@@ -24,7 +24,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .manifest import BuiltModel, BuiltSAE, DemoAssets, FeatureLabel
 from .sae_training import SAETrainConfig
-from .smollm2_second_sae import MainBuild, ensure_second_sae
+from .smollm2_second_sae import MainBuild, ensure_second_sae, read_second_sae
 
 RECIPE_VERSION = 1  # bump when anything below changes what gets built
 CONVERSION_VERSION = 1
@@ -74,13 +74,18 @@ def gguf_path() -> Path:
 
 
 @contextlib.contextmanager
-def _build_lock(out_dir: Path) -> Iterator[None]:
-    # Two processes (a server and a test session) may ask for the same cache at once.
+def _build_lock(out_dir: Path, *, wait: bool = True) -> Iterator[bool]:
+    # Two processes (a server and a test session) may ask for the same cache at once. Yields whether it holds
+    # the lock: always with `wait`, else only when no one else did.
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".build.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -264,8 +269,13 @@ RECOMMENDED_STEERING = {
 }
 
 
-def build_demo_tier(out_dir: Path, *, force: bool = False, progress: bool = True) -> DemoAssets:
-    """Build (or reuse from `out_dir`) the SmolLM2 model and its labelled layer-15 SAE."""
+def build_demo_tier(out_dir: Path, *, force: bool = False, progress: bool = True,
+                    calibrate: bool = True) -> DemoAssets:
+    """Build (or reuse from `out_dir`) the SmolLM2 model and its labelled SAEs (layer 15, and layer 6).
+
+    `calibrate=False` stops once both SAEs can steer with explicit strengths (their concept directions and
+    steering.json) and leaves the calibrations, ≈ 500 of the build's ≈ 650 CPU s, to `calibrate_demo_tier`:
+    the server starts that in its worker and answers meanwhile."""
     out_dir = Path(out_dir)
     with _build_lock(out_dir):
         manifest = None if force else read_manifest(out_dir)
@@ -273,7 +283,6 @@ def build_demo_tier(out_dir: Path, *, force: bool = False, progress: bool = True
             with _transformers_progress(progress):
                 manifest = _build(out_dir, force=force, progress=progress)
         ensure_steering_assets(out_dir)
-        ensure_calibration(out_dir, progress=progress)
         second = ensure_second_sae(out_dir, MainBuild(
             residuals=lambda model, tokenizer, layer: collect_residuals(
                 model, training_sequences(tokenizer), layer, pad_id=tokenizer.pad_token_id, progress=progress),
@@ -282,9 +291,51 @@ def build_demo_tier(out_dir: Path, *, force: bool = False, progress: bool = True
         # The second SAE steers like the first (the preset's concept directions over layers 8-23, every feature
         # at a calibrated strength), so a researcher can steer both with one preset; KL calibration only.
         ensure_steering_assets(out_dir, sae_dir=Path(second.local_path))
-        ensure_calibration(out_dir, sae_dir=Path(second.local_path), sweep=False,
-                           residual_norm=second.residual_norm, progress=progress)
+        if calibrate:
+            _calibrate_both(out_dir, second, progress=progress)
         return replace(_assets_from_manifest(out_dir, manifest), extra_saes=(second,))
+
+
+CalibrationProgress = Callable[[Path, str, int, int], None]  # (SAE folder, phase, done, total)
+
+
+def demo_calibration_pending(out_dir: Path) -> list[Path]:
+    """The SAE folders of a built demo tier whose calibration (this recipe) is still to be computed."""
+    from engine.calibration_file import read_calibration
+
+    out_dir = Path(out_dir)
+    second = read_second_sae(out_dir)
+    folders = [out_dir / "sae", *([Path(second.local_path)] if second else [])]
+    return [folder for folder in folders
+            if (read_calibration(folder) or {}).get("method", {}).get("demo_recipe") != CALIBRATION_RECIPE_VERSION]
+
+
+def calibrate_demo_tier(out_dir: Path, *, progress: bool = False, on_progress: CalibrationProgress | None = None,
+                        ) -> bool:
+    """Both SAEs' calibrations of a demo tier built with `calibrate=False` (the demo recipe, as the full build
+    computes them), under the build lock. Returns False, computing nothing, when another process holds the lock
+    (a build, or this same job started twice): that one finishes the work."""
+    out_dir = Path(out_dir)
+    with _build_lock(out_dir, wait=False) as locked:
+        if not locked:
+            return False
+        manifest, second = read_manifest(out_dir), read_second_sae(out_dir)
+        if manifest is None or second is None:
+            raise DemoAssetsError(f"{out_dir} holds no finished demo build to calibrate; build it first.")
+        _calibrate_both(out_dir, second, progress=progress, on_progress=on_progress)
+        return True
+
+
+def _calibrate_both(out_dir: Path, second: BuiltSAE, *, progress: bool,
+                    on_progress: CalibrationProgress | None = None) -> None:
+    main_dir, second_dir = out_dir / "sae", Path(second.local_path)
+
+    def reporter(folder: Path) -> Callable[[str, int, int], None] | None:
+        return (lambda phase, done, total: on_progress(folder, phase, done, total)) if on_progress else None
+
+    ensure_calibration(out_dir, progress=progress, on_progress=reporter(main_dir))
+    ensure_calibration(out_dir, sae_dir=second_dir, sweep=False, residual_norm=second.residual_norm,
+                       progress=progress, on_progress=reporter(second_dir))
 
 
 def label_token_ids(label: str, encode: Any) -> list[int]:
@@ -334,10 +385,11 @@ CALIBRATION_SWEEP_FEATURES = 48  # the most coherent concept features (the bench
 
 
 def ensure_calibration(out_dir: Path, *, sae_dir: Path | None = None, sweep: bool = True,
-                       residual_norm: float | None = None, progress: bool = True) -> None:
+                       residual_norm: float | None = None, progress: bool = True,
+                       on_progress: Callable[[str, int, int], None] | None = None) -> None:
     """calibration.json in the SAE folder (default out_dir/sae): every feature's recommended strength and useful
     range for the recommended steering (engine/calibration.py: the KL method for all, and with `sweep` a
-    generation sweep for the concept features)."""
+    generation sweep for the concept features). `on_progress(phase, done, total)` is told as the bars are."""
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
@@ -367,11 +419,13 @@ def ensure_calibration(out_dir: Path, *, sae_dir: Path | None = None, sweep: boo
                                    until_concept=RECOMMENDED_STEERING["until_concept"])
         bars: dict[str, Any] = {}
 
-        def on_progress(phase: str, done: int, total: int) -> None:
+        def report(phase: str, done: int, total: int) -> None:
             bar = bars.get(phase)
             if bar is None:
                 bar = bars[phase] = tqdm(total=total, desc=f"calibrate ({phase})", disable=not progress)
             bar.update(done - bar.n)
+            if on_progress:
+                on_progress(phase, done, total)
 
         started, cpu_started = time.monotonic(), time.process_time()
         result = calibrate_sae(loaded=loaded, sae=sae, recipe=recipe,
@@ -379,7 +433,7 @@ def ensure_calibration(out_dir: Path, *, sae_dir: Path | None = None, sweep: boo
                                concept_directions=load_file(sae_dir / "concept_directions.safetensors")[
                                    "concept_directions"], sweep_features=features, kl_grid=(0.04, 0.16),
                                concept_tokens=load_file(sae_dir / "concept_directions.safetensors")["token_ids"],
-                               progress=on_progress)
+                               progress=report)
         for bar in bars.values():
             bar.close()
         method = {**result["method"], "demo_recipe": CALIBRATION_RECIPE_VERSION,
