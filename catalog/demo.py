@@ -20,6 +20,7 @@ from django.utils.text import slugify
 
 from catalog.models import LanguageModel
 from catalog.services import model_register, model_set_desired_loaded
+from engine.assets.demo_calibration_recipe import demo_calibration_current
 from engine.assets.manifest import BuiltSAE, DemoAssets
 from millm_site.celery import app
 from steering.calibration_services import calibration_status_write, sae_calibrate_run, sae_calibration
@@ -168,10 +169,7 @@ def demo_calibration_pending(*, tier: str) -> list[SparseAutoencoder]:
     saes = [sae for sae in SparseAutoencoder.objects.filter(is_demo=True).order_by("-desired_attached", "layer")
             if sae.local_path and Path(sae.local_path).resolve().parent == root]
     if tier == "demo":
-        from engine.assets.smollm2 import demo_calibration_pending as pending_folders
-
-        folders = {folder.resolve() for folder in pending_folders(root)}
-        return [sae for sae in saes if Path(sae.local_path).resolve() in folders]
+        return [sae for sae in saes if not demo_calibration_current(Path(sae.local_path))]
     if settings.DEMO_CALIBRATION == "background":
         return [sae for sae in saes if sae_calibration(sae) is None]
     return []

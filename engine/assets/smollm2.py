@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .demo_calibration_recipe import CALIBRATION_RECIPE_VERSION, demo_calibration_current
 from .manifest import BuiltModel, BuiltSAE, DemoAssets, FeatureLabel
 from .sae_training import SAETrainConfig
 from .smollm2_second_sae import MainBuild, ensure_second_sae, read_second_sae
@@ -301,13 +302,10 @@ CalibrationProgress = Callable[[Path, str, int, int], None]  # (SAE folder, phas
 
 def demo_calibration_pending(out_dir: Path) -> list[Path]:
     """The SAE folders of a built demo tier whose calibration (this recipe) is still to be computed."""
-    from engine.calibration_file import read_calibration
-
     out_dir = Path(out_dir)
     second = read_second_sae(out_dir)
     folders = [out_dir / "sae", *([Path(second.local_path)] if second else [])]
-    return [folder for folder in folders
-            if (read_calibration(folder) or {}).get("method", {}).get("demo_recipe") != CALIBRATION_RECIPE_VERSION]
+    return [folder for folder in folders if not demo_calibration_current(folder)]
 
 
 def calibrate_demo_tier(out_dir: Path, *, progress: bool = False, on_progress: CalibrationProgress | None = None,
@@ -380,7 +378,6 @@ def ensure_steering_assets(out_dir: Path, *, sae_dir: Path | None = None) -> Non
     recipe.write_text(json.dumps({"version": STEERING_RECIPE_VERSION, **RECOMMENDED_STEERING}, indent=1))
 
 
-CALIBRATION_RECIPE_VERSION = 2  # 2: swept with the preset's until_concept and max_steered_tokens
 CALIBRATION_SWEEP_FEATURES = 48  # the most coherent concept features (the bench steers 40 of them)
 
 
@@ -393,7 +390,7 @@ def ensure_calibration(out_dir: Path, *, sae_dir: Path | None = None, sweep: boo
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
-    from engine.calibration import CalibrationRecipe, read_calibration, write_calibration
+    from engine.calibration import CalibrationRecipe, write_calibration
     from engine.calibration_sweep import calibrate_sae, embedding_coherence
     from engine.loading import load_model
     from engine.sae import load_sae
@@ -401,8 +398,7 @@ def ensure_calibration(out_dir: Path, *, sae_dir: Path | None = None, sweep: boo
     from . import steering_quality as quality
 
     sae_dir = sae_dir or out_dir / "sae"
-    existing = read_calibration(sae_dir)
-    if existing is not None and existing.get("method", {}).get("demo_recipe") == CALIBRATION_RECIPE_VERSION:
+    if demo_calibration_current(sae_dir):
         return
     manifest = read_manifest(out_dir) or {}
     loaded = load_model(str(out_dir / "model"))

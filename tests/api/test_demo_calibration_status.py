@@ -5,12 +5,26 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 
 import pytest
 
-from catalog.demo import demo_assets_mark_desired, demo_calibration_pending
-from steering.calibration_services import calibration_status_write
+from catalog.demo import (
+    demo_assets_ensure,
+    demo_assets_mark_desired,
+    demo_calibration_pending,
+    demo_calibration_run,
+)
+from engine.assets.smollm2 import CALIBRATION_RECIPE_VERSION, read_manifest
+from steering.calibration_services import (
+    calibration_status,
+    calibration_status_write,
+    feature_recommended_strength,
+    sae_calibration,
+)
 from steering.models import SparseAutoencoder, SteeringState
+from tests.conftest import ASSET_CACHE
 
 pytestmark = pytest.mark.django_db(transaction=True)
 CAT = 7
@@ -65,3 +79,42 @@ def test_serve_queues_the_test_tier_only_when_asked(uncalibrated, settings):
     pending = demo_calibration_pending(tier="test")
     assert [s.name for s in pending][0] == uncalibrated.name  # the main (attached) SAE first
     assert len(pending) == SparseAutoencoder.objects.filter(is_demo=True).count() == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_the_demo_tier_job_computes_the_missing_calibration_with_progress(tmp_path, settings):
+    """The demo recipe's path of the job (`calibrate_demo_tier` under the build lock) on a copy of the cached demo
+    tier whose layer-6 SAE lacks calibration.json (its KL pass, ≈ 84 CPU s at one thread; the cache is never
+    changed): that SAE shows `running` with progress, then `done`, and then has a recommended strength."""
+    cached = ASSET_CACHE / "demo"
+    if read_manifest(cached) is None or not (cached / "sae_layer_6" / "calibration.json").is_file():
+        pytest.skip("needs the built demo tier in the asset cache (make demo); this test never builds it")
+    settings.VAR_DIR, settings.DEMO_ASSETS_DIR = tmp_path / "var", tmp_path / "assets"
+    copy = settings.DEMO_ASSETS_DIR / "demo"
+    copy.mkdir(parents=True)
+    (copy / "model").symlink_to(cached / "model")  # only read
+    shutil.copy2(cached / "manifest.json", copy / "manifest.json")
+    shutil.copytree(cached / "sae", copy / "sae")
+    shutil.copytree(cached / "sae_layer_6", copy / "sae_layer_6", ignore=shutil.ignore_patterns("calibration.json"))
+    model, main = demo_assets_ensure(tier="demo", calibrate=False)
+    demo_assets_mark_desired(model=model, sae=main)
+    [second] = demo_calibration_pending(tier="demo")
+    assert second.layer == 6 and sae_calibration(second) is None
+
+    outcome: dict = {}
+    job = threading.Thread(target=lambda: outcome.update(demo_calibration_run(tier="demo")))
+    job.start()
+    seen = []
+    while job.is_alive():
+        status = calibration_status(sae=second)
+        seen.append((status["state"], status["phase"], status["done"], status["total"]))
+        time.sleep(0.5)
+    job.join()
+    assert outcome == {"calibrated": [second.name]}, outcome
+    running = [s for s in seen if s[0] == "running" and s[3]]
+    assert running and running[0][1] == "kl" and all(0 <= s[2] <= s[3] for s in running), seen[:5]
+    assert calibration_status(sae=second)["state"] == "done"
+    assert sae_calibration(second)["method"]["demo_recipe"] == CALIBRATION_RECIPE_VERSION
+    assert feature_recommended_strength(second, 0, "residual_norm") is not None
+    assert demo_calibration_pending(tier="demo") == []
