@@ -112,12 +112,20 @@ def features_fill_recommended(*, sae: SparseAutoencoder | None, features: list[d
     return filled
 
 
-def _calibration_running(sae: SparseAutoencoder | None) -> str:
-    """' yet: ... is running (phase 40/120)' while the SAE's calibration is queued or running, else ''."""
+def calibration_in_progress(sae: SparseAutoencoder | None) -> dict[str, Any] | None:
+    """The status of the SAE's calibration while it is queued or running and the SAE has none yet, else None."""
     if sae is None or sae_calibration(sae) is not None:
-        return ""
+        return None
     status = calibration_status(sae=sae)
     if status["state"] not in ("queued", "running") or time.time() - status.get("at", 0) > STALE_S:
+        return None
+    return status
+
+
+def _calibration_running(sae: SparseAutoencoder | None) -> str:
+    """' yet: ... is running (phase 40/120)' while the SAE's calibration is queued or running, else ''."""
+    status = calibration_in_progress(sae)
+    if status is None:
         return ""
     if status["state"] == "queued":
         return f" yet: the calibration of SAE {sae.name} is queued"

@@ -22,6 +22,7 @@ from monitoring.inspect_services import text_inspect
 from profiles.from_steering import profile_save_from_steering
 from steering import steering_services
 from steering.calibration_services import (
+    calibration_in_progress,
     feature_calibration,
     feature_recommended_strength,
     slider_calibration,
@@ -132,6 +133,9 @@ def steering_page(request):
         context["state"].units = context["recommendation"]["units"]  # the sliders start in the recommended units
     saes_attached = attached_saes_in_order()
     context["attached_saes"] = list(saes_attached.values())
+    # e.g. the demo's, computed by the worker after the first `make run` started serving (catalog/demo.py)
+    context["calibrating"] = [{"sae": one.name, **status} for one in saes_attached.values()
+                              if (status := calibration_in_progress(one)) is not None]
     context["rows"] = _state_rows(context["state"], attached, saes_attached)
     # ?steer= from a feature page adds that SAE's feature (the chosen SAE when attached, else the default).
     target = saes_attached.get(chosen.name, attached) if chosen is not None else attached

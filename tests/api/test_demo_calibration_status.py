@@ -64,10 +64,13 @@ def test_the_refusal_says_the_calibration_is_running_with_its_progress(client, u
     message = body["error"]["message"]
     assert f"the calibration of SAE {sae.name} is running (kl 3/10)" in message, message
     assert f"GET /api/saes/{sae.name}/calibration" in message and message.endswith("give a strength")
+    page = client.get(f"/steering/?steer={CAT}").content.decode()  # the page says so, and its slider still renders
+    assert f'id="calibration-{sae.name}"' in page and "running (kl 3/10)" in page and f'id="steer-{CAT}"' in page
     calibration_status_write(sae, "queued")
     assert f"SAE {sae.name} is queued" in steer(client)[1]["error"]["message"]
     calibration_status_write(sae, "error", message="it failed")
     assert "yet" not in steer(client)[1]["error"]["message"]
+    assert 'id="calibration-' not in client.get("/steering/").content.decode()
     assert SteeringState.current().features == []  # refused: nothing changed
 
 

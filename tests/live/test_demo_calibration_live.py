@@ -93,6 +93,9 @@ def test_the_stack_serves_at_once_and_calibrates_in_the_background(uncalibrated_
             if len(refusals) == 1:  # the Steering page and a new slider still render without calibration.json
                 page = httpx.get(f"{stack.url}/steering/?steer={CAT}", timeout=60)
                 assert page.status_code == 200 and f'id="steer-{CAT}"' in page.text, page.text[-2000:]
+                # and says the calibration is under way (unless it finished in between)
+                assert f'id="calibration-{SAE}"' in page.text or httpx.get(
+                    f"{stack.url}/api/saes/{SAE}/calibration", timeout=30).json()["data"]["calibrated"]
         assert time.monotonic() < deadline, f"not calibrated in 300 s: {states[-5:]}\n{stack.read_log()[-3000:]}"
         time.sleep(0.3)
     events.stop = True
