@@ -86,7 +86,7 @@ class Command(BaseCommand):
         # The embedded Redis is up now; the task waits in it until the worker is ready.
         try:
             saes = demo_calibration_request(tier=settings.DEMO_TIER)
-        except Exception as exc:  # noqa: BLE001 - serving unsteered-by-preset beats not serving
+        except Exception as exc:  # noqa: BLE001 - serving without calibrated strengths beats not serving
             self.stderr.write(f"The demo calibration could not be queued ({type(exc).__name__}); features need an "
                               "explicit strength until POST /api/saes/{name}/calibrate runs.")
             return
@@ -94,5 +94,5 @@ class Command(BaseCommand):
             cost = " (about 8 CPU-minutes)" if settings.DEMO_TIER == "demo" else ""
             self.stdout.write(
                 f"The demo's calibrated strengths are computed in the background{cost}; chat and steering with "
-                f"explicit strengths work now. Progress: " + ", ".join(
+                f"explicit strengths work now. Progress: the Steering page, " + ", ".join(
                     f"http://{host}:{port}/api/saes/{sae.name}/calibration" for sae in saes))
