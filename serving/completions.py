@@ -191,8 +191,10 @@ async def text_completion(req: CompletionRequest) -> tuple[dict | AsyncIterator[
 
 
 def _with_features(body: dict, req: ChatCompletionRequest | CompletionRequest, result: Any) -> dict:
-    """`millm_features` only when the request asked (return_features), `millm_abort` only when an abort
-    condition ended the generation: an OpenAI client ignores both keys."""
+    """`millm_steering`: which steering ran (as X-miLLM-Steering and a stream's last chunk say); `millm_features`
+    only when the request asked (return_features), `millm_abort` only when an abort condition ended the
+    generation: an OpenAI client ignores these keys."""
+    body["millm_steering"] = result.steering
     if result.abort is not None:
         body["millm_abort"] = result.abort
     if req.return_features is not None:

@@ -89,6 +89,15 @@ def test_seeded_sampling_repeats(client):
 def test_steering_header_and_embeddings(client, served):
     raw = client.chat.completions.with_raw_response.create(model="tiny-llama", messages=CHAT, max_tokens=3)
     assert raw.headers["x-millm-steering"] == "none"
+    assert raw.parse().model_extra["millm_steering"] == "none"
+    # Which steering ran is in the header, in the body and in a stream's last chunk alike.
+    inline = {"steering": {"vectors": [{"layer": 1, "vector": [0.5] * 64, "strength": 4.0}]}}
+    steered = client.chat.completions.with_raw_response.create(model="tiny-llama", messages=CHAT, max_tokens=3,
+                                                                extra_body=inline)
+    assert steered.headers["x-millm-steering"] == "inline" == steered.parse().model_extra["millm_steering"]
+    chunks = list(client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=3, stream=True,
+                                                 extra_body=inline))
+    assert [c.model_extra.get("millm_steering") for c in chunks if c.choices and c.choices[0].finish_reason] == ["inline"]
     embedding = client.embeddings.create(model="tiny-llama", input=["a cat", "a dog"])
     assert len(embedding.data) == 2 and len(embedding.data[0].embedding) == 64
 
