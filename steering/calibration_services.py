@@ -193,6 +193,19 @@ def sae_calibrate_request(*, sae: SparseAutoencoder) -> dict[str, Any]:
 def sae_calibrate_run(*, sae: SparseAutoencoder) -> dict[str, Any]:
     """Compute and save the SAE's calibration (the Celery task's body): its model on the CPU, the KL method
     for every feature along the SAE's recommended direction (its steering.json) or its decoder rows."""
+    calibration_status_write(sae, "running", phase="loading")
+    started = time.monotonic()
+    try:
+        _calibrate(sae)
+    except Exception as exc:
+        # The status must not stay "running" forever; its message names the failure, never a server path.
+        message = getattr(exc, "message", None) or type(exc).__name__
+        calibration_status_write(sae, "error", message=f"The calibration failed: {message}")
+        raise
+    return calibration_status_write(sae, "done", message=f"calibrated in {time.monotonic() - started:.0f} s")
+
+
+def _calibrate(sae: SparseAutoencoder) -> None:
     # Local: only the worker runs this, and the web tier never imports torch.
     import torch  # noqa: PLC0415
     from safetensors.torch import load_file  # noqa: PLC0415
@@ -201,8 +214,6 @@ def sae_calibrate_run(*, sae: SparseAutoencoder) -> dict[str, Any]:
     from engine.loading import load_model  # noqa: PLC0415
     from engine.sae import load_sae  # noqa: PLC0415
 
-    calibration_status_write(sae, "running", phase="loading")
-    started = time.monotonic()
     if settings.TORCH_THREADS:
         torch.set_num_threads(settings.TORCH_THREADS)
     loaded = load_model(sae.model.local_path, dtype="float32", gguf_file=sae.model.gguf_file or None, device="cpu")
@@ -227,4 +238,3 @@ def sae_calibrate_run(*, sae: SparseAutoencoder) -> dict[str, Any]:
                           strengths=result["strengths"], method=result["method"])
     finally:
         loaded.unload()
-    return calibration_status_write(sae, "done", message=f"calibrated in {time.monotonic() - started:.0f} s")

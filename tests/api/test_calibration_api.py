@@ -135,3 +135,20 @@ def test_v1_inline_steering_without_a_strength_uses_the_recommended_one(client, 
     calibration.unlink()
     status, refused = chat({"index": CAT})
     assert status == 400 and refused["error"]["param"] == "steering.features.strength", refused
+
+
+def test_a_failed_calibration_says_so_in_its_status_without_a_path(client, tiny_catalog, tmp_path, settings):
+    """A calibration that fails (here: an SAE file that is not safetensors) ends as `error` in the status the
+    API reports, with a message and no server path, instead of staying `running` forever."""
+    _model, sae = tiny_catalog
+    settings.VAR_DIR = tmp_path / "var"
+    folder = tmp_path / "broken"
+    shutil.copytree(sae.local_path, folder)
+    (folder / "sae_weights.safetensors").write_bytes(b"not safetensors")
+    SparseAutoencoder.objects.filter(pk=sae.pk).update(local_path=str(folder))
+    sae.refresh_from_db()
+    with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises, the task fails (Celery records it)
+        sae_calibrate_run(sae=sae)
+    status = client.get(f"/api/saes/{sae.name}/calibration").json()["data"]
+    assert status["state"] == "error" and status["calibrated"] is False, status
+    assert status["message"].startswith("The calibration failed") and "/" not in status["message"], status
