@@ -79,6 +79,7 @@ def _import_heavy() -> None:
 @app.task(name="steering.tasks.feature_contexts_build")
 def feature_contexts_build(*, sae_name: str, max_tokens: int = CORPUS_TOKENS) -> dict[str, Any]:
     """Run the corpus through the SAE's model and save every nonzero activation."""
+    _import_heavy()  # after the worker's warm-up import, not beside it
     sae = SparseAutoencoder.objects.select_related("model").get(name=sae_name)
     write_status(sae, "running", total=max_tokens, message="loading the model")
     started = time.monotonic()
@@ -126,6 +127,7 @@ def sweep_run(sweep_id: str) -> str:
 @app.task(name="steering.tasks.sae_calibrate")
 def sae_calibrate(*, sae_name: str) -> dict[str, Any]:
     """Per-feature recommended strengths of an SAE (POST /api/saes/{name}/calibrate): steering/calibration_services."""
+    _import_heavy()  # posted right after the worker starts: after its warm-up, not beside it
     sae = SparseAutoencoder.objects.select_related("model").get(name=sae_name)
     return sae_calibrate_run(sae=sae)
 
