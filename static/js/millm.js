@@ -58,8 +58,11 @@ document.addEventListener("DOMContentLoaded", () => {
   }
 });
 
-document.addEventListener("htmx:beforeRequest", () => {
-  // A refusal shown for an earlier action must not linger beside the next one's result.
+document.addEventListener("htmx:beforeRequest", (event) => {
+  // A refusal shown for an earlier action must not linger beside the next one's result; a background
+  // request (a poll, a load) is not a next action: it must not hide the refusal a second after it appears.
+  const trigger = (event.detail.elt && event.detail.elt.getAttribute("hx-trigger")) || "";
+  if (/\bevery\b/.test(trigger) || trigger.trim() === "load") return;
   const box = document.getElementById("action-error");
   if (box) box.hidden = true;
 });

@@ -74,4 +74,7 @@ def test_monitor_controls_pause_resume_and_separators(live_stack, browser):  # n
     page.click("#capture-apply")
     page.wait_for_selector("#action-error:not([hidden])")
     assert "features: feature indices" in page.inner_text("#action-error")
+    # "Recent requests" polls every 2 s: the refusal stays until the next action, not until the next poll.
+    page.wait_for_timeout(2500)
+    assert page.is_visible("#action-error"), "the refusal vanished at the next background poll"
     assert not [p for p in problems if "400" not in p], problems
