@@ -21,22 +21,16 @@ from engine.runtime import EngineRuntime
 from engine.sae import decoder_layers
 from engine.steering import SteeringFeature, SteeringSpec
 from engine.steering_conditions import ConditionalFeature, FeatureCondition, SteeringConditions
+from tests.engine.two_saes import EARLY, LATE, two_sae_runtime
 
 CAT = 7  # the ' cat' word feature, at the same index in both test-tier SAEs (engine/assets/tiny.py)
 PROMPT = "The cat sat on the mat and the dog"
 PROMPT_ENDING_IN_CAT = "The dog sat on the mat and the cat"
-LATE, EARLY = "late", "early"
 
 
 @pytest.fixture(scope="module")
 def runtime(test_tier_assets):
-    runtime = EngineRuntime(torch_threads=1)
-    runtime.load(name="tiny", path=str(test_tier_assets.model.local_path))
-    runtime.attach_sae(name=LATE, path=str(test_tier_assets.sae.local_path))
-    runtime.attach_sae(name=EARLY, path=str(test_tier_assets.extra_saes[0].local_path))
-    runtime.configure_monitoring(enabled=False)
-    yield runtime
-    runtime.unload()
+    yield from two_sae_runtime(test_tier_assets)
 
 
 def sae(runtime, name):

@@ -11,25 +11,18 @@ import torch
 from engine.control_vectors import VectorSteeringSpec, layer_vector, steering_control_vector
 from engine.errors import InvalidSteeringError
 from engine.generation import TokenEvent
-from engine.runtime import EngineRuntime
 from engine.sae import decoder_layers
 from engine.steering import SteeringFeature, SteeringSpec
+from tests.engine.two_saes import EARLY, LATE, two_sae_runtime
 
 CAT = 7  # ' cat' in both test-tier SAEs
 PROMPT = "The cat sat on the mat and the dog"
-LATE, EARLY = "late", "early"
 ALL_LAYERS = (0, 1, 2, 3)
 
 
 @pytest.fixture(scope="module")
 def runtime(test_tier_assets):
-    runtime = EngineRuntime(torch_threads=1)
-    runtime.load(name="tiny", path=str(test_tier_assets.model.local_path))
-    runtime.attach_sae(name=LATE, path=str(test_tier_assets.sae.local_path))
-    runtime.attach_sae(name=EARLY, path=str(test_tier_assets.extra_saes[0].local_path))
-    runtime.configure_monitoring(enabled=False)
-    yield runtime
-    runtime.unload()
+    yield from two_sae_runtime(test_tier_assets)
 
 
 def residuals(runtime, steering=None, added=None, max_tokens=1):

@@ -9,25 +9,18 @@ import pytest
 import torch
 
 from engine.generation import FinishEvent, GenerationRequest
-from engine.runtime import EngineRuntime
 from engine.sampling import SamplingParams
 from engine.steering import SteeringFeature, SteeringSpec
 from engine.token_diff import token_diff
+from tests.engine.two_saes import EARLY, LATE, two_sae_runtime
 
 PROMPT = "The cat"
-LATE, EARLY = "late", "early"
 MOON = 42  # a word feature at the same index in both test-tier SAEs
 
 
 @pytest.fixture(scope="module")
 def runtime(test_tier_assets):
-    runtime = EngineRuntime(torch_threads=1)
-    runtime.load(name="tiny", path=str(test_tier_assets.model.local_path))
-    runtime.attach_sae(name=LATE, path=str(test_tier_assets.sae.local_path))
-    runtime.attach_sae(name=EARLY, path=str(test_tier_assets.extra_saes[0].local_path))
-    runtime.configure_monitoring(enabled=False)
-    yield runtime
-    runtime.unload()
+    yield from two_sae_runtime(test_tier_assets)
 
 
 def greedy(runtime, prompt_ids, steering=None, max_tokens=8):
