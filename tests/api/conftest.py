@@ -37,3 +37,18 @@ def inference_worker():
     yield worker
     loop.call_soon_threadsafe(worker.stopping.set)
     thread.join(30)  # until it has left the registry, so the next test's broadcast does not wait on it
+
+
+@pytest.fixture
+def two_saes_serving(client, tiny_catalog, inference_worker):
+    """The test tier's model loaded with both its SAEs attached through the API: (model, late, early), the
+    layer-2 SAE first (the default), then the layer-1 SAE."""
+    from steering.models import SparseAutoencoder
+
+    model, late = tiny_catalog
+    early = SparseAutoencoder.objects.get(model=model, layer=1)
+    assert client.post(f"/api/models/{model.name}/load").status_code == 200
+    for sae in (late, early):
+        response = client.post(f"/api/saes/{sae.name}/attach")
+        assert response.status_code == 200, response.content
+    return model, late, early

@@ -31,14 +31,8 @@ def chat(client, model, **extra) -> str:
 
 
 @pytest.fixture
-def serving(client, tiny_catalog, inference_worker):
-    model, late = tiny_catalog
-    early = SparseAutoencoder.objects.get(model=model, layer=1)
-    assert client.post(f"/api/models/{model.name}/load").status_code == 200
-    for sae in (late, early):
-        response = client.post(f"/api/saes/{sae.name}/attach")
-        assert response.status_code == 200, response.content
-    return model, late, early
+def serving(two_saes_serving):
+    return two_saes_serving
 
 
 def test_both_saes_attach_and_the_status_names_them_the_first_as_default(client, serving):

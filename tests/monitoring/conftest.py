@@ -8,7 +8,7 @@ import pytest
 from django.utils import timezone
 
 from monitoring.models import RequestRecord
-from tests.api.conftest import inference_worker  # noqa: F401 - shared fixture, function scoped
+from tests.api.conftest import inference_worker, two_saes_serving  # noqa: F401 - shared fixtures, function scoped
 
 NOW = timezone.now().replace(microsecond=0)
 

@@ -22,13 +22,8 @@ PROMPT = "The cat sat on the mat"
 
 
 @pytest.fixture
-def two_saes(client, tiny_catalog, inference_worker):
-    model, late = tiny_catalog
-    early = SparseAutoencoder.objects.get(model=model, layer=1)
-    assert client.post(f"/api/models/{model.name}/load").status_code == 200
-    for sae in (late, early):
-        response = client.post(f"/api/saes/{sae.name}/attach")
-        assert response.status_code == 200, response.content
+def two_saes(two_saes_serving):
+    model, late, early = two_saes_serving
     # Each SAE's labels say whose they are, so the page shows which SAE's labels it used.
     for sae in (late, early):
         FeatureLabel.objects.filter(sae=sae).update(label=Concat(Value(f"{sae.name}: "), "label"))
