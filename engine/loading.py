@@ -123,7 +123,7 @@ def load_model(
         kernel = "bitsandbytes"
         if on_cpu:
             cpu_quantization.quantize_for_cpu(model, quantization)
-            kernel = cpu_quantization.KERNELS[quantization]
+            kernel = cpu_quantization.kernel_name(quantization)
             gc.collect()  # the float weights of the replaced layers
     config = model.config.get_text_config()
     return LoadedModel(

@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine import int4_kernel
+
 GROUP_SIZE = 32
 _Q4_ROWS = 16  # the int4 packing needs a multiple of 16 output rows
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # HF Llama/Mistral/Qwen/Gemma names
@@ -43,6 +45,18 @@ KERNELS = {
     "q4": "torch int4 CPU kernel, group 32, bf16 activations",
     "q8": "W8A8 torch int8 matmul, per-row weight scales, per-token activation scales",
 }
+
+
+def kernel_name(quantization: str) -> str:
+    """The kernel a CPU model quantized now runs, in words (Models page, /api/models)."""
+    if quantization == "q4" and _own_int4_kernel():
+        return int4_kernel.NAME
+    return KERNELS[quantization]
+
+
+def _own_int4_kernel() -> bool:
+    """miLLM's int4 kernel is single-threaded: with more than 2 torch threads torch's parallel one is used."""
+    return torch.get_num_threads() <= 2 and int4_kernel.available()
 
 
 class QuantizedLinear(nn.Module):
@@ -56,10 +70,13 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.quantization = quantization
         if quantization == "q4":
-            packed, scales_and_zeros = _quantize_q4(weight)
-            self.register_buffer("packed_weight", packed)  # uint8 [N, K/2], the kernel's own layout
-            self.register_buffer("scales_and_zeros", scales_and_zeros)  # bf16 [K/G, N, 2]
+            self.own_kernel = _own_int4_kernel()
+            packed, scales_and_zeros = _quantize_q4(weight, own_kernel=self.own_kernel)
+            # the kernel's own layout: torch's uint8 [N, K/2] + bf16 [K/G, N, 2], or engine/int4_kernel.py's
+            self.register_buffer("packed_weight", packed)
+            self.register_buffer("scales_and_zeros", scales_and_zeros)
         else:
+            self.own_kernel = False
             q, scales = _quantize_q8(weight)
             self.register_buffer("int8_weight", q)  # int8 [N, K]
             self.register_buffer("scales", scales)  # bf16 [N]
@@ -71,11 +88,17 @@ class QuantizedLinear(nn.Module):
         """ŵ as float32 [N, K]: what the kernel multiplies by."""
         if self.quantization == "q8":
             return self.int8_weight.float() * self.scales.float().unsqueeze(1)
+        if self.own_kernel:
+            return int4_kernel.unpack(self.packed_weight, self.scales_and_zeros)[: self.out_features]
         identity = torch.eye(self.in_features, dtype=torch.bfloat16)
         return self._int4_matmul(identity).float().T.contiguous()
 
     def _int4_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed_weight, GROUP_SIZE, self.scales_and_zeros)
+        if self.own_kernel:
+            y = int4_kernel.matmul(x, self.packed_weight, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed_weight, GROUP_SIZE,
+                                                           self.scales_and_zeros)
         return y if y.shape[-1] == self.out_features else y[:, : self.out_features]
 
     def _int8_matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,10 +112,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if self.quantization == "q4":
-            y = self._int4_matmul(flat.to(torch.bfloat16))
-        else:
-            y = self._int8_matmul(flat)
+        y = self._int4_matmul(flat) if self.quantization == "q4" else self._int8_matmul(flat)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -140,7 +160,7 @@ class FusedSlice(nn.Module):
         return f"rows {self.start}:{self.stop} of a fused {self.fused.quantization} group"
 
 
-def _quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_q4(weight: torch.Tensor, *, own_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
     padding = -weight.shape[0] % _Q4_ROWS
     if padding:
         weight = torch.cat([weight, weight.new_zeros(padding, weight.shape[1])])
@@ -150,6 +170,8 @@ def _quantize_q4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = ((high - low) / 15).clamp(min=1e-6).to(torch.bfloat16).float()  # the kernel reads bf16
     zero = (low + 8 * scale).to(torch.bfloat16).float()
     q = ((groups - zero) / scale + 8).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+    if own_kernel:
+        return int4_kernel.pack(q, scale.squeeze(-1), zero.squeeze(-1))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
     return packed, scales_and_zeros
