@@ -31,8 +31,8 @@ log = structlog.get_logger("millm.demo")
 DEMO_CALIBRATE_TASK = "steering.tasks.demo_calibrate"
 
 TIER_MODEL_NAMES = {"test": "tiny-llama", "demo": "smollm2-135m-instruct"}
-# The demo serves the fastest variant that keeps its SAE faithful: Q4 (torch's int4 CPU kernel, bitsandbytes on
-# CUDA) ran 2.4x raw fp32 generate() served, with the demo SAE's FVU 0.1890 against 0.1894 in fp32
+# The demo serves the fastest variant that keeps its SAE faithful: Q4 (miLLM's int4 CPU kernel, else torch's;
+# bitsandbytes on CUDA) ran 2.4-3x raw fp32 generate() served, with the demo SAE's FVU within 0.001 of fp32's
 # (docs/benchmarks.md). The test tier stays fp32: its outputs are checked token for token.
 TIER_QUANTIZATION = {"test": "none", "demo": "q4"}
 BYTES_PER_PARAMETER = {"none": 4.0, "q8": 1.85, "q4": 1.47}  # fp32; measured on SmolLM2 (tied embeddings stay fp32)

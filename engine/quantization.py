@@ -5,13 +5,16 @@ input width is a multiple of the group size (attention projections, MLP, and the
 replaced by a module that keeps only the quantized weight; its output is in the model's dtype, so
 the residual stream (what the SAE reads and steering writes) stays as it was.
 
-Q4 (`aten._weight_int4pack_mm_for_cpu`, the layout torchao's int4 CPU path uses; activations cast
-to bfloat16 for the matmul and back): per output row
+Q4 runs on miLLM's own int4 kernel where the CPU has AVX-512 BF16 (`engine/int4_kernel.py`: 2–3×
+faster, float32 out, a row's output independent of its batch), else on torch's
+`aten._weight_int4pack_mm_for_cpu` (the layout torchao's int4 CPU path uses; activations cast to
+bfloat16 for the matmul, output rounded to bfloat16). The quantized weights are the same: per output row
 and group of G = 32 input columns, asymmetric min/max over the group,
     scale = (max - min) / 15,  q = round((w - min) / scale) ∈ [0, 15],  zero = min + 8 · scale,
     ŵ = (q - 8) · scale + zero,
-stored as the kernel's packed uint8 [N', K/2] plus bfloat16 (scale, zero) [K/G, N', 2], where the
-kernel wants N' a multiple of 16: extra rows are zeros, and their outputs are cut off.
+stored in the kernel's layout (torch's: packed uint8 [N', K/2] plus bfloat16 (scale, zero) [K/G, N', 2];
+miLLM's: see engine/int4_kernel.py), where both kernels want N' a multiple of 16: extra rows are
+zeros, and their outputs are cut off.
 
 Q8 is W8A8 (`torch._int_mm`, int8 × int8 → int32): weights symmetric per output row,
 scale = max|w| / 127, q = round(w / scale) ∈ [-127, 127], ŵ = q · scale (int8 [N, K] plus

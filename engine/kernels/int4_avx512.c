@@ -33,6 +33,13 @@ static inline float bf16_value(uint32_t bits) {
     return v.f;
 }
 
+// vdpbf16ps with the (x[k], x[k + 1]) pair broadcast straight from memory: compilers emit a separate
+// vpbroadcastd for _mm512_set1_epi32, one extra instruction per multiply.
+static inline __attribute__((always_inline)) __m512 dot_pair(__m512 acc, __m512bh w, const uint32_t *pair) {
+    __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*pair));
+    return acc;
+}
+
 static inline __m512 bf16_to_ps(__m256i halves) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
 }
@@ -56,8 +63,8 @@ static inline __attribute__((always_inline)) void tile(
             const long p = g * 16 + quad * 2;
 #pragma GCC unroll 8
             for (int m = 0; m < rows; m++) {
-                part[m] = _mm512_dpbf16_ps(part[m], lo, (__m512bh)_mm512_set1_epi32((int)pairs[m * pair_stride + p]));
-                part[m] = _mm512_dpbf16_ps(part[m], hi, (__m512bh)_mm512_set1_epi32((int)pairs[m * pair_stride + p + 1]));
+                part[m] = dot_pair(part[m], lo, pairs + m * pair_stride + p);
+                part[m] = dot_pair(part[m], hi, pairs + m * pair_stride + p + 1);
             }
         }
         const __m512 s = bf16_to_ps(_mm256_loadu_si256((const __m256i *)(scales_and_zeros + g * 2 * COLS)));
