@@ -304,7 +304,10 @@ def estimate_memory_bytes(config: Any, dtype: str, quantization: str | None, *, 
         for module in model.modules():
             if on_cpu and cpu_quantization.quantizable(module):
                 n, k = cpu_quantization.weight_shape(module)
-                total += n * k * (_CPU_Q4_BYTES if quantization == "q4" else 1.0) + (0 if quantization == "q4" else 2 * n)
+                if quantization == "q4":
+                    total += n * k * _CPU_Q4_BYTES
+                else:  # int8 weights and bf16 scales
+                    total += n * k + 2 * n
                 if module.weight is not tied:  # a tied head's weight stays alive as the embedding
                     quantized.add(id(module.weight))
             elif not on_cpu and isinstance(module, torch.nn.Linear) and module is not head:

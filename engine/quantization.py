@@ -5,7 +5,7 @@ input width is a multiple of the group size (attention projections, MLP, and the
 replaced by a module that keeps only the quantized weight; its output is in the model's dtype, so
 the residual stream (what the SAE reads and steering writes) stays as it was.
 
-Q4 runs on miLLM's own int4 kernel where the CPU has AVX-512 BF16 (`engine/int4_kernel.py`: 2–3×
+Q4 runs on miLLM's own int4 kernel where the CPU has AVX-512 BF16 (`engine/cpu_kernels.py`: 2–3×
 faster, float32 out, a row's output independent of its batch), else on torch's
 `aten._weight_int4pack_mm_for_cpu` (the layout torchao's int4 CPU path uses; activations cast to
 bfloat16 for the matmul, output rounded to bfloat16). The quantized weights are the same: per output row
@@ -13,7 +13,7 @@ and group of G = 32 input columns, asymmetric min/max over the group,
     scale = (max - min) / 15,  q = round((w - min) / scale) ∈ [0, 15],  zero = min + 8 · scale,
     ŵ = (q - 8) · scale + zero,
 stored in the kernel's layout (torch's: packed uint8 [N', K/2] plus bfloat16 (scale, zero) [K/G, N', 2];
-miLLM's: see engine/int4_kernel.py), where both kernels want N' a multiple of 16: extra rows are
+miLLM's: see engine/cpu_kernels.py), where both kernels want N' a multiple of 16: extra rows are
 zeros, and their outputs are cut off.
 
 Q8 is W8A8 (`torch._int_mm`, int8 × int8 → int32): weights symmetric per output row,
@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine import int4_kernel
+from engine import cpu_kernels
 
 GROUP_SIZE = 32
 _Q4_ROWS = 16  # the int4 packing needs a multiple of 16 output rows
@@ -52,14 +52,12 @@ KERNELS = {
 
 def kernel_name(quantization: str) -> str:
     """The kernel a CPU model quantized now runs, in words (Models page, /api/models)."""
-    if quantization == "q4" and _own_int4_kernel():
-        return int4_kernel.NAME
-    return KERNELS[quantization]
+    return cpu_kernels.NAMES[quantization] if uses_own_kernel(quantization) else KERNELS[quantization]
 
 
-def _own_int4_kernel() -> bool:
-    """miLLM's int4 kernel is single-threaded: with more than 2 torch threads torch's parallel one is used."""
-    return torch.get_num_threads() <= 2 and int4_kernel.available()
+def uses_own_kernel(quantization: str) -> bool:
+    """miLLM's kernels are single-threaded: with more than 2 torch threads torch's parallel ones are used."""
+    return torch.get_num_threads() <= 2 and cpu_kernels.available(quantization)
 
 
 class QuantizedLinear(nn.Module):
@@ -73,15 +71,19 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.quantization = quantization
         if quantization == "q4":
-            self.own_kernel = _own_int4_kernel()
+            self.own_kernel = uses_own_kernel("q4")
             packed, scales_and_zeros = _quantize_q4(weight, own_kernel=self.own_kernel)
-            # the kernel's own layout: torch's uint8 [N, K/2] + bf16 [K/G, N, 2], or engine/int4_kernel.py's
+            # the kernel's own layout: torch's uint8 [N, K/2] + bf16 [K/G, N, 2], or engine/cpu_kernels.py's
             self.register_buffer("packed_weight", packed)
             self.register_buffer("scales_and_zeros", scales_and_zeros)
         else:
-            self.own_kernel = False
+            self.own_kernel = uses_own_kernel("q8")
             q, scales = _quantize_q8(weight)
-            self.register_buffer("int8_weight", q)  # int8 [N, K]
+            if self.own_kernel:  # uint8 [N'/16, K/4, 16, 4] (engine/cpu_kernels.py), N' = N rounded up to 16
+                padding = -q.shape[0] % cpu_kernels.COLUMNS
+                q = cpu_kernels.pack_int8(torch.cat([q, q.new_zeros(padding, q.shape[1])]))
+                scales = torch.cat([scales, scales.new_ones(padding)])
+            self.register_buffer("int8_weight", q)  # int8 [N, K] for torch's kernel
             self.register_buffer("scales", scales)  # bf16 [N]
         biases = [part.bias for part in linears]
         self.bias = None if biases[0] is None else nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
@@ -90,15 +92,16 @@ class QuantizedLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """ŵ as float32 [N, K]: what the kernel multiplies by."""
         if self.quantization == "q8":
-            return self.int8_weight.float() * self.scales.float().unsqueeze(1)
+            q = cpu_kernels.unpack_int8(self.int8_weight) if self.own_kernel else self.int8_weight
+            return (q.float() * self.scales.float().unsqueeze(1))[: self.out_features]
         if self.own_kernel:
-            return int4_kernel.unpack(self.packed_weight, self.scales_and_zeros)[: self.out_features]
+            return cpu_kernels.unpack(self.packed_weight, self.scales_and_zeros)[: self.out_features]
         identity = torch.eye(self.in_features, dtype=torch.bfloat16)
         return self._int4_matmul(identity).float().T.contiguous()
 
     def _int4_matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.own_kernel:
-            y = int4_kernel.matmul(x, self.packed_weight, self.scales_and_zeros)
+            y = cpu_kernels.matmul(x, self.packed_weight, self.scales_and_zeros)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed_weight, GROUP_SIZE,
                                                            self.scales_and_zeros)
@@ -106,6 +109,9 @@ class QuantizedLinear(nn.Module):
 
     def _int8_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """W8A8 with one activation scale per row, from that row alone (see the module docstring)."""
+        if self.own_kernel:
+            y = cpu_kernels.matmul_int8(x, self.int8_weight, self.scales)
+            return y if y.shape[-1] == self.out_features else y[:, : self.out_features]
         x = x.float()
         # 127 / max|x| of each row; x · that is within [-127, 127] up to a rounding, which round() absorbs
         inverse = 127 / x.abs().amax(-1, keepdim=True).clamp_(min=1e-30)
@@ -174,7 +180,7 @@ def _quantize_q4(weight: torch.Tensor, *, own_kernel: bool) -> tuple[torch.Tenso
     zero = (low + 8 * scale).to(torch.bfloat16).float()
     q = ((groups - zero) / scale + 8).round().clamp(0, 15).to(torch.int32).reshape(n, k)
     if own_kernel:
-        return int4_kernel.pack(q, scale.squeeze(-1), zero.squeeze(-1))
+        return cpu_kernels.pack(q, scale.squeeze(-1), zero.squeeze(-1))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
     return packed, scales_and_zeros

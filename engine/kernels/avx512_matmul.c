@@ -1,6 +1,6 @@
-// y = x · ŵᵀ with ŵ stored as 4-bit integers, for one CPU thread with AVX-512 BF16 (see engine/int4_kernel.py).
+// y = x · ŵᵀ with ŵ stored as 4-bit integers, for one CPU thread with AVX-512 BF16 (see engine/cpu_kernels.py).
 //
-// Layout (packed by engine/int4_kernel.py): the output columns in blocks of 16; per block and group of 32
+// Layout (packed by engine/cpu_kernels.py): the output columns in blocks of 16; per block and group of 32
 // input columns, 8 "quads" of 32 bytes: byte 2c + e holds q[c][4·quad + e] in its low nibble and
 // q[c][4·quad + 2 + e] in its high one, so one zero-extension to 16-bit words gives, per 32-bit lane c,
 // the (k, k + 1) pair that vdpbf16ps multiplies by a broadcast (x[k], x[k + 1]) pair. A nibble q
@@ -13,6 +13,7 @@
 // not depend on the other rows (bit for bit).
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
 
 #define GROUP 32
@@ -126,6 +127,97 @@ int millm_int4_matmul(const float *x, long rows, long k, const uint8_t *w, const
     case r: tile(r, pairs_buf + m * pair_stride, pair_stride, sums_buf + m * groups, groups, wb, sz, y + m * n + b * COLS, n); break;
             REST(1) REST(2) REST(3) REST(4) REST(5) REST(6) REST(7)
 #undef REST
+            default: break;
+        }
+    }
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// W8A8 (engine/quantization.py's Q8): int8 weights with a scale per output column, activations quantized per
+// row as torch does it there (inverse = 127 / max|x|, q = round-half-even(x · inverse)), integer sums with
+// vpdpbusd (AVX-512 VNNI: unsigned bytes in the register × signed bytes broadcast from memory, so the
+// weights are stored as w + 128 and 128 · Σ_k q_k of the row is taken back), then
+// y = (float)acc / inverse · scale — the same operations in the same order as
+// torch._int_mm(...).div(inverse).mul_(scale), so the outputs are the same bits.
+// Layout: uint8 w + 128 as [n/16][k/4][16][4] (per lane c, 4 consecutive k of column c).
+static __thread int8_t *quads_buf = 0;  // the row's int8 activations
+static __thread float *inverse_buf = 0;
+static __thread int32_t *offset_buf = 0;  // 128 · Σ_k q_k per row
+static __thread long quad_rows = 0, quad_k = 0;
+
+static inline __attribute__((always_inline)) __m512i dot_quad(__m512i acc, __m512i w, const int8_t *quad) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const uint32_t *)quad));
+    return acc;
+}
+
+static inline __attribute__((always_inline)) void int8_tile(
+    const int rows, const int8_t *quads, long k, const float *inverse, const int32_t *offsets,
+    const uint8_t *w, const uint16_t *scales, float *y, long ldy) {
+    __m512i acc[TILE];
+#pragma GCC unroll 8
+    for (int m = 0; m < rows; m++) acc[m] = _mm512_setzero_si512();
+    for (long i = 0; i < k / 4; i++) {
+        const __m512i wv = _mm512_loadu_si512((const void *)(w + i * 64));
+#pragma GCC unroll 8
+        for (int m = 0; m < rows; m++) acc[m] = dot_quad(acc[m], wv, quads + m * k + i * 4);
+    }
+    const __m512 scale = bf16_to_ps(_mm256_loadu_si256((const __m256i *)scales));
+#pragma GCC unroll 8
+    for (int m = 0; m < rows; m++) {
+        __m512 sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m], _mm512_set1_epi32(offsets[m])));
+        _mm512_storeu_ps(y + m * ldy, _mm512_mul_ps(_mm512_div_ps(sums, _mm512_set1_ps(inverse[m])), scale));
+    }
+}
+
+// x float32 [rows, k] (k a multiple of 4), y float32 [rows, n] (n a multiple of 16). 0, or -1 without scratch.
+int millm_int8_matmul(const float *x, long rows, long k, const uint8_t *w, const uint16_t *scales, long n, float *y) {
+    if (rows > quad_rows || k > quad_k) {
+        free(quads_buf);
+        free(inverse_buf);
+        free(offset_buf);
+        quad_rows = rows > quad_rows ? rows : quad_rows;
+        quad_k = k > quad_k ? k : quad_k;
+        quads_buf = malloc(quad_rows * quad_k);
+        inverse_buf = malloc(sizeof(float) * quad_rows);
+        offset_buf = malloc(sizeof(int32_t) * quad_rows);
+        if (!quads_buf || !inverse_buf || !offset_buf) {
+            free(quads_buf);
+            free(inverse_buf);
+            free(offset_buf);
+            quads_buf = 0;
+            inverse_buf = 0;
+            offset_buf = 0;
+            quad_rows = quad_k = 0;
+            return -1;
+        }
+    }
+    for (long m = 0; m < rows; m++) {
+        const float *row = x + m * k;
+        float amax = 0.0f;
+        for (long i = 0; i < k; i++) amax = fmaxf(amax, fabsf(row[i]));
+        const float inverse = (1.0f / fmaxf(amax, 1e-30f)) * 127.0f;  // as torch evaluates 127 / tensor
+        int32_t sum = 0;
+        for (long i = 0; i < k; i++) {
+            const int q = (int)nearbyintf(row[i] * inverse);
+            quads_buf[m * k + i] = (int8_t)q;
+            sum += q;
+        }
+        inverse_buf[m] = inverse;
+        offset_buf[m] = 128 * sum;
+    }
+    const long blocks = n / COLS;
+    for (long b = 0; b < blocks; b++) {
+        const uint8_t *wb = w + b * k * COLS;
+        long m = 0;
+        for (; m + TILE <= rows; m += TILE)
+            int8_tile(TILE, quads_buf + m * k, k, inverse_buf + m, offset_buf + m, wb, scales + b * COLS,
+                      y + m * n + b * COLS, n);
+        switch (rows - m) {
+#define REST8(r) \
+    case r: int8_tile(r, quads_buf + m * k, k, inverse_buf + m, offset_buf + m, wb, scales + b * COLS, y + m * n + b * COLS, n); break;
+            REST8(1) REST8(2) REST8(3) REST8(4) REST8(5) REST8(6) REST8(7)
+#undef REST8
             default: break;
         }
     }

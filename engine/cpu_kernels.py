@@ -1,18 +1,24 @@
-"""miLLM's own Q4 CPU matmul: 4-bit weights × bfloat16 activations on AVX-512 BF16, one thread.
+"""miLLM's own Q4 and Q8 CPU matmuls on AVX-512 (BF16 for Q4, VNNI for Q8), one thread.
+
+Q4: 4-bit weights × bfloat16 activations.
 
 torch's `_weight_int4pack_mm_for_cpu` unpacks the weights again for every tile of 4 rows and rounds
 its output to bfloat16; at one row it spent ~13 ms of a ~30 ms SmolLM2 decode step, and from 1 to 8
 rows its cost tripled, which is why 8 Q4 streams could not reach 4× one stream. This kernel
-(`engine/kernels/int4_avx512.c`, the layout and the math in its header) unpacks a block once for up
+(`engine/kernels/avx512_matmul.c`, the layout and the math in its header) unpacks a block once for up
 to 8 rows, multiplies with `vdpbf16ps` and writes float32: 2.4–3× faster than torch's at one row
 and at eight (docs/benchmarks.md), the same quantized weights, and a row's output does not depend
 on what else is in its batch.
 
-It is compiled on first use with the system C compiler (`cc`, or `$CC`) into a cache folder
+Q8 (W8A8, the math of engine/quantization.py) on `vpdpbusd`: the same integer sums and the same
+float operations as `torch._int_mm(...).div(inverse).mul_(scale)`, so the same bits, without the
+torch calls around it and with the weights read once for up to 8 rows.
+
+The file is compiled on first use with the system C compiler (`cc`, or `$CC`) into a cache folder
 (`MILLM_KERNEL_CACHE`, default `~/.cache/millm/kernels`), keyed by the source and the flags, and
-loaded with ctypes (which releases the GIL during the call). Where the CPU lacks AVX-512 BF16, no
-compiler is found, or `MILLM_INT4_KERNEL=torch`, `available()` is False and Q4 uses torch's
-kernel, as before.
+loaded with ctypes (which releases the GIL during the call). Where the CPU lacks AVX-512 BF16 (Q4)
+or VNNI (Q8), no compiler is found, or `MILLM_CPU_KERNELS=torch`, `available(quantization)` is
+False and torch's kernels run, as before.
 """
 
 from __future__ import annotations
@@ -31,12 +37,15 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "kernels" / "int4_avx512.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-shared", "-fPIC")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+SOURCE = Path(__file__).resolve().parent / "kernels" / "avx512_matmul.c"
+FLAGS = ("-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
+         "-mfma", "-shared", "-fPIC")
+CPU_FLAGS = {"q4": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
+             "q8": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")}
 COLUMNS = 16  # output columns per block
 GROUP = 32
-NAME = "miLLM int4 AVX-512 BF16 kernel, group 32, bf16 activations"
+NAMES = {"q4": "miLLM int4 AVX-512 BF16 kernel, group 32, bf16 activations",
+         "q8": "miLLM W8A8 AVX-512 VNNI kernel, per-row weight scales, per-token activation scales"}
 
 
 def _cpu_flags() -> set[str]:
@@ -57,43 +66,43 @@ def _cache_dir() -> Path:
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("MILLM_INT4_KERNEL", "auto").lower() == "torch":
+    if os.environ.get("MILLM_CPU_KERNELS", "auto").lower() == "torch":
         return None
-    missing = [flag for flag in CPU_FLAGS if flag not in _cpu_flags()]
-    if missing:
-        logger.info("int4 kernel: the CPU lacks %s; Q4 uses torch's kernel", ", ".join(missing))
+    if "avx512f" not in _cpu_flags():
+        logger.info("CPU kernels: the CPU has no AVX-512; Q4/Q8 use torch's kernels")
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.warning("int4 kernel: no C compiler (cc/gcc) found; Q4 uses torch's slower kernel")
+        logger.warning("CPU kernels: no C compiler (cc/gcc) found; Q4/Q8 use torch's slower kernels")
         return None
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"int4_avx512-{digest}.so"
+    target = _cache_dir() / f"avx512_matmul-{digest}.so"
     try:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True,
+                subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], check=True,
                                capture_output=True, timeout=120)
                 os.replace(built, target)  # atomic: a concurrent build never loads half a file
         library = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
-        logger.warning("int4 kernel: build failed (%s %s); Q4 uses torch's kernel", type(exc).__name__,
+        logger.warning("CPU kernels: build failed (%s %s); Q4/Q8 use torch's kernels", type(exc).__name__,
                        detail.decode(errors="replace")[-300:])
         return None
-    function = library.millm_int4_matmul
-    function.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
-                         ctypes.c_long, ctypes.c_void_p]
-    function.restype = ctypes.c_int
+    p, n = ctypes.c_void_p, ctypes.c_long
+    library.millm_int4_matmul.argtypes = [p, n, n, p, p, n, p]
+    library.millm_int8_matmul.argtypes = [p, n, n, p, p, n, p]
+    library.millm_int4_matmul.restype = library.millm_int8_matmul.restype = ctypes.c_int
     return library
 
 
-def available() -> bool:
-    """Whether Q4 on this CPU runs on this kernel (else on torch's)."""
-    return _library() is not None
+def available(quantization: str = "q4") -> bool:
+    """Whether `quantization` ("q4"/"q8") on this CPU runs on miLLM's kernel (else on torch's)."""
+    flags = _cpu_flags()
+    return all(flag in flags for flag in CPU_FLAGS[quantization]) and _library() is not None
 
 
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +129,7 @@ def unpack(packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor
 def matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype) · ŵᵀ → float32 [M, N] (N as packed, a multiple of 16)."""
     library = _library()
-    assert library is not None, "int4 kernel not available"
+    assert library is not None, "CPU kernels not available"
     x = x.float().contiguous()
     rows, k = x.shape
     n = packed.shape[0] * COLUMNS
@@ -128,4 +137,31 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor
     if rows and library.millm_int4_matmul(x.data_ptr(), rows, k, packed.data_ptr(), scales_and_zeros.data_ptr(),
                                           n, y.data_ptr()) != 0:
         raise MemoryError("int4 kernel: could not allocate its scratch")
+    return y
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 weights [N, K] (N a multiple of 16, K of 4) → uint8 q + 128 as [N/16, K/4, 16, 4]."""
+    n, k = q.shape
+    shifted = (q.to(torch.int16) + 128).to(torch.uint8)
+    return shifted.reshape(n // COLUMNS, COLUMNS, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
+    """The int8 weights [N, K] back from pack_int8's layout."""
+    blocks, quads = packed.shape[:2]
+    return (packed.permute(0, 2, 1, 3).reshape(blocks * COLUMNS, quads * 4).to(torch.int16) - 128).to(torch.int8)
+
+
+def matmul_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """W8A8 of x [M, K] by the packed int8 weights, scales bfloat16 [N] → float32 [M, N]."""
+    library = _library()
+    assert library is not None, "CPU kernels not available"
+    x = x.float().contiguous()
+    rows, k = x.shape
+    n = packed.shape[0] * COLUMNS
+    y = torch.empty(rows, n)
+    if rows and library.millm_int8_matmul(x.data_ptr(), rows, k, packed.data_ptr(), scales.data_ptr(), n,
+                                          y.data_ptr()) != 0:
+        raise MemoryError("int8 kernel: could not allocate its scratch")
     return y

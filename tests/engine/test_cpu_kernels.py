@@ -1,16 +1,18 @@
-"""miLLM's own int4 CPU kernel (engine/int4_kernel.py): the math, batch independence, the fallback."""
+"""miLLM's own Q4/Q8 CPU kernels (engine/cpu_kernels.py): the math, batch independence, the fallback."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine import int4_kernel, quantization
+from engine import cpu_kernels, quantization
 from engine.loading import load_model
 from engine.quantization import GROUP_SIZE, QuantizedLinear
 
-needs_kernel = pytest.mark.skipif(not int4_kernel.available(),
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available("q4"),
                                   reason="this CPU has no AVX-512 BF16 or no C compiler: Q4 uses torch's kernel")
+needs_vnni = pytest.mark.skipif(not cpu_kernels.available("q8"),
+                                reason="this CPU has no AVX-512 VNNI or no C compiler: Q8 uses torch's kernel")
 
 
 def _layer(out_features: int, in_features: int, seed: int = 0) -> tuple[torch.nn.Linear, QuantizedLinear]:
@@ -62,7 +64,7 @@ def test_a_row_gets_the_same_bits_alone_or_in_any_batch():
 @needs_kernel
 def test_the_q4_model_gives_each_prompt_the_same_logits_alone_or_batched(test_tier_assets):
     loaded = load_model(test_tier_assets.model.local_path, quantization="q4")
-    assert loaded.kernel == int4_kernel.NAME
+    assert loaded.kernel == cpu_kernels.NAMES["q4"]
     torch.manual_seed(0)
     ids = torch.randint(3, loaded.model.config.vocab_size, (8, 9))
     with torch.inference_mode():
@@ -72,8 +74,8 @@ def test_the_q4_model_gives_each_prompt_the_same_logits_alone_or_batched(test_ti
 
 
 def test_without_the_kernel_q4_runs_on_torchs_and_says_so(monkeypatch, test_tier_assets):
-    # MILLM_INT4_KERNEL=torch, a CPU without AVX-512 BF16 or a machine without a compiler all end here.
-    monkeypatch.setattr(int4_kernel, "available", lambda: False)
+    # MILLM_CPU_KERNELS=torch, a CPU without AVX-512 BF16 or a machine without a compiler all end here.
+    monkeypatch.setattr(cpu_kernels, "available", lambda quantization="q4": False)
     dense, layer = _layer(96, 128)
     assert not layer.own_kernel and layer.packed_weight.shape == (96, 64)
     x = torch.randn(4, 128)
@@ -85,27 +87,71 @@ def test_without_the_kernel_q4_runs_on_torchs_and_says_so(monkeypatch, test_tier
     assert loaded.kernel == quantization.KERNELS["q4"] and "torch int4" in loaded.variant
 
 
-def test_a_cpu_without_avx512_bf16_is_not_offered_the_kernel(monkeypatch, tmp_path):
-    monkeypatch.setattr(int4_kernel, "_cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+def test_a_cpu_without_avx512_is_not_offered_the_kernels(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx2", "fma"})
     monkeypatch.setenv("MILLM_KERNEL_CACHE", str(tmp_path))
-    int4_kernel._library.cache_clear()
+    cpu_kernels._library.cache_clear()
     try:
-        assert not int4_kernel.available()
+        assert not cpu_kernels.available("q4") and not cpu_kernels.available("q8")
         assert not list(tmp_path.iterdir())  # nothing was built
+        monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
+        assert not cpu_kernels.available("q4")  # no BF16: Q4 stays on torch's kernel
     finally:
-        int4_kernel._library.cache_clear()
+        cpu_kernels._library.cache_clear()
 
 
 @needs_kernel
 def test_the_kernel_is_built_once_into_its_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("MILLM_KERNEL_CACHE", str(tmp_path))
-    int4_kernel._library.cache_clear()
+    cpu_kernels._library.cache_clear()
     try:
-        assert int4_kernel.available()
-        built = list(tmp_path.glob("int4_avx512-*.so"))
+        assert cpu_kernels.available("q4")
+        built = list(tmp_path.glob("avx512_matmul-*.so"))
         assert len(built) == 1
         stamp = built[0].stat().st_mtime_ns
-        int4_kernel._library.cache_clear()
-        assert int4_kernel.available() and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+        cpu_kernels._library.cache_clear()
+        assert cpu_kernels.available("q4") and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
     finally:
-        int4_kernel._library.cache_clear()
+        cpu_kernels._library.cache_clear()
+
+
+def test_millm_cpu_kernels_torch_keeps_torchs_kernels(monkeypatch):
+    monkeypatch.setenv("MILLM_CPU_KERNELS", "torch")
+    cpu_kernels._library.cache_clear()
+    try:
+        assert not cpu_kernels.available("q4") and not cpu_kernels.available("q8")
+        assert quantization.kernel_name("q4") == quantization.KERNELS["q4"]
+        assert quantization.kernel_name("q8") == quantization.KERNELS["q8"]
+    finally:
+        cpu_kernels._library.cache_clear()
+
+
+def _q8_pair(out_features: int, in_features: int, monkeypatch) -> tuple[QuantizedLinear, QuantizedLinear]:
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(in_features, out_features, bias=True)
+    ours = QuantizedLinear(dense, "q8")
+    with monkeypatch.context() as patch:
+        patch.setattr(quantization, "uses_own_kernel", lambda q: False)
+        torchs = QuantizedLinear(dense, "q8")
+    return ours, torchs
+
+
+@needs_vnni
+@pytest.mark.parametrize(("out_features", "in_features"), [(96, 128), (100, 64), (960, 576), (576, 1536)])
+def test_the_q8_kernel_gives_torchs_w8a8_bits(out_features, in_features, monkeypatch):
+    # Same integer sums, same float operations in the same order: torch._int_mm(q, w).div(inverse).mul_(scale).
+    ours, torchs = _q8_pair(out_features, in_features, monkeypatch)
+    assert ours.own_kernel and not torchs.own_kernel
+    assert torch.equal(ours.weight, torchs.weight)
+    for rows in (1, 3, 8, 13):
+        x = torch.randn(rows, in_features) * torch.logspace(-3, 3, rows).unsqueeze(1)
+        with torch.inference_mode():
+            assert torch.equal(ours(x), torchs(x)), rows
+    with torch.inference_mode():
+        assert torch.equal(ours(torch.zeros(2, in_features)), torchs(torch.zeros(2, in_features)))
+
+
+@needs_vnni
+def test_the_q8_model_on_the_kernel_says_so(test_tier_assets):
+    loaded = load_model(test_tier_assets.model.local_path, quantization="q8")
+    assert loaded.kernel == cpu_kernels.NAMES["q8"] and "VNNI" in loaded.variant
