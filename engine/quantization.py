@@ -1,4 +1,4 @@
-"""Q4/Q8 on CPU with torch's own kernels (bitsandbytes stays for CUDA).
+"""Q4/Q8 on CPU with miLLM's own kernels or torch's (bitsandbytes stays for CUDA).
 
 Every `nn.Linear` (and GPT-2-style `Conv1D`, a Linear with its weight stored transposed) whose
 input width is a multiple of the group size (attention projections, MLP, and the LM head) is
@@ -16,16 +16,17 @@ stored in the kernel's layout (torch's: packed uint8 [N', K/2] plus bfloat16 (sc
 miLLM's: see engine/cpu_kernels.py), where both kernels want N' a multiple of 16: extra rows are
 zeros, and their outputs are cut off.
 
-Q8 is W8A8 (`torch._int_mm`, int8 × int8 → int32): weights symmetric per output row,
+Q8 is W8A8 (int8 × int8 → int32: miLLM's AVX-512 VNNI kernel where the CPU has it, the same bits
+as `torch._int_mm` 2–3× faster, else `torch._int_mm`): weights symmetric per output row,
 scale = max|w| / 127, q = round(w / scale) ∈ [-127, 127], ŵ = q · scale (int8 [N, K] plus
 bfloat16 scales [N]); activations quantized the same way per row (per token) on every call,
 x̂ = round(x · 127 / max|x|) · max|x| / 127, and y = (x̂_int · q) · (max|x| / 127) · scale with the
 integer products summed exactly. Every row's scale comes from that row alone, so a token's output
 does not depend on the other rows of its batch (a per-tensor activation scale, as in fbgemm's
-dynamic Linear, would make one request's text depend on concurrent traffic). Unlike the int4 kernel,
-whose cost roughly doubles from 4 to 8 rows, the integer matmul costs about 1.5–2.4× at 8 rows what
-it costs at one, which is what lets batching pay; at one row it reads twice Q4's weight bytes, so a
-single stream is slower than Q4's (docs/benchmarks.md). `aten._weight_int8pack_mm`,
+dynamic Linear, would make one request's text depend on concurrent traffic). The integer matmul
+costs about 1.5–2.4× at 8 rows what it costs at one (int4 with bf16 products ~3×), which is what
+lets batching pay; at one row it reads twice Q4's weight bytes, so a single stream is a little
+slower than Q4's (docs/benchmarks.md). `aten._weight_int8pack_mm`,
 the weight-only int8 kernel used before, was 10× slower than float32 with float32 activations.
 
 Siblings that read the same input (q/k/v projections; gate/up of a gated MLP) are fused into one
