@@ -82,7 +82,7 @@ def test_monitor_page_shows_a_requests_tokens_and_features_within_2s(live_stack,
     page = browser.new_page()
     page.goto(f"{live_stack.url}/monitor/")
     page.wait_for_selector("#system-status.status-live, #system-status[class*='status-']", timeout=10_000)
-    page.wait_for_timeout(300)  # the monitor socket connects alongside the system one
+    page.wait_for_selector("#monitor-connection.status-live", timeout=30_000)  # the Monitor's own stream is connected
     client = openai.OpenAI(base_url=f"{live_stack.url}/v1", api_key="x", max_retries=0)
     raw = client.chat.completions.with_raw_response.create(
         model="tiny-llama", messages=[{"role": "user", "content": "The cat sat by the river"}], max_tokens=8,

@@ -162,7 +162,7 @@ def test_demo_loop_search_steer_compare_save_activate_chat_monitor_history(demo_
     # A chat through the openai client is steered, and the Monitor page shows it live.
     page.goto(f"{stack.url}/monitor/")
     page.wait_for_selector("#system-status.status-live", timeout=10_000)
-    page.wait_for_timeout(300)  # the monitor socket connects alongside the system one
+    page.wait_for_selector("#monitor-connection.status-live", timeout=30_000)  # the Monitor's own stream is connected
     raw = client.chat.completions.with_raw_response.create(**chat)
     assert raw.headers["x-millm-steering"] == "profile:paris-demo"
     answer = raw.parse().choices[0].message.content

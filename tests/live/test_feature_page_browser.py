@@ -49,6 +49,8 @@ def test_monitor_controls_pause_resume_and_separators(live_stack, browser):  # n
     page = watched_page(browser, problems)
     page.goto(f"{live_stack.url}/monitor/")
     page.wait_for_selector("#system-status.status-live", timeout=10_000)
+    # The Monitor's own stream (a second WebSocket): frames sent before it connects are not shown.
+    page.wait_for_selector("#monitor-connection.status-live", timeout=30_000)
     for top_k in ("5", "8"):
         page.check("#capture-enabled")
         page.fill("#capture-top-k", top_k)

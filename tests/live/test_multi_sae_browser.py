@@ -136,7 +136,7 @@ def test_two_saes_through_the_pages(stack, browser):  # noqa: F811
     # Monitor: a chat's live frames name their SAE (frames carry `sae` while several are attached).
     page.goto(f"{stack.url}/monitor/")
     page.wait_for_selector("#system-status.status-live", timeout=10_000)
-    page.wait_for_timeout(300)
+    page.wait_for_selector("#monitor-connection.status-live", timeout=30_000)  # the Monitor's own stream is connected
     request_id = httpx.post(f"{stack.url}/v1/chat/completions", timeout=30, json={
         "model": "tiny-llama", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8,
         "temperature": 0}).headers["x-request-id"]

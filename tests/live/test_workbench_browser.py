@@ -116,7 +116,7 @@ def test_find_steer_compare_save_activate_chat_monitor_history(live_stack, brows
     # A chat through the openai client is steered, and the Monitor page shows it live.
     page.goto(f"{live_stack.url}/monitor/")
     page.wait_for_selector("#system-status.status-live", timeout=10_000)
-    page.wait_for_timeout(300)
+    page.wait_for_selector("#monitor-connection.status-live", timeout=30_000)  # the Monitor's own stream is connected
     client = openai.OpenAI(base_url=f"{live_stack.url}/v1", api_key="x", max_retries=0)
     raw = client.chat.completions.with_raw_response.create(
         model="tiny-llama", messages=[{"role": "user", "content": "Hello!"}], max_tokens=12, temperature=0)
