@@ -126,18 +126,23 @@ def unpack(packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor
     return ((q - 8) * scale + zero).reshape(blocks * COLUMNS, groups * GROUP)
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (any float dtype) · ŵᵀ → float32 [M, N] (N as packed, a multiple of 16)."""
+def _call(kernel: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """y float32 [M, N] = kernel(x [M, K], packed weights, their scales); N = 16 · the packed blocks."""
     library = _library()
     assert library is not None, "CPU kernels not available"
     x = x.float().contiguous()
     rows, k = x.shape
     n = packed.shape[0] * COLUMNS
     y = torch.empty(rows, n)
-    if rows and library.millm_int4_matmul(x.data_ptr(), rows, k, packed.data_ptr(), scales_and_zeros.data_ptr(),
-                                          n, y.data_ptr()) != 0:
-        raise MemoryError("int4 kernel: could not allocate its scratch")
+    if rows and getattr(library, kernel)(x.data_ptr(), rows, k, packed.data_ptr(), scales.data_ptr(), n,
+                                         y.data_ptr()) != 0:
+        raise MemoryError(f"{kernel}: could not allocate its scratch")
     return y
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """Q4: x [M, K] (any float dtype) · ŵᵀ → float32 [M, N] (N as packed, a multiple of 16)."""
+    return _call("millm_int4_matmul", x, packed, scales_and_zeros)
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:
@@ -155,13 +160,4 @@ def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
 
 def matmul_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """W8A8 of x [M, K] by the packed int8 weights, scales bfloat16 [N] → float32 [M, N]."""
-    library = _library()
-    assert library is not None, "CPU kernels not available"
-    x = x.float().contiguous()
-    rows, k = x.shape
-    n = packed.shape[0] * COLUMNS
-    y = torch.empty(rows, n)
-    if rows and library.millm_int8_matmul(x.data_ptr(), rows, k, packed.data_ptr(), scales.data_ptr(), n,
-                                          y.data_ptr()) != 0:
-        raise MemoryError("int8 kernel: could not allocate its scratch")
-    return y
+    return _call("millm_int8_matmul", x, packed, scales)
