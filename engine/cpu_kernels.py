@@ -37,11 +37,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "kernels" / "avx512_matmul.c"
+KERNELS = Path(__file__).resolve().parent / "kernels"
+SOURCES = (KERNELS / "avx512_matmul.c", KERNELS / "avx512_attention.c")
 FLAGS = ("-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
          "-mfma", "-shared", "-fPIC")
 CPU_FLAGS = {"q4": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
-             "q8": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")}
+             "q8": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+             "attention": ("avx512f", "avx512bw", "avx512vl")}
 COLUMNS = 16  # output columns per block
 GROUP = 32
 NAMES = {"q4": "miLLM int4 AVX-512 BF16 kernel, group 32, bf16 activations",
@@ -75,15 +77,15 @@ def _library() -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("CPU kernels: no C compiler (cc/gcc) found; Q4/Q8 use torch's slower kernels")
         return None
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"avx512_matmul-{digest}.so"
+    target = _cache_dir() / f"avx512_kernels-{digest}.so"
     try:
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], check=True,
+                subprocess.run([compiler, *FLAGS, "-o", str(built), *map(str, SOURCES), "-lm"], check=True,
                                capture_output=True, timeout=120)
                 os.replace(built, target)  # atomic: a concurrent build never loads half a file
         library = ctypes.CDLL(str(target))
@@ -95,14 +97,16 @@ def _library() -> ctypes.CDLL | None:
     p, n = ctypes.c_void_p, ctypes.c_long
     library.millm_int4_matmul.argtypes = [p, n, n, p, p, n, p]
     library.millm_int8_matmul.argtypes = [p, n, n, p, p, n, p]
-    library.millm_int4_matmul.restype = library.millm_int8_matmul.restype = ctypes.c_int
+    library.millm_decode_attention.argtypes = [p, n, n, n, n, n, p, n, n, p, n, n, p, n, ctypes.c_float, p]
+    for kernel in (library.millm_int4_matmul, library.millm_int8_matmul, library.millm_decode_attention):
+        kernel.restype = ctypes.c_int
     return library
 
 
-def available(quantization: str = "q4") -> bool:
-    """Whether `quantization` ("q4"/"q8") on this CPU runs on miLLM's kernel (else on torch's)."""
+def available(kernel: str = "q4") -> bool:
+    """Whether miLLM's kernel for `kernel` ("q4", "q8", "attention") can run on this CPU (else torch's)."""
     flags = _cpu_flags()
-    return all(flag in flags for flag in CPU_FLAGS[quantization]) and _library() is not None
+    return all(flag in flags for flag in CPU_FLAGS[kernel]) and _library() is not None
 
 
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,3 +165,39 @@ def unpack_int8(packed: torch.Tensor) -> torch.Tensor:
 def matmul_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """W8A8 of x [M, K] by the packed int8 weights, scales bfloat16 [N] → float32 [M, N]."""
     return _call("millm_int8_matmul", x, packed, scales)
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor | None:
+    """Attention of one query token per row: query [B, H, 1, D], key/value [B, KVH, L, D] float32 on the CPU
+    (rows of D contiguous floats, any batch/head strides), mask None or bool [B or 1, 1, 1, L] (True =
+    attended) → [B, 1, H, D], the layout attention functions return. None where the kernel does not apply
+    (the caller runs torch's sdpa instead). Runs 30 times a decode step: the checks are kept cheap."""
+    library = _library()
+    batch, heads, tokens, dim = query.shape
+    if library is None or tokens != 1 or key.dim() != 4 or value.shape != key.shape:
+        return None
+    key_batch, kv_heads, length, key_dim = key.shape
+    if key_batch != batch or key_dim != dim or dim % 16 or dim > 256 or heads % kv_heads:
+        return None
+    if query.dtype != torch.float32 or key.dtype != torch.float32 or value.dtype != torch.float32 \
+            or query.device.type != "cpu" or key.device.type != "cpu" or value.device.type != "cpu":
+        return None
+    key_strides, value_strides = key.stride(), value.stride()
+    if key_strides[2:] != (dim, 1) or value_strides[2:] != (dim, 1):
+        return None
+    mask_pointer, mask_stride = None, 0
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape[1:] != (1, 1, length) or mask.shape[0] not in (1, batch):
+            return None
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        mask_pointer, mask_stride = mask.data_ptr(), mask.stride(0) if mask.shape[0] == batch else 0
+    query = query.contiguous()  # one token: rotary's [B, H, 1, D] view of [B, 1, H, D] already is, no copy
+    out = torch.empty(batch, 1, heads, dim)
+    if batch and library.millm_decode_attention(
+            query.data_ptr(), batch, heads, kv_heads, length, dim, key.data_ptr(), key_strides[0], key_strides[1],
+            value.data_ptr(), value_strides[0], value_strides[1], mask_pointer, mask_stride, scale,
+            out.data_ptr()) != 0:
+        raise MemoryError("millm_decode_attention: could not allocate its scratch")
+    return out

@@ -1,7 +1,9 @@
 """Loading a causal LM and its tokenizer from a local folder (or GGUF file) for serving.
 
-Q4/Q8 use bitsandbytes on CUDA and torch's own kernels on CPU (int4 weight-only; int8 W8A8 with
-per-token activation scales; engine/quantization.py; bitsandbytes is slower than float32 there).
+Q4/Q8 use bitsandbytes on CUDA; on CPU (where bitsandbytes is slower than float32) int4 weight-only
+and int8 W8A8 with per-token activation scales (engine/quantization.py) on miLLM's AVX-512 kernels, or
+torch's where those cannot run. A model on miLLM's kernels also takes its one-token decode attention
+from miLLM's kernel (engine/attention.py); float32 keeps transformers' sdpa, bit for bit.
 
 Every failure a user can cause (a missing folder, quantizing a GGUF file, an unknown dtype, a
 machine without a bitsandbytes backend) is a ModelLoadError subclass with a message that says what
@@ -125,6 +127,11 @@ def load_model(
             cpu_quantization.quantize_for_cpu(model, quantization)
             kernel = cpu_quantization.kernel_name(quantization)
             gc.collect()  # the float weights of the replaced layers
+            if cpu_quantization.uses_own_kernel(quantization):
+                from engine import attention  # transformers, only once a model is loaded
+
+                if attention.use_decode_kernel(model):
+                    kernel = f"{kernel}; {attention.LABEL}"
     config = model.config.get_text_config()
     return LoadedModel(
         model=model,

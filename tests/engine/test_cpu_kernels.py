@@ -64,7 +64,7 @@ def test_a_row_gets_the_same_bits_alone_or_in_any_batch():
 @needs_kernel
 def test_the_q4_model_gives_each_prompt_the_same_logits_alone_or_batched(test_tier_assets):
     loaded = load_model(test_tier_assets.model.local_path, quantization="q4")
-    assert loaded.kernel == cpu_kernels.NAMES["q4"]
+    assert loaded.kernel.startswith(cpu_kernels.NAMES["q4"])
     torch.manual_seed(0)
     ids = torch.randint(3, loaded.model.config.vocab_size, (8, 9))
     with torch.inference_mode():
@@ -106,7 +106,7 @@ def test_the_kernel_is_built_once_into_its_cache(monkeypatch, tmp_path):
     cpu_kernels._library.cache_clear()
     try:
         assert cpu_kernels.available("q4")
-        built = list(tmp_path.glob("avx512_matmul-*.so"))
+        built = list(tmp_path.glob("avx512_kernels-*.so"))
         assert len(built) == 1
         stamp = built[0].stat().st_mtime_ns
         cpu_kernels._library.cache_clear()
@@ -154,4 +154,4 @@ def test_the_q8_kernel_gives_torchs_w8a8_bits(out_features, in_features, monkeyp
 @needs_vnni
 def test_the_q8_model_on_the_kernel_says_so(test_tier_assets):
     loaded = load_model(test_tier_assets.model.local_path, quantization="q8")
-    assert loaded.kernel == cpu_kernels.NAMES["q8"] and "VNNI" in loaded.variant
+    assert loaded.kernel.startswith(cpu_kernels.NAMES["q8"]) and "VNNI" in loaded.variant

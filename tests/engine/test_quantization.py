@@ -72,7 +72,7 @@ def model_dir(test_tier_assets):
 def test_cpu_load_replaces_every_linear_and_the_head(model_dir, quantization):
     loaded = load_model(model_dir, quantization=quantization)
     model = loaded.model
-    assert loaded.quantization == quantization and loaded.kernel == kernel_name(quantization)
+    assert loaded.quantization == quantization and loaded.kernel.startswith(kernel_name(quantization))
     assert quantization.upper() in loaded.variant and "cpu" in loaded.variant
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert not linears, linears  # attention, MLP and LM head all quantized on the test model

@@ -1,0 +1,208 @@
+"""miLLM's one-token CPU attention (engine/attention.py, engine/kernels/avx512_attention.c): the math
+against a float64 reference, padding independence, what it declines, and models that run on it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from engine import attention, cpu_kernels
+from engine.batch_cache import BatchKVCache, new_cache
+from engine.generation import FinishEvent, GenerationRequest
+from engine.loading import load_model
+from engine.sampling import SamplingParams
+from engine.scheduler import GenerationScheduler
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available("attention"),
+                                  reason="this CPU has no AVX-512 or no C compiler: attention stays on sdpa")
+needs_q4_kernel = pytest.mark.skipif(not cpu_kernels.available("q4"), reason="Q4 runs on torch's kernel here")
+
+
+def _reference(query, key, value, mask, scale):
+    """softmax(q·kᵀ · scale) · v in float64, GQA by repeating the KV heads, mask True = attended."""
+    group = query.shape[1] // key.shape[1]
+    k = key.double().repeat_interleave(group, dim=1)
+    v = value.double().repeat_interleave(group, dim=1)
+    scores = query.double() @ k.transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)  # [B, 1, H, D]
+
+
+def _inputs(batch, heads, kv_heads, dim, length, seed=0, headroom=7):
+    """query [B, H, 1, D]; key/value as views of a larger buffer, like the preallocated KV cache."""
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, heads, 1, dim, generator=generator) * 2
+    key = torch.randn(batch, kv_heads, length + headroom, dim, generator=generator)[:, :, :length]
+    value = torch.randn(batch, kv_heads, length + headroom, dim, generator=generator)[:, :, :length]
+    return query, key, value
+
+
+@needs_kernel
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "dim"),
+                         [(1, 4, 2, 16), (8, 9, 3, 64), (3, 8, 8, 128), (2, 4, 1, 256), (5, 6, 2, 48)])
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 160])
+@pytest.mark.parametrize("masking", ["none", "padding", "window", "shared"])
+def test_the_kernel_is_softmax_attention(batch, heads, kv_heads, dim, length, masking):
+    query, key, value = _inputs(batch, heads, kv_heads, dim, length)
+    mask = None
+    if masking == "padding":  # left padding, a different amount per row; every row keeps its last column
+        pads = torch.arange(batch) * length // (batch + 1)
+        mask = (torch.arange(length).unsqueeze(0) >= pads.unsqueeze(1))[:, None, None, :]
+    elif masking == "window":  # holes anywhere, as sliding windows and custom masks give
+        mask = torch.rand(batch, 1, 1, length, generator=torch.Generator().manual_seed(1)) > 0.4
+        mask[..., -1] = True
+    elif masking == "shared":  # one mask row broadcast over the batch
+        mask = (torch.arange(length) >= length // 3).expand(1, 1, 1, length)
+    out = cpu_kernels.decode_attention(query, key, value, mask, dim**-0.5)
+    assert out is not None and out.shape == (batch, 1, heads, dim) and out.dtype == torch.float32
+    expected = _reference(query, key, value, mask, dim**-0.5)
+    assert (out.double() - expected).abs().max() < 2e-6 * max(1.0, expected.abs().max().item())
+
+
+@needs_kernel
+def test_a_row_gets_the_same_bits_whatever_padding_its_batch_gives_it():
+    query, key, value = _inputs(1, 9, 3, 64, 37)
+    alone = cpu_kernels.decode_attention(query, key, value, None, 0.125)
+    for pad in (1, 5, 16, 29):
+        garbage = torch.randn(1, 3, pad, 64) * 100  # whatever the padding columns hold
+        padded_key, padded_value = torch.cat([garbage, key], dim=2), torch.cat([garbage, value], dim=2)
+        mask = (torch.arange(37 + pad) >= pad)[None, None, None, :]
+        other = _inputs(1, 9, 3, 64, 37 + pad, seed=pad)  # another row in the same batch
+        batched = cpu_kernels.decode_attention(
+            torch.cat([other[0], query]), torch.cat([other[1], padded_key]), torch.cat([other[2], padded_value]),
+            torch.cat([torch.ones_like(mask), mask]), 0.125)
+        assert torch.equal(batched[1:], alone), pad
+
+
+@pytest.mark.parametrize("case", ["two tokens", "float16", "float mask", "dim 40", "strided rows", "gpu-less dtype"])
+def test_what_the_kernel_does_not_cover_goes_back_to_sdpa(case):
+    query, key, value = _inputs(2, 4, 2, 64, 10)
+    mask = None
+    if case == "two tokens":
+        query = torch.randn(2, 4, 2, 64)
+    elif case == "float16":
+        query, key, value = query.half(), key.half(), value.half()
+    elif case == "float mask":
+        mask = torch.zeros(2, 1, 1, 10)
+    elif case == "dim 40":
+        query, key, value = query[..., :40], key[..., :40], value[..., :40]
+    elif case == "strided rows":
+        key = key.transpose(-1, -2).contiguous().transpose(-1, -2)
+    else:
+        query, key, value = query.double(), key.double(), value.double()
+    assert cpu_kernels.decode_attention(query, key, value, mask, 0.125) is None
+    # ... and the attention function then runs transformers' sdpa, with the same result as sdpa itself
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    ours, _ = attention.millm_cpu_attention(module, query, key, value, mask, scaling=0.125)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.125)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How many attention calls miLLM's kernel served (not sdpa)."""
+    calls = []
+    kernel = cpu_kernels.decode_attention
+
+    def counted(*args):
+        out = kernel(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(cpu_kernels, "decode_attention", counted)
+    return calls
+
+
+def _prefill(model, prompts):
+    width = max(map(len, prompts))
+    pads = [width - len(p) for p in prompts]
+    ids = torch.tensor([[0] * pad + p for p, pad in zip(prompts, pads, strict=True)])
+    mask = (torch.arange(width).unsqueeze(0) >= torch.tensor(pads).unsqueeze(1)).long()
+    cache = new_cache(model.config)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                past_key_values=cache, use_cache=True)
+    return BatchKVCache(cache, pads, width, torch.device("cpu")), out.logits[:, -1].argmax(-1)
+
+
+def _steps(model, batch, ids, count):
+    logits = []
+    for _ in range(count):
+        mask, positions = batch.decode_inputs()
+        out = model(input_ids=ids.unsqueeze(1), attention_mask=mask, position_ids=positions,
+                    past_key_values=batch.cache, use_cache=True)
+        batch.commit_step(mask)
+        logits.append(out.logits[:, -1])
+        ids = logits[-1].argmax(-1)
+    return torch.stack(logits, dim=1)
+
+
+@needs_kernel
+@needs_q4_kernel
+def test_a_q4_row_decodes_the_same_bits_alone_or_padded_into_a_batch(test_tier_assets, kernel_calls):
+    # miLLM's Q4 matmuls and this attention are both batch independent: so is a whole Q4 decode step
+    loaded = load_model(test_tier_assets.model.local_path, quantization="q4")
+    model = loaded.model
+    assert model.config._attn_implementation == attention.NAME and attention.LABEL in loaded.variant
+    long, short = list(range(30, 52)), [40, 41, 42]
+    with torch.inference_mode():
+        alone_short, first_short = _prefill(model, [short])
+        alone_long, first_long = _prefill(model, [long])
+        reference_short = _steps(model, alone_short, first_short, 6)
+        reference_long = _steps(model, alone_long, first_long, 6)
+        batch, first = _prefill(model, [short])
+        joined, first_joined = _prefill(model, [long])
+        batch.merge(joined)  # the short row is left-padded to the long one's width
+        logits = _steps(model, batch, torch.cat([first, first_joined]), 6)
+    assert torch.equal(logits[0], reference_short[0]) and torch.equal(logits[1], reference_long[0])
+    assert kernel_calls and all(kernel_calls)  # every decode step's attention ran on the kernel, padded too
+
+
+@needs_kernel
+def test_float32_models_keep_sdpa_and_quantized_ones_say_which_attention_runs(test_tier_assets, monkeypatch):
+    assert load_model(test_tier_assets.model.local_path).model.config._attn_implementation == "sdpa"
+    monkeypatch.setattr(cpu_kernels, "available", lambda kernel="q4": kernel != "attention")
+    loaded = load_model(test_tier_assets.model.local_path, quantization="q8")
+    assert loaded.model.config._attn_implementation == "sdpa" and attention.LABEL not in loaded.variant
+
+
+@needs_kernel
+def test_a_sliding_window_model_on_the_kernel_batches_like_solo_runs_and_matches_sdpa(test_tier_assets,
+                                                                                      kernel_calls):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tiny = load_model(test_tier_assets.model.local_path)
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=tiny.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           sliding_window=6)
+    model = MistralForCausalLM(config).eval()
+    prompts = ["The sea was calm", "A lighthouse keeper found a bottle and a long letter in it", "Why"]
+    texts = {}
+    for implementation in ("sdpa", attention.NAME):
+        model.set_attn_implementation(implementation)
+        engine = GenerationScheduler(dataclasses.replace(tiny, model=model, eos_token_ids=frozenset(),
+                                                         context_length=256)).start()
+        try:
+            solo = [_tokens(engine.submit(GenerationRequest(p, SamplingParams(max_tokens=12 + 3 * i, temperature=0))))
+                    for i, p in enumerate(prompts)]
+            handles = [engine.submit(GenerationRequest(p, SamplingParams(max_tokens=12 + 3 * i, temperature=0)))
+                       for i, p in enumerate(prompts)]
+            assert [_tokens(h) for h in handles] == solo, implementation
+            texts[implementation] = solo
+        finally:
+            engine.stop()
+    assert texts[attention.NAME] == texts["sdpa"]  # greedy, float32: the same tokens as transformers' sdpa
+    assert sum(kernel_calls) > 100 and all(kernel_calls)  # sliding-window masks included
+
+
+def _tokens(handle) -> list[int]:
+    tokens = []
+    while not isinstance(event := handle.get(timeout=60), FinishEvent):
+        tokens.append(event.token_id)
+    return tokens
