@@ -1,4 +1,4 @@
-"""miLLM's own Q4 and Q8 CPU matmuls on AVX-512 (BF16 for Q4, VNNI for Q8), one thread.
+"""miLLM's own AVX-512 CPU kernels, one thread: the Q4 and Q8 matmuls and a decode step's attention, norms, rotary.
 
 Q4: 4-bit weights × bfloat16 activations.
 
@@ -14,11 +14,16 @@ Q8 (W8A8, the math of engine/quantization.py) on `vpdpbusd`: the same integer su
 float operations as `torch._int_mm(...).div(inverse).mul_(scale)`, so the same bits, without the
 torch calls around it and with the weights read once for up to 8 rows.
 
-The file is compiled on first use with the system C compiler (`cc`, or `$CC`) into a cache folder
+Decode attention (one query token per row, `engine/kernels/avx512_attention.c`), RMSNorm and rotary
+(`engine/kernels/avx512_layers.c`), installed on a model by engine/decode_kernels.py: torch's CPU sdpa
+is built for many query tokens and cost ~300 µs a layer at 8 rows, ~4× the kernel; the norm and the
+rotary are one call each instead of 7 torch ops.
+
+The files are compiled on first use with the system C compiler (`cc`, or `$CC`) into a cache folder
 (`MILLM_KERNEL_CACHE`, default `~/.cache/millm/kernels`), keyed by the source and the flags, and
 loaded with ctypes (which releases the GIL during the call). Where the CPU lacks AVX-512 BF16 (Q4)
-or VNNI (Q8), no compiler is found, or `MILLM_CPU_KERNELS=torch`, `available(quantization)` is
-False and torch's kernels run, as before.
+or VNNI (Q8), no compiler is found, or `MILLM_CPU_KERNELS=torch`, `available(kernel)` is False and
+torch's kernels (and sdpa) run, as before.
 """
 
 from __future__ import annotations
@@ -38,12 +43,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).resolve().parent / "kernels"
-SOURCES = (KERNELS / "avx512_matmul.c", KERNELS / "avx512_attention.c")
+SOURCES = (KERNELS / "avx512_matmul.c", KERNELS / "avx512_attention.c", KERNELS / "avx512_layers.c")
 FLAGS = ("-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
          "-mfma", "-shared", "-fPIC")
 CPU_FLAGS = {"q4": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
              "q8": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
-             "attention": ("avx512f", "avx512bw", "avx512vl")}
+             "attention": ("avx512f", "avx512bw", "avx512vl"), "layers": ("avx512f",)}
 COLUMNS = 16  # output columns per block
 GROUP = 32
 NAMES = {"q4": "miLLM int4 AVX-512 BF16 kernel, group 32, bf16 activations",
@@ -100,6 +105,9 @@ def _library() -> ctypes.CDLL | None:
     library.millm_decode_attention.argtypes = [p, n, n, n, n, n, p, n, n, p, n, n, p, n, ctypes.c_float, p]
     for kernel in (library.millm_int4_matmul, library.millm_int8_matmul, library.millm_decode_attention):
         kernel.restype = ctypes.c_int
+    library.millm_rms_norm.argtypes = [p, n, n, n, p, ctypes.c_float, p]
+    library.millm_rotary.argtypes = [p, n, n, n, n, n, p, p, p]
+    library.millm_rms_norm.restype = library.millm_rotary.restype = None
     return library
 
 
@@ -200,4 +208,42 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             value.data_ptr(), value_strides[0], value_strides[1], mask_pointer, mask_stride, scale,
             out.data_ptr()) != 0:
         raise MemoryError("millm_decode_attention: could not allocate its scratch")
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """weight · x / √(mean(x²) + eps) over the last dimension, float32 on the CPU, rows with contiguous
+    features (any row stride); None where that does not hold (the caller runs the module's own forward)."""
+    library = _library()
+    dim = x.shape[-1]
+    if library is None or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu" \
+            or weight.shape != (dim,) or x.stride(-1) != 1 or not weight.is_contiguous():
+        return None
+    rows = x.numel() // dim if dim else 0
+    flat = x if x.dim() == 2 else x.reshape(rows, dim)
+    if rows > 1 and flat.stride(0) < dim:
+        return None
+    out = torch.empty(x.shape)
+    if rows:
+        library.millm_rms_norm(flat.data_ptr(), rows, flat.stride(0) if rows > 1 else dim, dim, weight.data_ptr(),
+                               eps, out.data_ptr())
+    return out
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """x · cos + rotate_half(x) · sin for one token per row: x [B, H, 1, D] float32 (features contiguous,
+    any batch/head strides), cos/sin [B, 1, D] → a new [B, H, 1, D]; the bits of transformers' formula.
+    None where the kernel does not apply."""
+    library = _library()
+    if library is None or x.dim() != 4 or x.shape[2] != 1 or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    batch, heads, _, dim = x.shape
+    if dim % 2 or x.stride(-1) != 1 or cos.shape != (batch, 1, dim) or sin.shape != (batch, 1, dim) \
+            or cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        return None
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(batch, heads, 1, dim)
+    if batch and heads:
+        library.millm_rotary(x.data_ptr(), batch, heads, x.stride(0), x.stride(1), dim, cos.data_ptr(),
+                             sin.data_ptr(), out.data_ptr())
     return out

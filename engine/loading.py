@@ -3,7 +3,8 @@
 Q4/Q8 use bitsandbytes on CUDA; on CPU (where bitsandbytes is slower than float32) int4 weight-only
 and int8 W8A8 with per-token activation scales (engine/quantization.py) on miLLM's AVX-512 kernels, or
 torch's where those cannot run. A model on miLLM's kernels also takes its one-token decode attention
-from miLLM's kernel (engine/attention.py); float32 keeps transformers' sdpa, bit for bit.
+from miLLM's kernel, and its norms and rotary (engine/decode_kernels.py); float32 keeps
+transformers' own, bit for bit.
 
 Every failure a user can cause (a missing folder, quantizing a GGUF file, an unknown dtype, a
 machine without a bitsandbytes backend) is a ModelLoadError subclass with a message that says what
@@ -128,10 +129,10 @@ def load_model(
             kernel = cpu_quantization.kernel_name(quantization)
             gc.collect()  # the float weights of the replaced layers
             if cpu_quantization.uses_own_kernel(quantization):
-                from engine import attention  # transformers, only once a model is loaded
+                from engine import decode_kernels  # transformers, only once a model is loaded
 
-                if attention.use_decode_kernel(model):
-                    kernel = f"{kernel}; {attention.LABEL}"
+                if decode_kernels.use_cpu_kernels(model):
+                    kernel = f"{kernel}; {decode_kernels.LABEL}"
     config = model.config.get_text_config()
     return LoadedModel(
         model=model,

@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from engine import attention, cpu_kernels
+from engine import cpu_kernels
+from engine import decode_kernels as attention
 from engine.batch_cache import BatchKVCache, new_cache
 from engine.generation import FinishEvent, GenerationRequest
 from engine.loading import load_model
@@ -206,3 +207,85 @@ def _tokens(handle) -> list[int]:
     while not isinstance(event := handle.get(timeout=60), FinishEvent):
         tokens.append(event.token_id)
     return tokens
+
+
+# --- RMSNorm and rotary --------------------------------------------------------------------------
+
+needs_layers = pytest.mark.skipif(not cpu_kernels.available("layers"), reason="this CPU has no AVX-512")
+
+
+@needs_layers
+@pytest.mark.parametrize("dim", [16, 64, 576, 600, 7])
+@pytest.mark.parametrize("shape", [(1, 1), (8, 1), (3, 5)])
+def test_the_rms_norm_kernel_is_llamas_rms_norm(dim, shape):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(dim, eps=1e-5)
+    norm.weight.data.normal_(1, 0.3)
+    x = torch.randn(*shape, dim) * torch.logspace(-2, 2, dim)
+    out = cpu_kernels.rms_norm(x, norm.weight.data, 1e-5)
+    expected = x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * norm.weight.double()
+    assert out.shape == x.shape and (out.double() - expected).abs().max() < 1e-5 * expected.abs().max()
+    with torch.no_grad():
+        assert torch.allclose(out, norm(x), rtol=1e-5, atol=1e-6)
+    strided = torch.randn(*shape, dim + 9)[..., 5 : 5 + dim]  # rows further apart than their features
+    torch.testing.assert_close(cpu_kernels.rms_norm(strided, norm.weight.data, 1e-5),
+                               cpu_kernels.rms_norm(strided.contiguous(), norm.weight.data, 1e-5), rtol=0, atol=0)
+    assert cpu_kernels.rms_norm(x.half(), norm.weight.data, 1e-5) is None
+
+
+@needs_layers
+@pytest.mark.parametrize(("batch", "heads", "dim"), [(1, 9, 64), (8, 3, 64), (2, 4, 16), (3, 2, 40), (2, 2, 6)])
+def test_the_rotary_kernel_gives_transformers_bits(batch, heads, dim):
+    from transformers.models.llama import modeling_llama
+
+    original = getattr(modeling_llama.apply_rotary_pos_emb, "original", modeling_llama.apply_rotary_pos_emb)
+    fused = torch.randn(batch, 1, 3 * heads * dim)  # q as the fused q/k/v output leaves it: rows 3·H·D apart
+    q = fused[..., : heads * dim].view(batch, 1, heads, dim).transpose(1, 2)
+    q[0, 0, 0, : dim // 2] = -0.0  # x = −0 and rotate_half(x) = −(+0): the sum is −0 where cos, sin > 0
+    q[0, 0, 0, dim // 2 :] = 0.0
+    k = torch.randn(batch, heads, 1, dim)
+    positions = torch.randint(0, 4000, (batch, 1)).float()
+    angles = positions.unsqueeze(-1) * torch.logspace(0, -4, dim // 2).repeat(2)
+    cos, sin = angles.cos(), angles.sin()
+    expected_q, expected_k = original(q, k, cos, sin)
+    ours_q, ours_k = cpu_kernels.rotary(q, cos, sin), cpu_kernels.rotary(k, cos, sin)
+    assert torch.equal(ours_q, expected_q) and torch.equal(ours_k, expected_k)
+    assert torch.equal(ours_q.view(torch.int32), expected_q.contiguous().view(torch.int32))  # -0.0 too
+    assert cpu_kernels.rotary(torch.randn(batch, heads, 2, dim), cos, sin) is None  # prefill: transformers'
+
+
+@needs_kernel
+@needs_layers
+def test_a_q4_model_runs_its_norms_and_rotary_on_the_kernels_and_float32_models_keep_their_bits(test_tier_assets):
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    loaded = load_model(test_tier_assets.model.local_path, quantization="q4")
+    norms = [m for m in loaded.model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert norms and all("forward" in vars(m) for m in norms)  # every norm: the kernel's forward
+    assert getattr(modeling_llama.apply_rotary_pos_emb, "millm_kernel", False)
+    # The rotary is installed for the modeling module: a float32 model decodes the same bits as with
+    # transformers' own function.
+    model = AutoModelForCausalLM.from_pretrained(test_tier_assets.model.local_path, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 9, 30, 41, 7]])
+    logits = {}
+    for name, function in (("kernel", modeling_llama.apply_rotary_pos_emb),
+                           ("transformers", modeling_llama.apply_rotary_pos_emb.original)):
+        with torch.inference_mode(), _patched(modeling_llama, function):
+            cache = new_cache(model.config)
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            logits[name] = torch.cat([model(input_ids=torch.tensor([[token]]), past_key_values=cache,
+                                            use_cache=True).logits for token in (3, 17, 22)])
+    assert torch.equal(logits["kernel"], logits["transformers"])
+
+
+class _patched:
+    def __init__(self, module, function):
+        self.module, self.function = module, function
+
+    def __enter__(self):
+        self.saved, self.module.apply_rotary_pos_emb = self.module.apply_rotary_pos_emb, self.function
+
+    def __exit__(self, *exc):
+        self.module.apply_rotary_pos_emb = self.saved

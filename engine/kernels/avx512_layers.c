@@ -1,0 +1,60 @@
+// The small per-layer operations of a decode step, one call each instead of 6–14 torch ops (see
+// engine/decode_kernels.py): at one row a torch op costs a few µs whatever its size, and a SmolLM2
+// step ran ~60 RMSNorms and 30 rotary embeddings of 7 and ~14 ops.
+#include <immintrin.h>
+#include <math.h>
+
+// out[r] = weight · (x[r] · 1/√(mean(x[r]²) + eps)), float32, rows `row_stride` floats apart (out dense).
+void millm_rms_norm(const float *x, long rows, long row_stride, long dim, const float *weight, float eps,
+                    float *out) {
+    for (long r = 0; r < rows; r++) {
+        const float *row = x + r * row_stride;
+        float *target = out + r * dim;
+        __m512 squares = _mm512_setzero_ps();
+        long d = 0;
+        for (; d + 16 <= dim; d += 16) {
+            const __m512 v = _mm512_loadu_ps(row + d);
+            squares = _mm512_fmadd_ps(v, v, squares);
+        }
+        float total = _mm512_reduce_add_ps(squares);
+        for (; d < dim; d++) total += row[d] * row[d];
+        const float inverse = 1.0f / sqrtf(total / (float)dim + eps);
+        const __m512 scale = _mm512_set1_ps(inverse);
+        for (d = 0; d + 16 <= dim; d += 16)
+            _mm512_storeu_ps(target + d,
+                             _mm512_mul_ps(_mm512_loadu_ps(weight + d), _mm512_mul_ps(_mm512_loadu_ps(row + d), scale)));
+        for (; d < dim; d++) target[d] = weight[d] * (row[d] * inverse);
+    }
+}
+
+static inline __m512 negated(__m512 v) {  // −v, the sign bit flipped (0 − v would turn −0 into +0)
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32((int)0x80000000u)));
+}
+
+// Rotary embedding of one token per row, as transformers' apply_rotary_pos_emb computes it:
+// out = x · cos + rotate_half(x) · sin with rotate_half(x) = (−x[half:], x[:half]); the same float32
+// multiplications and addition (no fused multiply-add: -ffp-contract=off), so the same bits.
+// x [B, H, D] at (batch_stride, head_stride), cos/sin [B, D] dense, out [B, H, D] dense; D even.
+void millm_rotary(const float *x, long batch, long heads, long batch_stride, long head_stride, long dim,
+                  const float *cos, const float *sin, float *out) {
+    const long half = dim / 2;
+    for (long b = 0; b < batch; b++) {
+        const float *c = cos + b * dim, *s = sin + b * dim;
+        for (long h = 0; h < heads; h++) {
+            const float *v = x + b * batch_stride + h * head_stride;
+            float *target = out + (b * heads + h) * dim;
+            long d = 0;
+            for (; d + 16 <= half; d += 16) {  // first half: x·cos + (−x[d + half])·sin
+                const __m512 rotated = negated(_mm512_loadu_ps(v + half + d));
+                _mm512_storeu_ps(target + d, _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(v + d), _mm512_loadu_ps(c + d)),
+                                                           _mm512_mul_ps(rotated, _mm512_loadu_ps(s + d))));
+            }
+            for (; d < half; d++) target[d] = v[d] * c[d] + (-v[half + d]) * s[d];
+            for (d = half; d + 16 <= dim; d += 16) {  // second half: x·cos + x[d − half]·sin
+                _mm512_storeu_ps(target + d, _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(v + d), _mm512_loadu_ps(c + d)),
+                                                           _mm512_mul_ps(_mm512_loadu_ps(v + d - half), _mm512_loadu_ps(s + d))));
+            }
+            for (; d < dim; d++) target[d] = v[d] * c[d] + v[d - half] * s[d];
+        }
+    }
+}
