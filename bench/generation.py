@@ -3,11 +3,15 @@
     .venv/bin/python bench/generation.py                      # the tiny test-tier Llama, CPU
     .venv/bin/python bench/generation.py --threads 1           # steadier on a busy 2-core machine
     .venv/bin/python bench/generation.py --model PATH --tokens 64 --device cuda --dtype bfloat16
+    .venv/bin/python bench/generation.py --model var/assets/demo/model --threads 1 --quantization q4 \
+        --decode-kernels on off     # miLLM's decode attention/norm/rotary kernels against transformers' ops
 
 Reports (medians over interleaved rounds, so machine load hits every mode alike):
   single stream   scheduler decode tok/s vs `generate(do_sample=False)` on the same prompt (ratio)
   concurrency     aggregate tok/s with 1, 4, 8 (…) greedy streams submitted together (ratio vs 1)
 Every request generates exactly --tokens tokens (ignore_eos), so the rates compare like for like.
+--decode-kernels on off: the same quantized model loaded twice, with and without engine/decode_kernels.py
+(CPU Q4/Q8 on miLLM's kernels only), measured in the same interleaved rounds.
 """
 
 from __future__ import annotations
@@ -75,6 +79,9 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--quantization", choices=["none", "q4", "q8"], default="none")
+    parser.add_argument("--decode-kernels", nargs="+", choices=["on", "off"], default=["on"],
+                        help="with (on) and/or without (off) engine/decode_kernels.py, interleaved")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,37 +92,56 @@ def main() -> None:
         args.model = build_test_tier(
             Path(__file__).resolve().parent.parent / "var" / "assets" / "test"
         ).model.local_path
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    quantization = None if args.quantization == "none" else args.quantization
+    variants = {setting: _load(args, quantization, setting) for setting in args.decode_kernels}
     streams = [int(s) for s in args.streams.split(",")]
-    scheduler = GenerationScheduler(loaded, max_batch_size=max(streams)).start()
+    schedulers = {setting: GenerationScheduler(loaded, max_batch_size=max(streams)).start()
+                  for setting, loaded in variants.items()}
+    first = next(iter(variants.values()))
     print(
-        f"model {Path(args.model).name}: {loaded.parameter_count / 1e6:.2f}M params, {loaded.dtype}, "
-        f"{loaded.device}, torch threads {torch.get_num_threads()}, {args.tokens} tokens per request"
+        f"model {Path(args.model).name}: {first.parameter_count / 1e6:.2f}M params, {first.dtype}, "
+        f"{first.device}, torch threads {torch.get_num_threads()}, {args.tokens} tokens per request"
     )
-    # Warm-up: first calls pay for lazy initialisation in torch and transformers.
-    raw_generate_rate(loaded, PROMPTS[0], 8)
-    scheduler_rate(scheduler, max(streams), 8)
+    for setting, loaded in variants.items():  # warm-up: first calls pay for lazy initialisation
+        raw_generate_rate(loaded, PROMPTS[0], 8)
+        scheduler_rate(schedulers[setting], max(streams), 8)
 
-    raw: list[float] = []
-    single: list[float] = []
-    concurrent: dict[int, list[float]] = {n: [] for n in streams}
+    raw: dict[str, list[float]] = {setting: [] for setting in variants}
+    single: dict[str, list[float]] = {setting: [] for setting in variants}
+    concurrent = {setting: {n: [] for n in streams} for setting in variants}
     for _ in range(args.rounds):
-        raw.append(raw_generate_rate(loaded, PROMPTS[0], args.tokens))
-        single.append(scheduler_rate(scheduler, 1, args.tokens))
+        for setting, loaded in variants.items():
+            raw[setting].append(raw_generate_rate(loaded, PROMPTS[0], args.tokens))
+            single[setting].append(scheduler_rate(schedulers[setting], 1, args.tokens))
+            for n in streams:
+                concurrent[setting][n].append(scheduler_rate(schedulers[setting], n, args.tokens))
+    for scheduler in schedulers.values():
+        scheduler.stop()
+
+    for setting, loaded in variants.items():
+        print(f"--- {loaded.variant}")
+        raw_rate, single_rate = statistics.median(raw[setting]), statistics.median(single[setting])
+        print(f"{'single stream':<22}{'tok/s':>10}{'ratio':>9}")
+        print(f"{'  model.generate()':<22}{raw_rate:>10.1f}{1.0:>9.2f}")
+        print(f"{'  scheduler':<22}{single_rate:>10.1f}{single_rate / raw_rate:>9.2f}")
+        base = statistics.median(concurrent[setting][streams[0]])
+        print(f"{'concurrent streams':<22}{'tok/s':>10}{'vs ' + str(streams[0]):>9}")
         for n in streams:
-            concurrent[n].append(scheduler_rate(scheduler, n, args.tokens))
-    scheduler.stop()
+            rate = statistics.median(concurrent[setting][n])
+            print(f"{'  ' + str(n):<22}{rate:>10.1f}{rate / base:>9.2f}")
 
-    raw_rate, single_rate = statistics.median(raw), statistics.median(single)
-    print(f"{'single stream':<22}{'tok/s':>10}{'ratio':>9}")
-    print(f"{'  model.generate()':<22}{raw_rate:>10.1f}{1.0:>9.2f}")
-    print(f"{'  scheduler':<22}{single_rate:>10.1f}{single_rate / raw_rate:>9.2f}")
-    base = statistics.median(concurrent[streams[0]])
-    print(f"{'concurrent streams':<22}{'tok/s':>10}{'vs ' + str(streams[0]):>9}")
-    for n in streams:
-        rate = statistics.median(concurrent[n])
-        print(f"{'  ' + str(n):<22}{rate:>10.1f}{rate / base:>9.2f}")
 
+def _load(args: argparse.Namespace, quantization: str | None, decode_kernels: str) -> LoadedModel:
+    if decode_kernels == "on":
+        return load_model(args.model, dtype=args.dtype, device=args.device, quantization=quantization)
+    from engine import decode_kernels as kernels
+
+    switch = kernels.use_cpu_kernels
+    kernels.use_cpu_kernels = lambda model: False  # the model keeps transformers' sdpa, norms and rotary
+    try:
+        return load_model(args.model, dtype=args.dtype, device=args.device, quantization=quantization)
+    finally:
+        kernels.use_cpu_kernels = switch
 
 if __name__ == "__main__":
     main()
