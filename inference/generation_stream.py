@@ -28,6 +28,8 @@ LIVENESS_CHECK_S = 1.0  # silence on a running generation after which its proces
 LIVENESS_TIMEOUT_S = 3.0  # no pong within this: the process is gone
 LEASE_S = 5.0  # the inference process cancels a generation whose lease was not renewed for this long
 LEASE_RENEW_S = 1.0
+STOPPED_MESSAGE = ("The inference process stopped this generation before it finished (it is shutting down or "
+                   "the model was unloaded); retry the request")
 
 GenerationReply = m.Started | m.Chunk | m.Done
 
@@ -188,6 +190,12 @@ async def generate(*, model: str, prompt: str | None, messages: list | None, par
                 await on_frames(list(reply.frames))
             elif isinstance(reply, m.Done):
                 finished = True
+                if reply.finish_reason == "cancelled":
+                    # Not by this requester, who is still reading: the inference process stopped the
+                    # generation (it is shutting down, or the model was unloaded). A cut answer is not
+                    # an answer: the client gets a 503 (an error event in a stream), never a short 200.
+                    await fail("error", "the inference process stopped the generation")
+                    raise InferenceUnavailable(STOPPED_MESSAGE)
                 if observer is not None:
                     await observer.finish("completed")
             yield reply

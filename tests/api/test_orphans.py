@@ -72,3 +72,39 @@ def test_a_listening_requester_keeps_its_generation_alive(inference_worker, tiny
     result, elapsed_s = asyncio.run(run())
     assert (result.finish_reason, result.completion_tokens) == ("length", 1000)
     assert elapsed_s > 0.6  # it outlived several leases: the renewals kept it
+
+
+def test_a_generation_the_inference_process_stops_is_a_503_not_a_short_answer(inference_worker, tiny_catalog):
+    """Before: the model unloaded (or the inference process shutting down) mid-generation gave the waiting
+    client a 200 with a cut answer and finish_reason "cancelled" (CI: 218 of 900 tokens at SIGTERM)."""
+    from millm_site.errors import InferenceUnavailable
+
+    async def run():
+        loaded = await ask(new_layer(), m.LoadModel(model="tiny-llama"))
+        assert loaded["type"] == "loaded", loaded
+        seen = []
+
+        class Watch:
+            request_id, params, steering, prompt = "", {}, None, ""
+
+            def see(self, raw):
+                seen.append(raw["type"])
+
+            async def finish(self, status, message=""):
+                seen.append(("finish", status, message))
+
+        generating = asyncio.ensure_future(generation_stream.collect(generation_stream.generate(
+            model="tiny-llama", prompt="Once upon a time", messages=None, params=LONG, steering=None,
+            client=InferenceClient(), observer=Watch())))
+        deadline = time.monotonic() + 60
+        while "chunk" not in seen and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert "chunk" in seen, seen
+        unloaded = await ask(new_layer(), m.UnloadModel(model="tiny-llama"))
+        assert unloaded["type"] != "error", unloaded
+        with pytest.raises(InferenceUnavailable, match="stopped this generation"):
+            await asyncio.wait_for(generating, 60)
+        return seen
+
+    seen = asyncio.run(run())
+    assert ("finish", "error", "the inference process stopped the generation") in seen, seen
