@@ -10,11 +10,13 @@ import torch
 
 from engine import cpu_kernels
 from engine import decode_kernels as attention
-from engine.batch_cache import BatchKVCache, new_cache
-from engine.generation import FinishEvent, GenerationRequest
+from engine.batch_cache import new_cache
+from engine.generation import GenerationRequest
 from engine.loading import load_model
 from engine.sampling import SamplingParams
 from engine.scheduler import GenerationScheduler
+from tests.engine.test_generation import _prefill, _step
+from tests.engine.test_scheduler import collect, ids_of
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available("attention"),
                                   reason="this CPU has no AVX-512 or no C compiler: attention stays on sdpa")
@@ -120,25 +122,11 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def _prefill(model, prompts):
-    width = max(map(len, prompts))
-    pads = [width - len(p) for p in prompts]
-    ids = torch.tensor([[0] * pad + p for p, pad in zip(prompts, pads, strict=True)])
-    mask = (torch.arange(width).unsqueeze(0) >= torch.tensor(pads).unsqueeze(1)).long()
-    cache = new_cache(model.config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                past_key_values=cache, use_cache=True)
-    return BatchKVCache(cache, pads, width, torch.device("cpu")), out.logits[:, -1].argmax(-1)
-
-
 def _steps(model, batch, ids, count):
+    """`count` greedy decode steps of a BatchKVCache batch: their logits [B, count, V]."""
     logits = []
     for _ in range(count):
-        mask, positions = batch.decode_inputs()
-        out = model(input_ids=ids.unsqueeze(1), attention_mask=mask, position_ids=positions,
-                    past_key_values=batch.cache, use_cache=True)
-        batch.commit_step(mask)
-        logits.append(out.logits[:, -1])
+        logits.append(_step(model, batch, ids))
         ids = logits[-1].argmax(-1)
     return torch.stack(logits, dim=1)
 
@@ -190,23 +178,15 @@ def test_a_sliding_window_model_on_the_kernel_batches_like_solo_runs_and_matches
         engine = GenerationScheduler(dataclasses.replace(tiny, model=model, eos_token_ids=frozenset(),
                                                          context_length=256)).start()
         try:
-            solo = [_tokens(engine.submit(GenerationRequest(p, SamplingParams(max_tokens=12 + 3 * i, temperature=0))))
-                    for i, p in enumerate(prompts)]
-            handles = [engine.submit(GenerationRequest(p, SamplingParams(max_tokens=12 + 3 * i, temperature=0)))
-                       for i, p in enumerate(prompts)]
-            assert [_tokens(h) for h in handles] == solo, implementation
+            params = [SamplingParams(max_tokens=12 + 3 * i, temperature=0) for i in range(len(prompts))]
+            solo = [ids_of(collect(engine.submit(GenerationRequest(p, q)))[0]) for p, q in zip(prompts, params, strict=True)]
+            handles = [engine.submit(GenerationRequest(p, q)) for p, q in zip(prompts, params, strict=True)]
+            assert [ids_of(collect(h)[0]) for h in handles] == solo, implementation
             texts[implementation] = solo
         finally:
             engine.stop()
     assert texts[attention.NAME] == texts["sdpa"]  # greedy, float32: the same tokens as transformers' sdpa
     assert sum(kernel_calls) > 100 and all(kernel_calls)  # sliding-window masks included
-
-
-def _tokens(handle) -> list[int]:
-    tokens = []
-    while not isinstance(event := handle.get(timeout=60), FinishEvent):
-        tokens.append(event.token_id)
-    return tokens
 
 
 # --- RMSNorm and rotary --------------------------------------------------------------------------
