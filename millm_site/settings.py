@@ -110,7 +110,7 @@ REDIS_URL_IS_EMBEDDED = not env_str("REDIS_URL")
 REDIS_URL = redis_url("REDIS_URL", env_str("REDIS_URL") or f"unix://{EMBEDDED_REDIS_SOCKET}")
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "BACKEND": "millm_site.channel_layer.OneTripRedisChannelLayer",
         # socket_timeout=None: redis-py 8 defaults it to 5 s, which breaks the blocking BZPOPMIN of receive().
         "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None}], "capacity": 2000, "expiry": 30},
     }

@@ -3,10 +3,10 @@ import threading
 import time
 
 import pytest
-from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 
 from inference.process import InferenceWorker
+from millm_site.channel_layer import OneTripRedisChannelLayer
 
 
 @pytest.fixture
@@ -18,7 +18,7 @@ def inference_worker():
 
     async def main():
         # Its own layer: one layer instance must not receive from two event loops (the test client has one).
-        layer = RedisChannelLayer(**settings.CHANNEL_LAYERS["default"]["CONFIG"])
+        layer = OneTripRedisChannelLayer(**settings.CHANNEL_LAYERS["default"]["CONFIG"])
         worker = InferenceWorker(channel_layer=layer, channel_name=settings.INFERENCE_CHANNEL)
         holder["worker"] = worker
         ready.set()

@@ -24,7 +24,7 @@ def test_health_reports_a_live_inference_process(client, inference_worker):
 
 def test_health_with_redis_gone_says_so(client, settings):
     settings.REDIS_URL = "redis://127.0.0.1:1"
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "millm_site.channel_layer.OneTripRedisChannelLayer",
                                            "CONFIG": {"hosts": ["redis://127.0.0.1:1"]}}}
     body = client.get("/api/health").json()
     assert body["data"]["redis"] == "unreachable"

@@ -7,7 +7,6 @@ import asyncio
 import json
 
 import pytest
-from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 
 from catalog.models import LanguageModel
@@ -15,6 +14,7 @@ from engine.errors import STATUS_BY_CODE, InvalidRequestError
 from inference import messages as m
 from inference.client import reply_from
 from inference.handlers import error_reply
+from millm_site.channel_layer import OneTripRedisChannelLayer
 from millm_site.errors import InvalidRequest, MillmError, ModelNotFound, error_for_code
 from serving.completions import openai_error
 
@@ -25,7 +25,7 @@ def exchange(raw_calls: list[dict]) -> list[dict]:
     """Send raw (possibly malformed) calls to the inference channel and read each reply."""
 
     async def run() -> list[dict]:
-        layer = RedisChannelLayer(**settings.CHANNEL_LAYERS["default"]["CONFIG"])
+        layer = OneTripRedisChannelLayer(**settings.CHANNEL_LAYERS["default"]["CONFIG"])
         replies = []
         for raw in raw_calls:
             reply_channel = await layer.new_channel()

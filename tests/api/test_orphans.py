@@ -8,20 +8,20 @@ import asyncio
 import time
 
 import pytest
-from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 
 from inference import generation_stream
 from inference import messages as m
 from inference.client import InferenceClient
+from millm_site.channel_layer import OneTripRedisChannelLayer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 LONG = {"max_tokens": 1000, "ignore_eos": True, "temperature": 0}
 
 
-def new_layer() -> RedisChannelLayer:
-    return RedisChannelLayer(**settings.CHANNEL_LAYERS["default"]["CONFIG"])
+def new_layer() -> OneTripRedisChannelLayer:
+    return OneTripRedisChannelLayer(**settings.CHANNEL_LAYERS["default"]["CONFIG"])
 
 
 async def ask(layer, call: m.Message, timeout: float = 60) -> dict:

@@ -8,11 +8,11 @@ import threading
 import time
 
 import pytest
-from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 
 from catalog.models import LanguageModel, ModelStatus
 from inference.process import InferenceWorker
+from millm_site.channel_layer import OneTripRedisChannelLayer
 from tests import factories
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -25,7 +25,7 @@ def pinned_worker(tiny_catalog):
     loop, holder = asyncio.new_event_loop(), {}
 
     async def main():
-        layer = RedisChannelLayer(**settings.CHANNEL_LAYERS["default"]["CONFIG"])
+        layer = OneTripRedisChannelLayer(**settings.CHANNEL_LAYERS["default"]["CONFIG"])
         holder["worker"] = InferenceWorker(channel_layer=layer, channel_name=settings.INFERENCE_CHANNEL,
                                            pinned_model=model.name)
         await holder["worker"].serve_until_stopped(restore=True)

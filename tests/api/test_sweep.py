@@ -7,9 +7,9 @@ import asyncio
 import json
 
 import pytest
-from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 
+from millm_site.channel_layer import OneTripRedisChannelLayer
 from monitoring.models import RequestRecord
 from steering.models import SweepRun, SweepStatus
 from steering.sweep_services import degenerate, sweep_recommend
@@ -148,7 +148,7 @@ def test_an_inline_sweep_scores_each_strength_and_recommends_one(client, serving
 
 def progress_events_while(work) -> list[dict]:
     """The `sweep_progress` events the /ws/progress/ group received while `work` ran."""
-    layer = RedisChannelLayer(**settings.CHANNEL_LAYERS["default"]["CONFIG"])
+    layer = OneTripRedisChannelLayer(**settings.CHANNEL_LAYERS["default"]["CONFIG"])
 
     async def main() -> list[dict]:
         channel = await layer.new_channel()
