@@ -42,8 +42,19 @@ from steering.sae_services import sae_detach_all_marks, sae_set_status
 from steering.steering_services import steering_state_message
 
 log = structlog.get_logger("millm.inference")
-CHUNK_INTERVAL_S = 0.02  # coalesce tokens into at most one message per request per 20 ms
+# Streamed tokens are coalesced into chunk messages. The relay (pydantic, msgpack, a Redis round trip)
+# runs on this process's event loop, which shares the GIL with the decode loop, so the process as a whole
+# keeps to ~RELAY_MESSAGES_PER_S: one request streams a message per 20 ms at most, 8 at once one each per
+# 160 ms (~4 tokens at CPU decode speed), never slower than one per 250 ms.
+CHUNK_INTERVAL_S = 0.02
+RELAY_MESSAGES_PER_S = 50
+CHUNK_INTERVAL_MAX_S = 0.25
 LEASE_CHECK_S = 0.5
+
+
+def chunk_interval(generating: int) -> float:
+    """The least time between two chunk messages of one request, while `generating` requests run here."""
+    return min(CHUNK_INTERVAL_MAX_S, max(CHUNK_INTERVAL_S, generating / RELAY_MESSAGES_PER_S))
 
 
 def in_thread(fn, *args, **kwargs):
@@ -432,7 +443,7 @@ class WorkerCalls:
                 sent_at = time.monotonic()
                 tokens = [e for e in events if isinstance(e, TokenEvent)]
                 if tokens:
-                    # Built once per ~20 ms chunk, not per token: the per-token path stays in the engine.
+                    # Built once per chunk, not per token: the per-token path stays in the engine.
                     frames = ([f for t in tokens for f in submitted.frames.frames(t.token_id, t.captures)]
                               if submitted.frames is not None else None)
                     returned = ({"sae": sae_name, "tokens": [f for t in tokens
@@ -448,7 +459,7 @@ class WorkerCalls:
                 if finish is not None:
                     finished = True
                     return self._done(finish, submitted.steering_label)
-                await asyncio.sleep(max(0.0, CHUNK_INTERVAL_S - (time.monotonic() - sent_at)))
+                await asyncio.sleep(max(0.0, chunk_interval(len(self.handles)) - (time.monotonic() - sent_at)))
         finally:
             self.handles.pop(handle.request_id, None)
             self.leases.pop(handle.request_id, None)
