@@ -89,6 +89,10 @@ class RequestHandle:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Event | None = None
         self._wake_pending = False
+        # What wakes the consumer's loop: "any" event while it waits for one, only the finish while it
+        # pauses between batches, nothing while it handles a batch (it drains the queue next anyway).
+        self._wants: Literal["none", "any", "finish"] = "none"
+        self._finishing = False
 
     @property
     def cancelled(self) -> bool:
@@ -111,20 +115,34 @@ class RequestHandle:
             if isinstance(event, FinishEvent):
                 return
 
-    async def batches(self) -> AsyncIterator[list[Event]]:
+    async def batches(self, pause: Callable[[], float] | None = None) -> AsyncIterator[list[Event]]:
         """Everything that arrived since the last wake-up, as one list: a server that sends one
-        message per list coalesces tokens for free when it falls behind."""
+        message per list coalesces tokens for free when it falls behind. `pause()`: the least seconds
+        from one batch to the next (tokens wait, coalescing), cut short when the request finishes."""
         self._ready = asyncio.Event()
-        self._loop = asyncio.get_running_loop()  # from here on the scheduler wakes this loop
+        self._loop = loop = asyncio.get_running_loop()  # from here on the scheduler wakes this loop
         while True:
             self._ready.clear()
+            self._wants = "any"  # before draining: an event pushed after the drain wakes the loop
             events = self._drain()
-            if events:
-                yield events
-                if isinstance(events[-1], FinishEvent):
-                    return
-            else:
+            if not events:
                 await self._ready.wait()
+                continue
+            self._wants = "none"
+            yielded_at = loop.time()
+            yield events
+            if isinstance(events[-1], FinishEvent):
+                return
+            seconds = (pause() if pause is not None else 0.0) - (loop.time() - yielded_at)
+            if seconds > 0:
+                self._ready.clear()
+                self._wants = "finish"  # before looking: a finish pushed after the look wakes the loop
+                if not self._finishing:
+                    timer = loop.call_later(seconds, self._ready.set)
+                    try:
+                        await self._ready.wait()
+                    finally:
+                        timer.cancel()
 
     def _drain(self) -> list[Event]:
         events: list[Event] = []
@@ -137,12 +155,17 @@ class RequestHandle:
     # --- scheduler side ---
 
     def _push(self, event: Event) -> None:
+        if isinstance(event, FinishEvent):
+            self._finishing = True
         self._events.put(event)
 
     def _wake(self) -> None:
-        """Called once per step after this row's events: one loop wake-up per step at most."""
+        """Called once per step after this row's events: one loop wake-up per step at most, none while
+        the consumer does not wait for what arrived."""
         loop = self._loop
         if loop is None or self._wake_pending:
+            return
+        if self._wants == "none" or (self._wants == "finish" and not self._finishing):
             return
         self._wake_pending = True
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more

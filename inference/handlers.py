@@ -439,8 +439,8 @@ class WorkerCalls:
                 prompt_tokens=handle.prompt_tokens, steering=submitted.steering_label,
                 prompt_text=submitted.prompt_text).model_dump())
             wants_logprobs = bool(call.params.get("logprobs"))
-            async for events in handle.batches():
-                sent_at = time.monotonic()
+            # Between two chunks the tokens wait (coalescing); a finish ends the wait at once.
+            async for events in handle.batches(pause=lambda: chunk_interval(len(self.handles))):
                 tokens = [e for e in events if isinstance(e, TokenEvent)]
                 if tokens:
                     # Built once per chunk, not per token: the per-token path stays in the engine.
@@ -459,7 +459,6 @@ class WorkerCalls:
                 if finish is not None:
                     finished = True
                     return self._done(finish, submitted.steering_label)
-                await asyncio.sleep(max(0.0, chunk_interval(len(self.handles)) - (time.monotonic() - sent_at)))
         finally:
             self.handles.pop(handle.request_id, None)
             self.leases.pop(handle.request_id, None)

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import queue
 import threading
+import time
 
 import pytest
 import torch
@@ -322,6 +323,24 @@ def test_async_batches_deliver_the_same_events(scheduler):
     assert isinstance(events[-1], FinishEvent)
     assert ids_of(events[:-1]) == ids_of(expected)
     assert cancelled.finish_reason == "cancelled" and cancelled.usage.completion_tokens < 900
+
+
+def test_a_pause_between_batches_coalesces_tokens_and_a_finish_cuts_it_short(scheduler):
+    expected, _ = run(scheduler, PROMPTS[3], max_tokens=30, temperature=0, ignore_eos=True)
+
+    async def consume(pause_s: float):
+        handle = scheduler.submit(
+            GenerationRequest(PROMPTS[3], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+        )
+        started = time.monotonic()
+        batches = [batch async for batch in handle.batches(pause=lambda: pause_s)]
+        return batches, time.monotonic() - started
+
+    batches, elapsed = asyncio.run(asyncio.wait_for(consume(5.0), TIMEOUT_S))
+    events = [event for batch in batches for event in batch]
+    assert isinstance(events[-1], FinishEvent) and ids_of(events[:-1]) == ids_of(expected)
+    assert len(batches) <= 3  # the tokens of the pause came together
+    assert elapsed < 2.5  # ...and the finish did not wait out the 5 s pause
 
 
 async def _cancel_after_first(handle):
