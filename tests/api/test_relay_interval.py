@@ -3,8 +3,12 @@ as more requests generate at once, so the whole process keeps to ~50 chunk messa
 
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
 
+from inference import handlers
 from inference.handlers import CHUNK_INTERVAL_MAX_S, CHUNK_INTERVAL_S, RELAY_MESSAGES_PER_S, chunk_interval
 
 
@@ -21,17 +25,11 @@ def test_the_process_keeps_to_its_message_rate_however_many_requests_stream():
     assert chunk_interval(1) == CHUNK_INTERVAL_S and chunk_interval(1000) == CHUNK_INTERVAL_MAX_S
 
 
-
 @pytest.mark.django_db(transaction=True)
 def test_a_request_that_finishes_during_a_chunk_pause_is_done_at_once(client, tiny_catalog, inference_worker,
                                                                       monkeypatch):
     """The pause between two chunks holds tokens back, never the end: the answer is complete as soon as
     the last token is generated (the test tier makes 40 tokens in well under a second)."""
-    import json
-    import time
-
-    from inference import handlers
-
     model, _ = tiny_catalog
     assert client.post(f"/api/models/{model.name}/load").status_code == 200
     monkeypatch.setattr(handlers, "CHUNK_INTERVAL_S", 3.0)
