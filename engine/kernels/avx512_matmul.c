@@ -47,13 +47,21 @@ static inline __m512 bf16_to_ps(__m256i halves) {
 
 static inline __attribute__((always_inline)) void tile(
     const int rows, const uint32_t *pairs, long pair_stride, const float *sums, long groups,
-    const uint8_t *w, const uint16_t *scales_and_zeros, float *y, long ldy) {
+    const uint8_t *w, const uint16_t *scales_and_zeros, const uint8_t *next_w, const uint16_t *next_sz, float *y,
+    long ldy) {
     __m512 acc[TILE], part[TILE];
     const __m512i low = _mm512_set1_epi16(0x0F), exponent = _mm512_set1_epi16(0x4300);
     const __m512 shift = _mm512_set1_ps(136.0f);
 #pragma GCC unroll 8
     for (int m = 0; m < rows; m++) acc[m] = _mm512_setzero_ps();
     for (long g = 0; g < groups; g++) {
+        // The next block's group g, fetched while this one computes: a decode step streams every layer's
+        // weights from memory, and at 8 rows the hardware prefetcher alone left the kernel ~15 % slower.
+        _mm_prefetch((const char *)(next_w + g * 256), _MM_HINT_T0);
+        _mm_prefetch((const char *)(next_w + g * 256 + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(next_w + g * 256 + 128), _MM_HINT_T0);
+        _mm_prefetch((const char *)(next_w + g * 256 + 192), _MM_HINT_T0);
+        _mm_prefetch((const char *)(next_sz + g * 2 * COLS), _MM_HINT_T0);
 #pragma GCC unroll 8
         for (int m = 0; m < rows; m++) part[m] = _mm512_setzero_ps();
 #pragma GCC unroll 8
@@ -118,13 +126,17 @@ int millm_int4_matmul(const float *x, long rows, long k, const uint8_t *w, const
     for (long b = 0; b < blocks; b++) {
         const uint8_t *wb = w + b * block_bytes;
         const uint16_t *sz = scales_and_zeros + b * block_halves;
+        const long next = b + 1 < blocks ? b + 1 : b;
+        const uint8_t *nw = w + next * block_bytes;
+        const uint16_t *nsz = scales_and_zeros + next * block_halves;
         long m = 0;
         for (; m + TILE <= rows; m += TILE)
-            tile(TILE, pairs_buf + m * pair_stride, pair_stride, sums_buf + m * groups, groups, wb, sz,
+            tile(TILE, pairs_buf + m * pair_stride, pair_stride, sums_buf + m * groups, groups, wb, sz, nw, nsz,
                  y + m * n + b * COLS, n);
         switch (rows - m) {
 #define REST(r) \
-    case r: tile(r, pairs_buf + m * pair_stride, pair_stride, sums_buf + m * groups, groups, wb, sz, y + m * n + b * COLS, n); break;
+    case r: tile(r, pairs_buf + m * pair_stride, pair_stride, sums_buf + m * groups, groups, wb, sz, nw, nsz, \
+                 y + m * n + b * COLS, n); break;
             REST(1) REST(2) REST(3) REST(4) REST(5) REST(6) REST(7)
 #undef REST
             default: break;
