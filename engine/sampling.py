@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import cpu_kernels
 from engine.errors import InvalidRequestError  # noqa: F401 - re-exported: most callers know it from here
 from engine.rules import LOGIT_BIAS_LIMIT, MAX_STOP_SEQUENCES, MAX_TEMPERATURE, MAX_TOP_LOGPROBS
 
@@ -185,7 +186,7 @@ def sample_next(logits: torch.Tensor, batch: SamplingBatch, steps: torch.Tensor)
     if batch.bias_rows is not None:
         # Out of place: `logits` stays the model's own distribution, which logprobs report.
         biased = logits.index_put((batch.bias_rows, batch.bias_tokens), batch.bias_values, accumulate=True)
-    greedy_ids = biased.argmax(dim=-1)
+    greedy_ids = _greedy(biased)
     if batch.all_greedy:
         token_ids = greedy_ids
     else:
@@ -198,6 +199,16 @@ def sample_next(logits: torch.Tensor, batch: SamplingBatch, steps: torch.Tensor)
         return SampledTokens(token_ids, chosen, None, None)
     top = logprobs.topk(batch.top_logprobs, dim=-1)
     return SampledTokens(token_ids, chosen, top.indices, top.values)
+
+
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's most likely token (the first of equal ones): miLLM's CPU kernel once a model has loaded
+    it (the same indices as torch's; its argmax took ~0.6 ms of an 8-row Q4 step), else torch's."""
+    if logits.device.type == "cpu" and cpu_kernels.built():
+        ids = cpu_kernels.argmax(logits)
+        if ids is not None:
+            return ids
+    return logits.argmax(dim=-1)
 
 
 def _sample(logits: torch.Tensor, batch: SamplingBatch, steps: torch.Tensor) -> torch.Tensor:

@@ -155,3 +155,63 @@ def test_the_q8_kernel_gives_torchs_w8a8_bits(out_features, in_features, monkeyp
 def test_the_q8_model_on_the_kernel_says_so(test_tier_assets):
     loaded = load_model(test_tier_assets.model.local_path, quantization="q8")
     assert loaded.kernel.startswith(cpu_kernels.NAMES["q8"]) and "VNNI" in loaded.variant
+
+
+needs_layers = pytest.mark.skipif(not cpu_kernels.available("layers"),
+                                  reason="this CPU has no AVX-512F or no C compiler: greedy sampling uses torch's argmax")
+
+
+def _logits_with_edge_rows(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=generator) * 10
+    if rows > 1:  # a tie for the largest value: the first index wins
+        logits[1, vocab // 3] = logits[1, vocab - 1] = logits[1].max() + 1
+    if rows > 2:  # every value −inf: index 0, as torch says
+        logits[2] = -torch.inf
+    if rows > 3 and vocab > 2:  # +inf, twice
+        logits[3, 1] = logits[3, vocab - 1] = torch.inf
+    if rows > 4 and vocab > 1:  # the largest is zero, −0 before +0: equal, so the first
+        logits[4] = -1.0
+        logits[4, vocab // 2] = -0.0
+        logits[4, vocab - 1] = 0.0
+    return logits
+
+
+@needs_layers
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 49152, 50257])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_the_argmax_kernel_gives_torchs_indices(rows, vocab):
+    logits = _logits_with_edge_rows(rows, vocab, seed=rows * 1000 + vocab)
+    ids = cpu_kernels.argmax(logits)
+    assert ids is not None and ids.dtype == torch.long
+    assert ids.tolist() == logits.argmax(dim=-1).tolist()
+    wider = torch.zeros(logits.shape[0], vocab + 7)
+    wider[:, 3 : 3 + vocab] = logits  # rows further apart than their length: a view, not a copy
+    assert cpu_kernels.argmax(wider[:, 3 : 3 + vocab]).tolist() == logits.argmax(dim=-1).tolist()
+
+
+@needs_layers
+def test_the_argmax_kernel_leaves_nans_and_other_tensors_to_torch():
+    logits = torch.randn(3, 100)
+    logits[1, 40] = torch.nan
+    assert cpu_kernels.argmax(logits) is None
+    assert cpu_kernels.argmax(torch.randn(2, 100, dtype=torch.float64)) is None
+    assert cpu_kernels.argmax(torch.randn(2, 100).T) is None  # features not contiguous
+    assert cpu_kernels.argmax(torch.randn(2, 3, 100)) is None
+
+
+@needs_layers
+def test_greedy_sampling_runs_on_the_argmax_kernel_and_keeps_torchs_answer(monkeypatch):
+    from engine.sampling import SamplingBatch, SamplingParams, sample_next
+
+    calls = []
+    kernel = cpu_kernels.argmax
+    monkeypatch.setattr(cpu_kernels, "argmax", lambda x: calls.append(x.shape) or kernel(x))
+    assert cpu_kernels.built()
+    logits = _logits_with_edge_rows(8, 49152, seed=7)
+    batch = SamplingBatch.build([SamplingParams(temperature=0.0)] * 8, [1] * 8, torch.device("cpu"))
+    sampled = sample_next(logits, batch, torch.zeros(8, dtype=torch.long))
+    assert calls == [(8, 49152)]
+    assert sampled.token_ids.tolist() == logits.argmax(dim=-1).tolist()
+    logits[5, 9] = torch.nan  # the kernel declines: torch's argmax, which takes the NaN
+    assert sample_next(logits, batch, torch.zeros(8, dtype=torch.long)).token_ids[5].item() == 9
