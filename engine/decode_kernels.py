@@ -12,6 +12,9 @@
 - **Rotary embedding** (the same model families): one call per tensor instead of ~7 ops, with the
   bits of transformers' formula (same float32 multiplications and addition), so it is installed for
   the whole modeling module once and changes nothing for other models that use it.
+- **The gated MLP's activation** (the same families, when gate and up are one fused Q4/Q8 matmul):
+  silu(gate) · up in one call on the fused output instead of two slices, a SiLU and a product, 30
+  times a step (its exponential is a polynomial within 2 ulp of torch's, not the same bits).
 
 `use_cpu_kernels(model)` switches a model on; the loader does it only for models already on miLLM's
 Q4/Q8 kernels, whose numbers differ from the float32 reference anyway: a float32 model keeps
@@ -29,12 +32,16 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from engine import cpu_kernels
+from engine.quantization import FusedSlice
 
 NAME = "millm_cpu"
-LABEL = "miLLM AVX-512 decode attention, RMSNorm and rotary"
+LABEL = "miLLM AVX-512 decode attention, RMSNorm, rotary and SiLU·mul"
 _SDPA_ONLY = ("softcap", "s_aux", "sinks", "position_bias")  # options the attention kernel does not compute
 # Norms computing weight · x / √(mean(x²) + eps) with `weight` and `variance_epsilon` (not Gemma's 1 + weight)
 _NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+# MLPs computing down_proj(act_fn(gate_proj(x)) * up_proj(x))
+_GATED_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+_SILU = frozenset({"SiLU", "SiLUActivation"})
 # Modeling modules whose apply_rotary_pos_emb is Llama's (rotate_half over the two halves)
 _ROTARY_MODULES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -64,6 +71,8 @@ def use_cpu_kernels(model: Any) -> bool:
     for module in model.modules():
         if type(module).__name__ in _NORMS and isinstance(getattr(module, "variance_epsilon", None), float):
             module.forward = _norm_forward(module)
+        elif type(module).__name__ in _GATED_MLPS and _fused_gate_and_up(module):
+            module.forward = _mlp_forward(module)
     modeling = importlib.import_module(type(model).__module__)
     if modeling.__name__.rsplit(".", 1)[-1] in {f"modeling_{name}" for name in _ROTARY_MODULES}:
         _install_rotary(modeling)
@@ -76,6 +85,25 @@ def _norm_forward(module: torch.nn.Module) -> Any:
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
         out = cpu_kernels.rms_norm(hidden_states, module.weight, module.variance_epsilon)
         return out if out is not None else original(hidden_states)
+
+    return forward
+
+
+def _fused_gate_and_up(module: torch.nn.Module) -> bool:
+    gate, up = getattr(module, "gate_proj", None), getattr(module, "up_proj", None)
+    return isinstance(gate, FusedSlice) and isinstance(up, FusedSlice) and gate.fused is up.fused \
+        and type(getattr(module, "act_fn", None)).__name__ in _SILU and hasattr(module, "down_proj")
+
+
+def _mlp_forward(module: torch.nn.Module) -> Any:
+    original, gate, up = module.forward, module.gate_proj, module.up_proj
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and x.device.type == "cpu":
+            hidden = cpu_kernels.silu_mul(gate.fused(x), gate.start, up.start, gate.out_features)
+            if hidden is not None:
+                return module.down_proj(hidden)
+        return original(x)
 
     return forward
 

@@ -269,3 +269,45 @@ class _patched:
 
     def __exit__(self, *exc):
         self.module.apply_rotary_pos_emb = self.saved
+
+
+# --- the gated MLP's SiLU·mul --------------------------------------------------------------------
+
+@needs_layers
+@pytest.mark.parametrize("width", [16, 1536, 7, 40])
+@pytest.mark.parametrize("shape", [(1,), (8,), (3, 5)])
+def test_the_silu_mul_kernel_is_silu_of_gate_times_up(width, shape):
+    fused = torch.randn(*shape, 2 * width + 3) * 4  # [gate | up | 3 more], as a fused output leaves them
+    fused[..., :4] = torch.tensor([0.0, -0.0, 60.0, -60.0])  # zeros, and e^∓60 far from 1
+    out = cpu_kernels.silu_mul(fused, 0, width, width)
+    gate, up = fused[..., :width].double(), fused[..., width : 2 * width].double()
+    expected = gate / (1 + torch.exp(-gate)) * up
+    assert out.shape == (*shape, width) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=2e-6, atol=1e-30)
+    torch.testing.assert_close(out, torch.nn.functional.silu(fused[..., :width]) * fused[..., width : 2 * width],
+                               rtol=1e-6, atol=1e-30)
+    swapped = cpu_kernels.silu_mul(fused, width, 0, width)  # any order of the two slices
+    torch.testing.assert_close(swapped, torch.nn.functional.silu(fused[..., width : 2 * width]) * fused[..., :width],
+                               rtol=1e-6, atol=1e-30)
+    assert cpu_kernels.silu_mul(fused, 0, width + 4, width) is None  # up would run past the row
+    assert cpu_kernels.silu_mul(fused.double(), 0, width, width) is None
+
+
+@needs_q4_kernel
+@needs_layers
+def test_a_q4_models_mlps_run_silu_mul_on_the_kernel_with_the_same_logits_within_rounding(test_tier_assets, monkeypatch):
+    loaded = load_model(test_tier_assets.model.local_path, quantization="q4")
+    mlps = [m for m in loaded.model.modules() if type(m).__name__ == "LlamaMLP"]
+    assert mlps and all("forward" in vars(m) for m in mlps)  # every MLP: the kernel's forward
+    calls = []
+    kernel = cpu_kernels.silu_mul
+    monkeypatch.setattr(cpu_kernels, "silu_mul", lambda *args: calls.append(args[0].shape) or kernel(*args))
+    ids = torch.tensor([[5, 9, 30, 41, 7], [3, 3, 17, 22, 8]])
+    with torch.inference_mode():
+        ours = loaded.model(input_ids=ids).logits
+        assert len(calls) == len(mlps)
+        for mlp in mlps:  # transformers' own forward: slices, SiLU, product
+            del mlp.forward
+        reference = loaded.model(input_ids=ids).logits
+    assert len(calls) == len(mlps)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
