@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).resolve().parent / "kernels"
 SOURCES = (KERNELS / "avx512_matmul.c", KERNELS / "avx512_attention.c", KERNELS / "avx512_layers.c")
+HEADERS = (KERNELS / "avx512_exp.h",)  # included by the sources: part of the build's key
 FLAGS = ("-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
          "-mfma", "-shared", "-fPIC")
 CPU_FLAGS = {"q4": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
@@ -85,7 +86,7 @@ def _library() -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("CPU kernels: no C compiler (cc/gcc) found; Q4/Q8 use torch's slower kernels")
         return None
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
     target = _cache_dir() / f"avx512_kernels-{digest}.so"
     try:

@@ -4,6 +4,8 @@
 #include <immintrin.h>
 #include <math.h>
 
+#include "avx512_exp.h"
+
 // out[r] = weight · (x[r] · 1/√(mean(x[r]²) + eps)), float32, rows `row_stride` floats apart (out dense).
 void millm_rms_norm(const float *x, long rows, long row_stride, long dim, const float *weight, float eps,
                     float *out) {
@@ -89,24 +91,6 @@ int millm_argmax(const float *x, long rows, long row_stride, long dim, long *out
     return 0;
 }
 
-// e^x, float32, Cephes' expf polynomial on r = x − n·ln 2, then · 2^n; x clamped to [−87, 88] (e^±88 is
-// still finite, so silu(g) of a large |g| stays g or −0 as with the exact exponential).
-static inline __m512 exp_any_ps(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
 // A gated MLP's activation: out[r, i] = silu(x[r, gate + i]) · x[r, up + i] for i < width, with
 // silu(g) = g / (1 + e^−g); rows of x `row_stride` floats apart, out dense. One call instead of two
 // slices, a SiLU and a product, 30 times a SmolLM2 decode step.
@@ -118,7 +102,7 @@ void millm_silu_mul(const float *x, long rows, long row_stride, long gate, long 
         for (long i = 0; i < width; i += 16) {
             const __mmask16 lanes = width - i >= 16 ? 0xFFFF : (__mmask16)((1u << (width - i)) - 1);
             const __m512 gv = _mm512_maskz_loadu_ps(lanes, g + i);
-            const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, exp_any_ps(negated(gv))));
+            const __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(one, exp_ps(negated(gv))));
             _mm512_mask_storeu_ps(target + i, lanes, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(lanes, u + i)));
         }
     }
