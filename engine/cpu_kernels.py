@@ -221,22 +221,29 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out
 
 
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int] | None:
+    """x as rows of its last dimension for a kernel that reads rows `row_stride` floats apart: (x as
+    [rows, features], rows, row_stride); None where the rows overlap (the caller runs torch's)."""
+    features = x.shape[-1]
+    rows = x.numel() // features if features else 0
+    flat = x if x.dim() == 2 else x.reshape(rows, features)
+    if rows > 1 and flat.stride(0) < features:
+        return None
+    return flat, rows, flat.stride(0) if rows > 1 else features
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """weight · x / √(mean(x²) + eps) over the last dimension, float32 on the CPU, rows with contiguous
     features (any row stride); None where that does not hold (the caller runs the module's own forward)."""
     library = _library()
     dim = x.shape[-1]
     if library is None or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu" \
-            or weight.shape != (dim,) or x.stride(-1) != 1 or not weight.is_contiguous():
+            or weight.shape != (dim,) or x.stride(-1) != 1 or not weight.is_contiguous() or (layout := _rows(x)) is None:
         return None
-    rows = x.numel() // dim if dim else 0
-    flat = x if x.dim() == 2 else x.reshape(rows, dim)
-    if rows > 1 and flat.stride(0) < dim:
-        return None
+    flat, rows, row_stride = layout
     out = torch.empty(x.shape)
     if rows:
-        library.millm_rms_norm(flat.data_ptr(), rows, flat.stride(0) if rows > 1 else dim, dim, weight.data_ptr(),
-                               eps, out.data_ptr())
+        library.millm_rms_norm(flat.data_ptr(), rows, row_stride, dim, weight.data_ptr(), eps, out.data_ptr())
     return out
 
 
@@ -265,16 +272,12 @@ def silu_mul(x: torch.Tensor, gate: int, up: int, width: int) -> torch.Tensor | 
     library = _library()
     features = x.shape[-1] if x.dim() else 0
     if library is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(-1) != 1 \
-            or min(gate, up) < 0 or max(gate, up) + width > features or width <= 0:
+            or min(gate, up) < 0 or max(gate, up) + width > features or width <= 0 or (layout := _rows(x)) is None:
         return None
-    rows = x.numel() // features
-    flat = x if x.dim() == 2 else x.reshape(rows, features)
-    if rows > 1 and flat.stride(0) < features:
-        return None
+    flat, rows, row_stride = layout
     out = torch.empty(*x.shape[:-1], width)
     if rows:
-        library.millm_silu_mul(flat.data_ptr(), rows, flat.stride(0) if rows > 1 else features, gate, up, width,
-                               out.data_ptr())
+        library.millm_silu_mul(flat.data_ptr(), rows, row_stride, gate, up, width, out.data_ptr())
     return out
 
 
@@ -290,10 +293,10 @@ def argmax(x: torch.Tensor) -> torch.Tensor | None:
     (the caller runs torch's)."""
     library = _library()
     if library is None or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[1] == 0 \
-            or x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
+            or x.stride(1) != 1 or (layout := _rows(x)) is None:
         return None
-    rows, dim = x.shape
+    _, rows, row_stride = layout
     out = torch.empty(rows, dtype=torch.long)
-    if rows and library.millm_argmax(x.data_ptr(), rows, x.stride(0) if rows > 1 else dim, dim, out.data_ptr()):
+    if rows and library.millm_argmax(x.data_ptr(), rows, row_stride, x.shape[1], out.data_ptr()):
         return None
     return out
