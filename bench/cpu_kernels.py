@@ -6,7 +6,7 @@
 Every layer gets weights of its own (30 layers of fused q/k/v, o, fused gate/up and down, plus the tied
 LM head, as SmolLM2-135M-Instruct has them), so a step streams them from memory as a real decode step
 does: one matrix multiplied in a loop stays in cache and reads ~20 % faster at 8 rows. Prints, per
-quantization (Q4: int4 weights × bf16 activations; Q8: W8A8) and row count, the median step time over
+quantization (Q4: int4 weights × int8 activations per 32 inputs; Q8: W8A8) and row count, the median step time over
 interleaved rounds, its GMAC/s and the cost per row against one row; then greedy sampling's argmax and
 the MLP's SiLU·mul against torch's. One torch thread, as the inference process runs the kernels.
 """
@@ -86,7 +86,7 @@ def main() -> None:
     kernels = {name: step_matmuls(build) for name, build, kernel in (("Q4", q4_weights, "q4"), ("Q8", q8_weights, "q8"))
                if cpu_kernels.available(kernel)}
     if not kernels:
-        raise SystemExit("miLLM's CPU kernels are not available here (no AVX-512 BF16/VNNI or no C compiler)")
+        raise SystemExit("miLLM's CPU kernels are not available here (no AVX-512 VNNI or no C compiler)")
     inputs = {rows: {k: torch.randn(rows, k) for k in (HIDDEN, INTERMEDIATE)} for rows in args.rows}
     macs_per_row = sum(LAYERS * out_f * in_f for out_f, in_f in LAYER_SHAPES) + VOCAB * HIDDEN
     times: dict[tuple[str, int], list[float]] = {(name, rows): [] for name in kernels for rows in args.rows}

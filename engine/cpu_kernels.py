@@ -1,14 +1,16 @@
 """miLLM's own AVX-512 CPU kernels, one thread: the Q4 and Q8 matmuls and a decode step's attention, norms, rotary.
 
-Q4: 4-bit weights × bfloat16 activations.
+Q4: 4-bit weights × int8 activations with a scale per 32 inputs (W4A8).
 
 torch's `_weight_int4pack_mm_for_cpu` unpacks the weights again for every tile of 4 rows and rounds
 its output to bfloat16; at one row it spent ~13 ms of a ~30 ms SmolLM2 decode step, and from 1 to 8
 rows its cost tripled, which is why 8 Q4 streams could not reach 4× one stream. This kernel
 (`engine/kernels/avx512_matmul.c`, the layout and the math in its header) unpacks a block once for up
-to 8 rows, multiplies with `vdpbf16ps` and writes float32: 2.4–3× faster than torch's at one row
-and at eight (docs/benchmarks.md), the same quantized weights, and a row's output does not depend
-on what else is in its batch.
+to 8 rows and multiplies nibbles by int8 activations with `vpdpbusd`, 64 multiply-adds an instruction
+(twice bfloat16's `vdpbf16ps`, which the first version used), and writes float32: ~2.5× torch's at
+one row, ~3.5× at eight (docs/benchmarks.md). A scale per 32 inputs keeps the activations' rounding
+small (the demo SAE's FVU on Q4 is float32's + 0.0004; one scale per row gave + 0.008), and a row's
+output does not depend on what else is in its batch.
 
 Q8 (W8A8, the math of engine/quantization.py) on `vpdpbusd`: the same integer sums and the same
 float operations as `torch._int_mm(...).div(inverse).mul_(scale)`, so the same bits, without the
@@ -23,8 +25,8 @@ Greedy sampling's argmax (engine/sampling.py) runs here too once the kernels are
 
 The files are compiled on first use with the system C compiler (`cc`, or `$CC`) into a cache folder
 (`MILLM_KERNEL_CACHE`, default `~/.cache/millm/kernels`), keyed by the source and the flags, and
-loaded with ctypes (which releases the GIL during the call). Where the CPU lacks AVX-512 BF16 (Q4)
-or VNNI (Q8), no compiler is found, or `MILLM_CPU_KERNELS=torch`, `available(kernel)` is False and
+loaded with ctypes (which releases the GIL during the call). Where the CPU lacks AVX-512 VNNI (Q4,
+Q8), no compiler is found, or `MILLM_CPU_KERNELS=torch`, `available(kernel)` is False and
 torch's kernels (and sdpa) run, as before.
 """
 
@@ -47,15 +49,15 @@ logger = logging.getLogger(__name__)
 KERNELS = Path(__file__).resolve().parent / "kernels"
 SOURCES = (KERNELS / "avx512_matmul.c", KERNELS / "avx512_attention.c", KERNELS / "avx512_layers.c")
 HEADERS = (KERNELS / "avx512_exp.h",)  # included by the sources: part of the build's key
-FLAGS = ("-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
+FLAGS = ("-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
          "-mfma", "-shared", "-fPIC")
-CPU_FLAGS = {"q4": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
+CPU_FLAGS = {"q4": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
              "q8": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
              "attention": ("avx512f", "avx512bw", "avx512vl"), "layers": ("avx512f",)}
 COLUMNS = 16  # output columns per block
 GROUP = 32
 _loaded = False  # set once _library() has built and loaded the kernels in this process
-NAMES = {"q4": "miLLM int4 AVX-512 BF16 kernel, group 32, bf16 activations",
+NAMES = {"q4": "miLLM W4A8 AVX-512 VNNI kernel, group 32, int8 activations per 32 inputs",
          "q8": "miLLM W8A8 AVX-512 VNNI kernel, per-row weight scales, per-token activation scales"}
 
 
@@ -129,23 +131,33 @@ def available(kernel: str = "q4") -> bool:
 
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q int [N, K] in 0..15, scale/zero [N, K/32] (bfloat16 values; N a multiple of 16) → the kernel's
-    (packed uint8 [N/16, K/32, 8, 32], scales_and_zeros bfloat16 [N/16, K/32, 2, 16])."""
+    (packed uint8 [N/16, K/32, 4, 64], scales_and_zeros bfloat16 [N/16, K/32, 2, 16])."""
     n, k = q.shape
     blocks, groups = n // COLUMNS, k // GROUP
-    quads = q.to(torch.uint8).reshape(blocks, COLUMNS, groups, 8, 4).permute(0, 2, 3, 1, 4)  # [b, g, quad, c, 4]
-    packed = (quads[..., 0:2] | (quads[..., 2:4] << 4)).reshape(blocks, groups, 8, 32).contiguous()
+    nibbles = q.to(torch.uint8).reshape(blocks, COLUMNS, groups, 4, 2, 4)  # [b, c, g, chunk, low/high, e]
+    packed = (nibbles[..., 0, :] | (nibbles[..., 1, :] << 4)).permute(0, 2, 3, 1, 4)  # [b, g, chunk, c, e]
     per_block = torch.stack([scale, zero]).to(torch.bfloat16).reshape(2, blocks, COLUMNS, groups)
-    return packed, per_block.permute(1, 3, 0, 2).contiguous()
+    return packed.reshape(blocks, groups, 4, 64).contiguous(), per_block.permute(1, 3, 0, 2).contiguous()
 
 
 def unpack(packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """ŵ float32 [N, K] = (q − 8) · scale + zero, from the kernel's layout."""
     blocks, groups = packed.shape[:2]
-    pairs = packed.reshape(blocks, groups, 8, COLUMNS, 2)
-    q = torch.cat([pairs & 0x0F, pairs >> 4], dim=-1).float()  # [b, g, quad, c, 4]
-    q = q.permute(0, 3, 1, 2, 4).reshape(blocks * COLUMNS, groups, GROUP)
+    bytes_ = packed.reshape(blocks, groups, 4, COLUMNS, 1, 4)
+    q = torch.cat([bytes_ & 0x0F, bytes_ >> 4], dim=4).float()  # [b, g, chunk, c, low/high, e]
+    q = q.permute(0, 3, 1, 2, 4, 5).reshape(blocks * COLUMNS, groups, GROUP)
     scale, zero = scales_and_zeros.float().permute(2, 0, 3, 1).reshape(2, blocks * COLUMNS, groups, 1)
     return ((q - 8) * scale + zero).reshape(blocks * COLUMNS, groups * GROUP)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x float32 [M, K] as the Q4 kernel multiplies it: int8 per group of 32 inputs, returned dequantized
+    (q · step, float64), for tests and benchmarks that check the kernel against exact math."""
+    rows, k = x.shape
+    groups = x.float().reshape(rows, k // GROUP, GROUP)
+    top = groups.abs().amax(-1, keepdim=True).clamp(min=1e-30)
+    q = (groups * ((1.0 / top) * 127)).round()
+    return (q.double() * (top / 127).double()).reshape(rows, k)
 
 
 def _call(kernel: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

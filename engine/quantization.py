@@ -5,10 +5,11 @@ input width is a multiple of the group size (attention projections, MLP, and the
 replaced by a module that keeps only the quantized weight; its output is in the model's dtype, so
 the residual stream (what the SAE reads and steering writes) stays as it was.
 
-Q4 runs on miLLM's own int4 kernel where the CPU has AVX-512 BF16 (`engine/cpu_kernels.py`: 2–3×
-faster, float32 out, a row's output independent of its batch), else on torch's
-`aten._weight_int4pack_mm_for_cpu` (the layout torchao's int4 CPU path uses; activations cast to
-bfloat16 for the matmul, output rounded to bfloat16). The quantized weights are the same: per output row
+Q4 runs on miLLM's own W4A8 kernel where the CPU has AVX-512 VNNI (`engine/cpu_kernels.py`: int4
+weights × activations rounded to int8 with a scale per 32 inputs, 2–3× faster than torch's, float32
+out, a row's output independent of its batch), else on torch's `aten._weight_int4pack_mm_for_cpu`
+(the layout torchao's int4 CPU path uses; activations cast to bfloat16 for the matmul, output rounded
+to bfloat16). The quantized weights are the same: per output row
 and group of G = 32 input columns, asymmetric min/max over the group,
     scale = (max - min) / 15,  q = round((w - min) / scale) ∈ [0, 15],  zero = min + 8 · scale,
     ŵ = (q - 8) · scale + zero,
@@ -24,7 +25,7 @@ x̂ = round(x · 127 / max|x|) · max|x| / 127, and y = (x̂_int · q) · (max|x
 integer products summed exactly. Every row's scale comes from that row alone, so a token's output
 does not depend on the other rows of its batch (a per-tensor activation scale, as in fbgemm's
 dynamic Linear, would make one request's text depend on concurrent traffic). The integer matmul
-costs about 1.5–2.4× at 8 rows what it costs at one (int4 with bf16 products ~3×), which is what
+costs about 1.5–2.4× at 8 rows what it costs at one (torch's int4 with bf16 products ~3×), which is what
 lets batching pay; at one row it reads twice Q4's weight bytes, so a single stream is a little
 slower than Q4's (docs/benchmarks.md). `aten._weight_int8pack_mm`,
 the weight-only int8 kernel used before, was 10× slower than float32 with float32 activations.

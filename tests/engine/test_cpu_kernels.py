@@ -10,7 +10,7 @@ from engine.loading import load_model
 from engine.quantization import GROUP_SIZE, QuantizedLinear
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available("q4"),
-                                  reason="this CPU has no AVX-512 BF16 or no C compiler: Q4 uses torch's kernel")
+                                  reason="this CPU has no AVX-512 VNNI or no C compiler: Q4 uses torch's kernel")
 needs_vnni = pytest.mark.skipif(not cpu_kernels.available("q8"),
                                 reason="this CPU has no AVX-512 VNNI or no C compiler: Q8 uses torch's kernel")
 
@@ -36,7 +36,7 @@ def _quantized_reference(dense: torch.nn.Linear) -> torch.Tensor:
 @needs_kernel
 @pytest.mark.parametrize(("out_features", "in_features"), [(96, 128), (100, 64), (960, 576), (576, 1536)])
 @pytest.mark.parametrize("rows", [1, 3, 8, 13])
-def test_the_kernel_multiplies_bf16_activations_by_the_quantized_weights(out_features, in_features, rows):
+def test_the_kernel_multiplies_int8_activations_by_the_quantized_weights(out_features, in_features, rows):
     dense, layer = _layer(out_features, in_features)
     assert layer.own_kernel
     x = torch.randn(rows, in_features) * 3
@@ -44,10 +44,37 @@ def test_the_kernel_multiplies_bf16_activations_by_the_quantized_weights(out_fea
         y = layer(x)
     reference = _quantized_reference(dense)
     assert torch.equal(layer.weight, reference)  # unpacking the kernel's layout gives back ŵ exactly
-    exact = x.to(torch.bfloat16).double() @ reference.double().T
+    exact = cpu_kernels.quantize_activations(x) @ reference.double().T
     assert y.dtype == torch.float32 and y.shape == (rows, out_features)
-    # float32 sums of exact bf16 × int4 products: ~1e-6 of the output's scale (torch's kernel rounds to bf16, ~4e-3)
+    # exact int8 × int4 sums, scaled and added in float32: ~1e-6 of the output's scale
     assert (y.double() - exact).abs().max() < 2e-5 * exact.abs().max()
+
+
+@needs_kernel
+def test_an_outlier_input_costs_precision_only_in_its_own_group_of_32():
+    # Rounding x to int8 moves each input by at most half its group's step, max|x| / 254; with a step per
+    # row, one outlier (LLM residuals have them) would round every other input of its row to 0.
+    dense, layer = _layer(64, 256)
+    x = torch.randn(6, 256)
+    x[:, 37] = 1000.0
+    with torch.inference_mode():
+        y = layer(x)
+    reference = _quantized_reference(dense).double()
+    steps = x.reshape(6, 8, 32).abs().amax(-1).double().repeat_interleave(32, dim=1) / 127
+    bound = (steps / 2) @ reference.abs().T  # per output: Σ_k step_k / 2 · |ŵ_k|
+    error = (y.double() - x.double() @ reference.T).abs()
+    assert (error <= bound * 1.001 + 1e-4).all()
+    assert bound.max() < 0.3 * (x.double() @ reference.T).abs().max()  # the bound is tight enough to mean something
+
+
+@needs_kernel
+def test_non_finite_inputs_give_nan_outputs_not_numbers():
+    _, layer = _layer(32, 64)
+    x = torch.randn(3, 64)
+    x[1, 5], x[2, 40] = float("nan"), float("inf")
+    with torch.inference_mode():
+        y = layer(x)
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all() and torch.isnan(y[2]).all()
 
 
 @needs_kernel
@@ -74,7 +101,7 @@ def test_the_q4_model_gives_each_prompt_the_same_logits_alone_or_batched(test_ti
 
 
 def test_without_the_kernel_q4_runs_on_torchs_and_says_so(monkeypatch, test_tier_assets):
-    # MILLM_CPU_KERNELS=torch, a CPU without AVX-512 BF16 or a machine without a compiler all end here.
+    # MILLM_CPU_KERNELS=torch, a CPU without AVX-512 VNNI or a machine without a compiler all end here.
     monkeypatch.setattr(cpu_kernels, "available", lambda quantization="q4": False)
     dense, layer = _layer(96, 128)
     assert not layer.own_kernel and layer.packed_weight.shape == (96, 64)
@@ -94,8 +121,8 @@ def test_a_cpu_without_avx512_is_not_offered_the_kernels(monkeypatch, tmp_path):
     try:
         assert not cpu_kernels.available("q4") and not cpu_kernels.available("q8")
         assert not list(tmp_path.iterdir())  # nothing was built
-        monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
-        assert not cpu_kernels.available("q4")  # no BF16: Q4 stays on torch's kernel
+        monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
+        assert not cpu_kernels.available("q4")  # no VNNI: Q4 stays on torch's kernel
     finally:
         cpu_kernels._library.cache_clear()
 
