@@ -31,9 +31,9 @@ log = structlog.get_logger("millm.demo")
 DEMO_CALIBRATE_TASK = "steering.tasks.demo_calibrate"
 
 TIER_MODEL_NAMES = {"test": "tiny-llama", "demo": "smollm2-135m-instruct"}
-# The demo serves the fastest variant that keeps its SAE faithful: Q4 (miLLM's int4 CPU kernel, else torch's;
-# bitsandbytes on CUDA) ran 3.9-4.1x raw fp32 generate() in a served single stream, the fastest one a person
-# at a laptop feels, with the demo SAE's FVU equal to fp32's (Q8: 3.5x, FVU +0.01; docs/benchmarks.md).
+# The demo serves the fastest variant that keeps its SAE faithful: Q4 (miLLM's W4A8 CPU kernel, else torch's
+# int4; bitsandbytes on CUDA) ran 3.8-4.6x raw fp32 generate() in a served single stream and ~5x that with 8
+# streams, with the demo SAE's FVU within 0.0004 of fp32's (Q8: 3.7-3.9x, FVU +0.01; docs/benchmarks.md).
 # The test tier stays fp32: its outputs are checked token for token.
 TIER_QUANTIZATION = {"test": "none", "demo": "q4"}
 BYTES_PER_PARAMETER = {"none": 4.0, "q8": 1.85, "q4": 1.47}  # fp32; measured on SmolLM2 (tied embeddings stay fp32)
