@@ -41,13 +41,19 @@ class ActivationPublisher:
         if wait <= 0:
             await self.flush()
         elif self._timer is None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(wait, lambda: asyncio.ensure_future(self.flush()))
+            self._schedule(wait)
+
+    def _schedule(self, wait: float) -> None:
+        self._timer = asyncio.get_running_loop().call_later(wait, lambda: asyncio.ensure_future(self.flush()))
 
     async def flush(self) -> None:
         async with self._lock:
             self._timer = None
-            if not self.pending or self.clock() - self.last_sent < self.interval:
+            if not self.pending:
+                return
+            wait = self.last_sent + self.interval - self.clock()
+            if wait > 0:  # the loop's timer fired before the interval by our clock: held frames need a next try
+                self._schedule(wait)
                 return
             frames, self.pending = self.pending, []
             self.last_sent = self.clock()
