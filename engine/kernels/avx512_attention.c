@@ -145,6 +145,14 @@ static void kv_head_any(const float *q, long group, const float *k, const float 
     }
 }
 
+// A row's first attended column (its left padding ends there); 0 without a mask.
+static long first_attended(const uint8_t *row_mask, long length) {
+    long first = 0;
+    if (row_mask)
+        while (first < length && !row_mask[first]) first++;
+    return first;
+}
+
 int millm_decode_attention(const float *q, long batch, long heads, long kv_heads, long length, long dim,
                            const float *k, long k_batch, long k_head, const float *v, long v_batch, long v_head,
                            const uint8_t *mask, long mask_batch, float scale, float *out) {
@@ -156,22 +164,12 @@ int millm_decode_attention(const float *q, long batch, long heads, long kv_heads
         scores_len = scores_buf ? group * length : 0;
         if (!scores_buf) return 1;
     }
-    long first = -1, next_first = 0;
+    long next_first = first_attended(mask, length);
     for (long b = 0; b < batch; b++) {
         const uint8_t *row_mask = mask ? mask + b * mask_batch : 0;
-        if (first < 0) {
-            first = 0;
-            if (row_mask)
-                while (first < length && !row_mask[first]) first++;
-        } else {
-            first = next_first;
-        }
-        if (b + 1 < batch) {  // the next row's first attended column: where its fetch starts
-            const uint8_t *next_mask = mask ? mask + (b + 1) * mask_batch : 0;
-            next_first = 0;
-            if (next_mask)
-                while (next_first < length && !next_mask[next_first]) next_first++;
-        }
+        const long first = next_first;
+        if (b + 1 < batch)  // the next row's first attended column: where its fetch starts
+            next_first = first_attended(mask ? mask + (b + 1) * mask_batch : 0, length);
         for (long kv = 0; kv < kv_heads; kv++) {
             float *target = out + (b * heads + kv * group) * dim;
             if (first == length) {  // nothing attended: zeros (no real row asks for that)
